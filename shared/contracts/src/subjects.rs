@@ -1,0 +1,217 @@
+//! The typed subject builder.
+//!
+//! Every subject is `<prefix>.<family>...`; the prefix (default `costmesh`)
+//! lets several meshes, or several tests, share one NATS server. Tokens taken
+//! from data (node, job, scope) are made safe: characters that NATS treats
+//! specially (`.`, `*`, `>`, whitespace) become `_`.
+use crate::v1::{BudgetState, JobEventKind};
+
+/// Whether a subject's events must survive a restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Core NATS: at most once; the payload carries cumulative counters.
+    Core,
+    /// JetStream: stored, de-duplicated by `Nats-Msg-Id`, acked by consumers.
+    JetStream,
+}
+
+/// One row of the subject reference (docs/subjects.md is checked against it).
+#[derive(Clone, Copy, Debug)]
+pub struct SubjectSpec {
+    /// Pattern after the prefix, placeholders in angle brackets.
+    pub pattern: &'static str,
+    /// Full proto name of the payload, or `*` for any (dead letters).
+    pub message: &'static str,
+    pub durability: Durability,
+    pub publisher: &'static str,
+}
+
+/// Every subject family costmesh uses.
+pub const SUBJECTS: &[SubjectSpec] = &[
+    SubjectSpec { pattern: "telemetry.gpu.<node>.<gpu>", message: "costmesh.v1.GpuSample", durability: Durability::Core, publisher: "gpu-agent" },
+    SubjectSpec { pattern: "preemption.<node>", message: "costmesh.v1.PreemptionNotice", durability: Durability::JetStream, publisher: "gpu-agent" },
+    SubjectSpec { pattern: "budget.<scope>.<state>", message: "costmesh.v1.BudgetEvent", durability: Durability::JetStream, publisher: "cost-watcher" },
+    SubjectSpec { pattern: "jobs.<job>.<event>", message: "costmesh.v1.JobEvent", durability: Durability::JetStream, publisher: "scheduler, gpu-agent" },
+    SubjectSpec { pattern: "node.<node>.assign", message: "costmesh.v1.JobAssignment", durability: Durability::JetStream, publisher: "scheduler" },
+    SubjectSpec { pattern: "node.<node>.signal", message: "costmesh.v1.JobSignal", durability: Durability::JetStream, publisher: "scheduler" },
+    SubjectSpec { pattern: "node.<node>.power", message: "costmesh.v1.PowerCommand", durability: Durability::JetStream, publisher: "scheduler" },
+    SubjectSpec { pattern: "storage.report", message: "costmesh.v1.StorageReport", durability: Durability::JetStream, publisher: "storage-janitor" },
+    SubjectSpec { pattern: "cache.stats", message: "costmesh.v1.CacheStats", durability: Durability::Core, publisher: "cache-gateway" },
+    SubjectSpec { pattern: "actions.<kind>", message: "costmesh.v1.Action", durability: Durability::JetStream, publisher: "scheduler, storage-janitor" },
+    SubjectSpec { pattern: "dlq.<service>", message: "*", durability: Durability::JetStream, publisher: "every service" },
+];
+
+/// Makes a data value safe to use as one subject token.
+pub fn token(value: &str) -> String {
+    if value.is_empty() {
+        return "_".to_string();
+    }
+    value
+        .chars()
+        .map(|c| if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() { '_' } else { c })
+        .collect()
+}
+
+/// Checks that `value` can be used as a token unchanged (for config values
+/// such as node names, which must round-trip).
+pub fn validate_token(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if token(value) != value {
+        return Err(format!("{value:?} may not contain '.', '*', '>' or whitespace"));
+    }
+    Ok(())
+}
+
+/// Lower-case name of an enum value without its type prefix
+/// (`BUDGET_STATE_EXCEEDED` -> `exceeded`).
+fn enum_token(full: &str, prefix: &str) -> String {
+    full.strip_prefix(prefix).unwrap_or(full).to_ascii_lowercase()
+}
+
+/// Builds subjects under one prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self { prefix: "costmesh".into() }
+    }
+}
+
+impl Subjects {
+    /// `prefix` may hold dots (`acme.costmesh`) but no wildcards or spaces.
+    pub fn new(prefix: &str) -> Result<Self, String> {
+        if prefix.is_empty() || prefix.split('.').any(|t| validate_token(t).is_err()) {
+            return Err(format!("subject prefix {prefix:?} must be dot-separated tokens without '*', '>' or whitespace"));
+        }
+        Ok(Self { prefix: prefix.to_string() })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn join(&self, rest: &[&str]) -> String {
+        let mut s = self.prefix.clone();
+        for t in rest {
+            s.push('.');
+            s.push_str(t);
+        }
+        s
+    }
+
+    pub fn gpu_telemetry(&self, node: &str, gpu: u32) -> String {
+        self.join(&["telemetry", "gpu", &token(node), &gpu.to_string()])
+    }
+    /// Every GPU sample from every node.
+    pub fn gpu_telemetry_all(&self) -> String {
+        self.join(&["telemetry", "gpu", ">"])
+    }
+    pub fn preemption(&self, node: &str) -> String {
+        self.join(&["preemption", &token(node)])
+    }
+    pub fn preemption_all(&self) -> String {
+        self.join(&["preemption", "*"])
+    }
+    pub fn budget(&self, scope: &str, state: BudgetState) -> String {
+        self.join(&["budget", &token(scope), &enum_token(state.as_str_name(), "BUDGET_STATE_")])
+    }
+    pub fn budget_all(&self) -> String {
+        self.join(&["budget", ">"])
+    }
+    pub fn job(&self, job: &str, kind: JobEventKind) -> String {
+        self.join(&["jobs", &token(job), &enum_token(kind.as_str_name(), "JOB_EVENT_KIND_")])
+    }
+    pub fn jobs_all(&self) -> String {
+        self.join(&["jobs", ">"])
+    }
+    pub fn node_assign(&self, node: &str) -> String {
+        self.join(&["node", &token(node), "assign"])
+    }
+    pub fn node_signal(&self, node: &str) -> String {
+        self.join(&["node", &token(node), "signal"])
+    }
+    pub fn node_power(&self, node: &str) -> String {
+        self.join(&["node", &token(node), "power"])
+    }
+    /// Every command to one node.
+    pub fn node_all(&self, node: &str) -> String {
+        self.join(&["node", &token(node), "*"])
+    }
+    pub fn storage_report(&self) -> String {
+        self.join(&["storage", "report"])
+    }
+    pub fn cache_stats(&self) -> String {
+        self.join(&["cache", "stats"])
+    }
+    pub fn action(&self, kind: &str) -> String {
+        self.join(&["actions", &token(kind)])
+    }
+    pub fn actions_all(&self) -> String {
+        self.join(&["actions", "*"])
+    }
+    pub fn dlq(&self, service: &str) -> String {
+        self.join(&["dlq", &token(service)])
+    }
+    pub fn dlq_all(&self) -> String {
+        self.join(&["dlq", "*"])
+    }
+    /// Request-reply API of one service (`<prefix>.api.<service>.<verb>`).
+    pub fn api(&self, service: &str, verb: &str) -> String {
+        self.join(&["api", &token(service), &token(verb)])
+    }
+    /// Everything under the prefix.
+    pub fn all(&self) -> String {
+        self.join(&[">"])
+    }
+
+    /// The subjects the events stream captures (every JetStream family).
+    pub fn durable_subjects(&self) -> Vec<String> {
+        vec![
+            self.join(&["preemption", ">"]),
+            self.budget_all(),
+            self.jobs_all(),
+            self.join(&["node", "*", "assign"]),
+            self.join(&["node", "*", "signal"]),
+            self.join(&["node", "*", "power"]),
+            self.join(&["storage", ">"]),
+            self.join(&["actions", ">"]),
+            self.join(&["dlq", ">"]),
+        ]
+    }
+
+    /// Name of the JetStream stream that holds this prefix's durable events
+    /// (stream names may not contain dots).
+    pub fn stream_name(&self) -> String {
+        format!("{}_EVENTS", self.prefix.replace(['.', '-'], "_").to_ascii_uppercase())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_the_documented_subjects() {
+        let s = Subjects::default();
+        assert_eq!(s.gpu_telemetry("node-1", 3), "costmesh.telemetry.gpu.node-1.3");
+        assert_eq!(s.budget("cloud", BudgetState::Exceeded), "costmesh.budget.cloud.exceeded");
+        assert_eq!(s.job("j1", JobEventKind::Checkpointed), "costmesh.jobs.j1.checkpointed");
+        assert_eq!(s.node_power("n"), "costmesh.node.n.power");
+        assert_eq!(s.stream_name(), "COSTMESH_EVENTS");
+    }
+
+    #[test]
+    fn data_tokens_cannot_inject_wildcards() {
+        let s = Subjects::new("t.x").unwrap();
+        assert_eq!(s.preemption("a.b *>"), "t.x.preemption.a_b___");
+        assert_eq!(s.preemption(""), "t.x.preemption._");
+        assert!(Subjects::new("a.>").is_err());
+        assert!(Subjects::new("").is_err());
+        assert!(validate_token("gpu host").is_err());
+    }
+}
