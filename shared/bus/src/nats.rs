@@ -1,0 +1,289 @@
+//! The NATS backend, through `async-nats`.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::{
+    Acker, BusError, BusErrorKind, ConsumerSpec, DeliverFrom, DurableMessage, DurableSubscription, Headers, KvEntry,
+    Message, PubAck, Result, StreamSpec, Subscription,
+};
+
+/// How to authenticate and secure the connection. Exactly one of the
+/// credentials may be set; secrets are passed in, never logged.
+#[derive(Clone, Debug, Default)]
+pub struct NatsConnectOptions {
+    /// Connection name shown by the server (`nats server report connections`).
+    pub name: Option<String>,
+    /// A `.creds` file (JWT plus nkey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// An nkey seed (`SU...`).
+    pub nkey_seed: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// CA bundle to verify the server with.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub require_tls: bool,
+    /// Keep trying the first connect instead of failing (services started
+    /// before the server in compose).
+    pub retry_on_initial_connect: bool,
+}
+
+fn conn_err(e: impl std::fmt::Display) -> BusError {
+    BusError::new(BusErrorKind::Connection, e.to_string())
+}
+
+fn other(e: impl std::fmt::Display) -> BusError {
+    BusError::new(BusErrorKind::Other, e.to_string())
+}
+
+/// A NATS connection and its JetStream context.
+#[derive(Clone)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl NatsBus {
+    pub async fn connect(url: &str, opts: &NatsConnectOptions) -> Result<Self> {
+        let mut o = async_nats::ConnectOptions::new()
+            .request_timeout(Some(Duration::from_secs(10)))
+            .event_callback(|ev| async move {
+                match ev {
+                    async_nats::Event::Disconnected => tracing::warn!(event = %ev, "nats connection lost"),
+                    async_nats::Event::Connected => tracing::info!(event = %ev, "nats connected"),
+                    other => tracing::debug!(event = %other, "nats event"),
+                }
+            });
+        if let Some(n) = &opts.name {
+            o = o.name(n);
+        }
+        if let Some(f) = &opts.credentials_file {
+            o = o.credentials_file(f).await.map_err(|e| {
+                BusError::new(BusErrorKind::Connection, format!("reading credentials file {}: {e}", f.display()))
+            })?;
+        }
+        if let Some(seed) = &opts.nkey_seed {
+            o = o.nkey(seed.clone());
+        }
+        if let (Some(u), Some(p)) = (&opts.user, &opts.password) {
+            o = o.user_and_password(u.clone(), p.clone());
+        }
+        if let Some(t) = &opts.token {
+            o = o.token(t.clone());
+        }
+        if let Some(ca) = &opts.tls_ca_file {
+            o = o.add_root_certificates(ca.clone());
+        }
+        if let (Some(c), Some(k)) = (&opts.tls_cert_file, &opts.tls_key_file) {
+            o = o.add_client_certificate(c.clone(), k.clone());
+        }
+        if opts.require_tls {
+            o = o.require_tls(true);
+        }
+        if opts.retry_on_initial_connect {
+            o = o.retry_on_initial_connect();
+        }
+        let client = o.connect(url).await.map_err(|e| conn_err(format!("connecting to {url}: {e}")))?;
+        let js = jetstream::new(client.clone());
+        Ok(Self { client, js })
+    }
+
+    /// The underlying client, for what the bus API does not cover.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub(crate) async fn publish(&self, subject: &str, reply: Option<&str>, headers: Headers, payload: Bytes) -> Result<()> {
+        let h = to_nats_headers(&headers);
+        match reply {
+            Some(r) => self.client.publish_with_reply_and_headers(subject.to_string(), r.to_string(), h, payload).await,
+            None => self.client.publish_with_headers(subject.to_string(), h, payload).await,
+        }
+        .map_err(conn_err)
+    }
+
+    pub(crate) async fn subscribe(&self, subject: &str, group: Option<&str>) -> Result<Subscription> {
+        let sub = match group {
+            Some(g) => self.client.queue_subscribe(subject.to_string(), g.to_string()).await,
+            None => self.client.subscribe(subject.to_string()).await,
+        }
+        .map_err(conn_err)?;
+        Ok(Subscription::new(sub.map(from_nats_message)))
+    }
+
+    pub(crate) async fn request(&self, subject: &str, headers: Headers, payload: Bytes, timeout: Duration) -> Result<Message> {
+        let req = async_nats::Request::new().headers(to_nats_headers(&headers)).payload(payload).timeout(Some(timeout));
+        self.client.send_request(subject.to_string(), req).await.map(from_nats_message).map_err(|e| {
+            let kind = match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => BusErrorKind::NoResponders,
+                async_nats::RequestErrorKind::TimedOut => BusErrorKind::TimedOut,
+                _ => BusErrorKind::Connection,
+            };
+            BusError::new(kind, format!("request to {subject}: {e}"))
+        })
+    }
+
+    pub(crate) async fn flush(&self) -> Result<()> {
+        self.client.flush().await.map_err(conn_err)
+    }
+
+    pub(crate) async fn ensure_stream(&self, spec: &StreamSpec) -> Result<()> {
+        let config = stream::Config {
+            name: spec.name.clone(),
+            subjects: spec.subjects.clone(),
+            duplicate_window: spec.duplicate_window,
+            max_age: spec.max_age,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        match self.js.get_stream(&spec.name).await {
+            Ok(mut existing) => {
+                let info = existing.info().await.map_err(other)?;
+                if info.config.subjects != spec.subjects {
+                    self.js.update_stream(config).await.map_err(other)?;
+                }
+                Ok(())
+            }
+            Err(_) => match self.js.create_stream(config).await {
+                Ok(_) => Ok(()),
+                // Another service created it between our get and create.
+                Err(e) if self.js.get_stream(&spec.name).await.is_ok() => {
+                    tracing::debug!(error = %e, stream = %spec.name, "stream created concurrently");
+                    Ok(())
+                }
+                Err(e) => Err(other(format!("creating stream {}: {e}", spec.name))),
+            },
+        }
+    }
+
+    pub(crate) async fn publish_durable(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<PubAck> {
+        let map = |e: jetstream::context::PublishError| {
+            let kind = match e.kind() {
+                jetstream::context::PublishErrorKind::StreamNotFound => BusErrorKind::NoStream,
+                jetstream::context::PublishErrorKind::TimedOut => BusErrorKind::TimedOut,
+                jetstream::context::PublishErrorKind::BrokenPipe => BusErrorKind::Connection,
+                _ => BusErrorKind::Other,
+            };
+            BusError::new(kind, format!("publishing to {subject}: {e}"))
+        };
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_string(), to_nats_headers(&headers), payload)
+            .await
+            .map_err(map)?
+            .await
+            .map_err(map)?;
+        Ok(PubAck { sequence: ack.sequence, duplicate: ack.duplicate })
+    }
+
+    pub(crate) async fn consume(&self, spec: &ConsumerSpec) -> Result<DurableSubscription> {
+        let stream = self.js.get_stream(&spec.stream).await.map_err(|e| {
+            BusError::new(BusErrorKind::NoStream, format!("stream {}: {e}", spec.stream))
+        })?;
+        let config = consumer::pull::Config {
+            durable_name: Some(spec.durable.clone()),
+            filter_subjects: spec.filter_subjects.clone(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: spec.ack_wait,
+            max_deliver: spec.max_deliver,
+            deliver_policy: match spec.deliver_from {
+                DeliverFrom::All => consumer::DeliverPolicy::All,
+                DeliverFrom::New => consumer::DeliverPolicy::New,
+            },
+            ..Default::default()
+        };
+        let consumer: consumer::PullConsumer =
+            stream.get_or_create_consumer(&spec.durable, config).await.map_err(other)?;
+        let messages = consumer.messages().await.map_err(other)?;
+        let durable = spec.durable.clone();
+        Ok(DurableSubscription::new(messages.filter_map(move |m| {
+            let durable = durable.clone();
+            async move {
+                match m {
+                    Ok(m) => {
+                        let (delivered, sequence) =
+                            m.info().map(|i| (i.delivered.max(1) as u64, i.stream_sequence)).unwrap_or((1, 0));
+                        let message = from_nats_message(m.message.clone());
+                        Some(DurableMessage { message, delivered, sequence, acker: Acker::Nats(Box::new(m)) })
+                    }
+                    Err(e) => {
+                        // The pull stream recovers by itself (missed
+                        // heartbeats, reconnects); say so and carry on.
+                        tracing::warn!(consumer = %durable, error = %e, "durable consumer hiccup");
+                        None
+                    }
+                }
+            }
+        })))
+    }
+
+    pub(crate) async fn kv(&self, bucket: &str) -> Result<kv::Store> {
+        match self.js.get_key_value(bucket).await {
+            Ok(s) => Ok(s),
+            Err(_) => match self.js.create_key_value(kv::Config { bucket: bucket.to_string(), history: 5, ..Default::default() }).await {
+                Ok(s) => Ok(s),
+                Err(e) => self.js.get_key_value(bucket).await.map_err(|_| other(format!("creating KV bucket {bucket}: {e}"))),
+            },
+        }
+    }
+}
+
+pub(crate) async fn kv_get(store: &kv::Store, key: &str) -> Result<Option<KvEntry>> {
+    let entry = store.entry(key.to_string()).await.map_err(other)?;
+    Ok(entry.and_then(|e| match e.operation {
+        kv::Operation::Put => Some(KvEntry { key: e.key, value: e.value, revision: e.revision }),
+        _ => None,
+    }))
+}
+
+pub(crate) async fn kv_create(store: &kv::Store, key: &str, value: Bytes) -> Result<u64> {
+    store.create(key, value).await.map_err(|e| match e.kind() {
+        kv::CreateErrorKind::AlreadyExists => BusError::new(BusErrorKind::AlreadyExists, format!("key {key} exists")),
+        _ => other(e),
+    })
+}
+
+pub(crate) async fn kv_update(store: &kv::Store, key: &str, value: Bytes, revision: u64) -> Result<u64> {
+    store.update(key, value, revision).await.map_err(|e| match e.kind() {
+        kv::UpdateErrorKind::WrongLastRevision => {
+            BusError::new(BusErrorKind::WrongRevision, format!("key {key} is not at revision {revision}"))
+        }
+        _ => other(e),
+    })
+}
+
+pub(crate) async fn kv_keys(store: &kv::Store) -> Result<Vec<String>> {
+    let mut keys: Vec<String> = match store.keys().await {
+        Ok(k) => k.filter_map(|k| async move { k.ok() }).collect().await,
+        Err(e) => return Err(other(e)),
+    };
+    keys.sort();
+    Ok(keys)
+}
+
+fn to_nats_headers(h: &Headers) -> async_nats::HeaderMap {
+    let mut m = async_nats::HeaderMap::new();
+    for (k, v) in h.iter() {
+        m.append(k, v);
+    }
+    m
+}
+
+fn from_nats_message(m: async_nats::Message) -> Message {
+    let mut headers = Headers::new();
+    if let Some(h) = &m.headers {
+        for (k, vs) in h.iter() {
+            for v in vs {
+                headers.append(k.to_string(), v.as_str());
+            }
+        }
+    }
+    Message { subject: m.subject.to_string(), reply: m.reply.map(|r| r.to_string()), headers, payload: m.payload }
+}
