@@ -263,6 +263,24 @@ any_event!(
     Action,
 );
 
+/// Something a consumer can decode from headers and payload: one event type,
+/// or [`AnyEvent`] for subscriptions that carry several.
+pub trait Decodable: Sized + Send + 'static {
+    fn decode_message(headers: &Headers, payload: &[u8]) -> Result<(EventMeta, Self), DecodeError>;
+}
+
+impl<E: Event + Send + 'static> Decodable for E {
+    fn decode_message(headers: &Headers, payload: &[u8]) -> Result<(EventMeta, Self), DecodeError> {
+        decode::<E>(headers, payload)
+    }
+}
+
+impl Decodable for AnyEvent {
+    fn decode_message(headers: &Headers, payload: &[u8]) -> Result<(EventMeta, Self), DecodeError> {
+        decode_any(headers, payload)
+    }
+}
+
 /// Decodes an event of any known type.
 pub fn decode_any(headers: &Headers, payload: &[u8]) -> Result<(EventMeta, AnyEvent), DecodeError> {
     let meta = read_meta(headers)?;

@@ -1,0 +1,330 @@
+//! Publishing and consuming typed events over the bus.
+//!
+//! [`EventBus`] stamps every event with its headers (id, type, source, time,
+//! content type, trace context) and counts it. The consumer loops
+//! ([`EventBus::consume_core`], [`EventBus::consume_durable`]) decode each
+//! message, skip events already handled (same event id), run the handler in a
+//! span that is the child of the producer's span, and send anything that
+//! cannot be decoded or handled to `<prefix>.dlq.<service>` with the reason.
+//! A bad message never stops a loop.
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use costmesh_bus::{Bus, BusError, ConsumerSpec, DeliverFrom, DurableSubscription, Message, PubAck, StreamSpec, Subscription};
+use costmesh_contracts::headers::names;
+use costmesh_contracts::{ContentType, Decodable, Event, EventMeta, Subjects};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::clock::Clock;
+use crate::metrics::{DeadLetterLabels, EventLabels, EventMetrics};
+use crate::telemetry;
+
+/// How a handler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The event is wrong and always will be: dead-letter it.
+    #[error("{0}")]
+    Reject(String),
+    /// Something around us failed (bus, disk): try again later. On a durable
+    /// consumer the message is redelivered; on core NATS it is logged.
+    #[error("{0}")]
+    Retry(String),
+}
+
+impl From<BusError> for HandlerError {
+    fn from(e: BusError) -> Self {
+        HandlerError::Retry(e.to_string())
+    }
+}
+
+/// Remembers the last N event ids, to make handlers idempotent against
+/// redelivery and duplicate publishes.
+pub struct SeenIds {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+    cap: usize,
+}
+
+impl SeenIds {
+    pub fn new(cap: usize) -> Self {
+        Self { order: VecDeque::with_capacity(cap), set: HashSet::with_capacity(cap), cap }
+    }
+
+    /// Records `id`; false if it was already there.
+    pub fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() == self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.order.push_back(id.to_string());
+        self.set.insert(id.to_string());
+        true
+    }
+}
+
+/// A service's handle on the bus for typed events.
+#[derive(Clone)]
+pub struct EventBus {
+    pub bus: Bus,
+    pub subjects: Subjects,
+    /// `service` or `service/instance`, written to `ce-source`.
+    pub source: String,
+    /// The service name, for the DLQ subject and metrics labels.
+    pub service: String,
+    pub clock: Clock,
+    pub content_type: ContentType,
+    pub metrics: EventMetrics,
+}
+
+/// The stream that stores every durable subject under `subjects`' prefix.
+pub fn events_stream(subjects: &Subjects) -> StreamSpec {
+    StreamSpec {
+        name: subjects.stream_name(),
+        subjects: subjects.durable_subjects(),
+        // Budget notifications and redeliveries within this window are
+        // de-duplicated by the server.
+        duplicate_window: Duration::from_secs(10 * 60),
+        max_age: Duration::from_secs(35 * 24 * 3600),
+    }
+}
+
+impl EventBus {
+    /// Creates the events stream if it does not exist yet.
+    pub async fn ensure_stream(&self) -> Result<(), BusError> {
+        self.bus.ensure_stream(&events_stream(&self.subjects)).await
+    }
+
+    fn stamp<E: Event>(&self, event: &E) -> (EventMeta, costmesh_contracts::Headers, Bytes) {
+        let meta = EventMeta::new::<E>(self.source.clone(), self.clock.now(), self.content_type);
+        let (mut headers, payload) = costmesh_contracts::encode(event, &meta);
+        telemetry::inject(&mut headers);
+        (meta, headers, payload)
+    }
+
+    fn count_published<E: Event>(&self) {
+        self.metrics.published.get_or_create(&EventLabels { service: self.service.clone(), event_type: E::full_name() }).inc();
+    }
+
+    /// Publishes on core NATS (at most once).
+    pub async fn publish<E: Event>(&self, subject: &str, event: &E) -> Result<EventMeta, BusError> {
+        let span = tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
+        async {
+            let (meta, headers, payload) = self.stamp(event);
+            self.bus.publish(subject, headers, payload).await?;
+            self.count_published::<E>();
+            Ok(meta)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Publishes to JetStream; the event id doubles as `Nats-Msg-Id`.
+    pub async fn publish_durable<E: Event>(&self, subject: &str, event: &E) -> Result<(EventMeta, PubAck), BusError> {
+        let span = tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
+        async {
+            let (meta, headers, payload) = self.stamp(event);
+            let ack = self.bus.publish_durable(subject, headers, payload).await?;
+            self.count_published::<E>();
+            Ok((meta, ack))
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Publishes durably with a caller-chosen event id, so a retried
+    /// decision (after a restart) is de-duplicated by the server.
+    pub async fn publish_durable_with_id<E: Event>(&self, subject: &str, event: &E, id: &str) -> Result<PubAck, BusError> {
+        let span = tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
+        async {
+            let (_, mut headers, payload) = self.stamp(event);
+            headers.insert(names::EVENT_ID, id);
+            headers.insert(names::NATS_MSG_ID, id);
+            let ack = self.bus.publish_durable(subject, headers, payload).await?;
+            self.count_published::<E>();
+            Ok(ack)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Sends `message` to this service's dead-letter subject with `reason`.
+    /// The original payload and headers are kept; if the DLQ itself cannot be
+    /// reached the message is logged in full, so nothing is lost silently.
+    pub async fn dead_letter(&self, message: &Message, reason_kind: &str, reason: &str) {
+        self.metrics
+            .dead_letters
+            .get_or_create(&DeadLetterLabels { service: self.service.clone(), reason: reason_kind.to_string() })
+            .inc();
+        let mut headers = message.headers.clone();
+        headers.insert(names::DLQ_REASON, reason);
+        headers.insert(names::DLQ_SUBJECT, message.subject.clone());
+        headers.insert(names::DLQ_SERVICE, self.service.clone());
+        // A fresh id: the DLQ entry is its own event, and the original id may
+        // be missing or repeated.
+        headers.insert(names::NATS_MSG_ID, uuid::Uuid::now_v7().to_string());
+        let subject = self.subjects.dlq(&self.service);
+        tracing::warn!(subject = %message.subject, reason = %reason, dlq = %subject, "message dead-lettered");
+        if let Err(e) = self.bus.publish_durable(&subject, headers, message.payload.clone()).await {
+            tracing::error!(
+                error = %e,
+                subject = %message.subject,
+                reason = %reason,
+                payload_base64 = %base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &message.payload),
+                "dead-letter publish failed; message logged here instead"
+            );
+        }
+    }
+
+    /// Runs `handler` for every message on a core subscription until
+    /// `shutdown`. Duplicate event ids are skipped.
+    pub async fn consume_core<T, F, Fut>(&self, mut sub: Subscription, shutdown: CancellationToken, mut handler: F)
+    where
+        T: Decodable,
+        F: FnMut(Message, EventMeta, T) -> Fut,
+        Fut: Future<Output = Result<(), HandlerError>>,
+    {
+        let mut seen = SeenIds::new(4096);
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = sub.next() => match m { Some(m) => m, None => return },
+            };
+            let (meta, event) = match T::decode_message(&msg.headers, &msg.payload) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.dead_letter(&msg, e.kind.as_str(), &e.to_string()).await;
+                    continue;
+                }
+            };
+            if !seen.insert(&meta.id) {
+                self.count(&self.metrics.duplicates, &meta);
+                continue;
+            }
+            let span = self.handle_span(&msg, &meta);
+            match handler(msg.clone(), meta.clone(), event).instrument(span).await {
+                Ok(()) => self.count(&self.metrics.handled, &meta),
+                Err(HandlerError::Reject(reason)) => self.dead_letter(&msg, "rejected", &reason).await,
+                Err(HandlerError::Retry(reason)) => {
+                    tracing::warn!(subject = %msg.subject, id = %meta.id, reason = %reason, "handler failed on a core subject; event dropped");
+                }
+            }
+        }
+    }
+
+    /// Binds a durable consumer named `<service>-<name>` on this prefix's
+    /// events stream.
+    pub async fn durable(&self, name: &str, filters: Vec<String>, ack_wait: Duration) -> Result<DurableSubscription, BusError> {
+        self.ensure_stream().await?;
+        let spec = ConsumerSpec {
+            stream: self.subjects.stream_name(),
+            durable: format!("{}-{}", self.service, name).replace(['.', ' ', '*', '>'], "_"),
+            filter_subjects: filters,
+            ack_wait,
+            max_deliver: 20,
+            deliver_from: DeliverFrom::All,
+        };
+        self.bus.consume(&spec).await
+    }
+
+    /// Runs `handler` for every message of a durable consumer until
+    /// `shutdown`: acks on success, redelivers on [`HandlerError::Retry`]
+    /// with a growing delay, dead-letters undecodable or rejected messages.
+    pub async fn consume_durable<T, F, Fut>(&self, mut sub: DurableSubscription, shutdown: CancellationToken, mut handler: F)
+    where
+        T: Decodable,
+        F: FnMut(Message, EventMeta, T) -> Fut,
+        Fut: Future<Output = Result<(), HandlerError>>,
+    {
+        let mut seen = SeenIds::new(4096);
+        loop {
+            let dm = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = sub.next() => match m { Some(m) => m, None => return },
+            };
+            let msg = &dm.message;
+            let (meta, event) = match T::decode_message(&msg.headers, &msg.payload) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.dead_letter(msg, e.kind.as_str(), &e.to_string()).await;
+                    let _ = dm.term().await;
+                    continue;
+                }
+            };
+            if !seen.insert(&meta.id) {
+                self.count(&self.metrics.duplicates, &meta);
+                let _ = dm.ack().await;
+                continue;
+            }
+            let span = self.handle_span(msg, &meta);
+            match handler(msg.clone(), meta.clone(), event).instrument(span).await {
+                Ok(()) => {
+                    self.count(&self.metrics.handled, &meta);
+                    if let Err(e) = dm.ack().await {
+                        tracing::warn!(error = %e, "ack failed; the message will be redelivered and skipped by id");
+                    }
+                }
+                Err(HandlerError::Reject(reason)) => {
+                    self.dead_letter(msg, "rejected", &reason).await;
+                    let _ = dm.term().await;
+                }
+                Err(HandlerError::Retry(reason)) => {
+                    // Let a later delivery try again.
+                    seen.forget(&meta.id);
+                    let delay = Duration::from_millis(200 * dm.delivered.min(50));
+                    tracing::warn!(subject = %msg.subject, id = %meta.id, reason = %reason, delivered = dm.delivered, "handler failed; will retry");
+                    let _ = dm.nak(Some(delay)).await;
+                }
+            }
+        }
+    }
+
+    fn handle_span(&self, msg: &Message, meta: &EventMeta) -> tracing::Span {
+        let span = tracing::info_span!(
+            "handle",
+            otel.kind = "consumer",
+            service = %self.service,
+            subject = %msg.subject,
+            event_type = %meta.event_type,
+            event_id = %meta.id,
+        );
+        telemetry::extract(&msg.headers, &span);
+        span
+    }
+
+    fn count(&self, family: &prometheus_client::metrics::family::Family<EventLabels, prometheus_client::metrics::counter::Counter>, meta: &EventMeta) {
+        family.get_or_create(&EventLabels { service: self.service.clone(), event_type: meta.event_type.clone() }).inc();
+    }
+}
+
+impl SeenIds {
+    /// Forgets `id` so a redelivery is handled again.
+    pub fn forget(&mut self, id: &str) {
+        if self.set.remove(id) {
+            self.order.retain(|x| x != id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_ids_are_bounded() {
+        let mut s = SeenIds::new(2);
+        assert!(s.insert("a"));
+        assert!(!s.insert("a"));
+        assert!(s.insert("b"));
+        assert!(s.insert("c"));
+        assert!(s.insert("a"), "oldest id was evicted");
+        s.forget("c");
+        assert!(s.insert("c"));
+    }
+}

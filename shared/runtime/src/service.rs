@@ -1,0 +1,111 @@
+//! What a service is handed to run: the bus, the clock, metrics, health and
+//! the shutdown token. `costmesh up`, the service binaries and the tests all
+//! build one of these and call the service's `run`.
+use std::sync::{Arc, Mutex};
+
+use costmesh_bus::Bus;
+use costmesh_contracts::Subjects;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Health;
+use crate::clock::Clock;
+use crate::config::MeshConfig;
+use crate::events::EventBus;
+use crate::metrics::{EventMetrics, SharedRegistry};
+
+/// Everything a service needs from its host.
+#[derive(Clone)]
+pub struct ServiceContext {
+    pub events: EventBus,
+    pub clock: Clock,
+    pub registry: SharedRegistry,
+    pub health: Health,
+    pub shutdown: CancellationToken,
+    pub mesh: MeshConfig,
+}
+
+impl ServiceContext {
+    /// A context for `service` on `bus`. `instance` (a node name, say)
+    /// is appended to the event source when set.
+    pub fn new(service: &str, instance: Option<&str>, bus: Bus, mesh: &MeshConfig, clock: Clock, shutdown: CancellationToken) -> Self {
+        let mut registry = Registry::default();
+        let metrics = EventMetrics::register(&mut registry);
+        let subjects = Subjects::new(&mesh.subject_prefix).unwrap_or_default();
+        let source = match instance {
+            Some(i) => format!("{service}/{i}"),
+            None => service.to_string(),
+        };
+        Self {
+            events: EventBus {
+                bus,
+                subjects,
+                source,
+                service: service.to_string(),
+                clock: clock.clone(),
+                content_type: mesh.content_type,
+                metrics,
+            },
+            clock,
+            registry: Arc::new(Mutex::new(registry)),
+            health: Health::new(),
+            shutdown,
+            mesh: mesh.clone(),
+        }
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.events.bus
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.events.subjects
+    }
+
+    pub fn service(&self) -> &str {
+        &self.events.service
+    }
+
+    /// Registers a metric in this service's registry.
+    pub fn register(&self, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+        self.registry.lock().expect("metrics lock").register(name, help, metric);
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown signal received; draining");
+        token.cancel();
+    });
+}
+
+/// Connects to the bus the config names: NATS when a URL is set, else a
+/// fresh in-process bus.
+pub async fn connect_bus(nats: &crate::config::NatsConfig, client_name: &str) -> Result<Bus, costmesh_bus::BusError> {
+    match &nats.url {
+        Some(url) => {
+            let b = costmesh_bus::NatsBus::connect(url.expose(), &nats.connect_options(client_name)).await?;
+            Ok(Bus::Nats(b))
+        }
+        None => Ok(Bus::memory()),
+    }
+}
