@@ -1,1 +1,15 @@
+//! cost-watcher: turns usage into money.
+//!
+//! # Layout
+//! - [`config`]: the `[cost_watcher]` section (prices, budget).
+//! - [`energy`]: energy accounting from GPU telemetry, exact across lost and
+//!   repeated samples and agent restarts (deltas per boot id).
+//! - [`watcher`]: the service loop.
+#![forbid(unsafe_code)]
 
+pub mod config;
+pub mod energy;
+pub mod watcher;
+
+pub use config::Config;
+pub use watcher::run;

@@ -66,6 +66,19 @@ impl ServiceContext {
         &self.events.service
     }
 
+    /// Binds the durable consumer `name` on `filters` and handles its
+    /// messages on a task until shutdown (see [`EventBus::consume_durable`]).
+    pub async fn spawn_durable<T, F, Fut>(&self, name: &str, filters: Vec<String>, handler: F) -> Result<tokio::task::JoinHandle<()>, costmesh_bus::BusError>
+    where
+        T: costmesh_contracts::Decodable,
+        F: FnMut(costmesh_bus::Message, costmesh_contracts::EventMeta, T) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), crate::events::HandlerError>> + Send,
+    {
+        let sub = self.events.durable(name, filters, std::time::Duration::from_secs(30)).await?;
+        let (events, shutdown) = (self.events.clone(), self.shutdown.clone());
+        Ok(tokio::spawn(async move { events.consume_durable::<T, _, _>(sub, shutdown, handler).await }))
+    }
+
     /// Registers a metric in this service's registry.
     pub fn register(&self, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
         self.registry.lock().expect("metrics lock").register(name, help, metric);

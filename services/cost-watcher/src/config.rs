@@ -1,0 +1,43 @@
+//! The `[cost_watcher]` config section. Defaults are the seed's numbers.
+use costmesh_runtime::config::{key, AdminConfig, ConfigError, Validate};
+use costmesh_runtime::host::ServiceConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Flat electricity price (seed: 2.6 TWD/kWh).
+    pub electricity_price_per_kwh: f64,
+    /// Monthly budget (seed: 3,000 TWD).
+    pub monthly_budget: f64,
+    /// Warn at this fraction of the budget (seed: 0.8).
+    pub warn_ratio: f64,
+    pub admin: AdminConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { electricity_price_per_kwh: 2.6, monthly_budget: 3000.0, warn_ratio: 0.8, admin: AdminConfig::on_port(9104) }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self, p: &str) -> Result<(), ConfigError> {
+        if !(self.electricity_price_per_kwh.is_finite() && self.electricity_price_per_kwh >= 0.0) {
+            return Err(ConfigError::new(key(p, "electricity_price_per_kwh"), self.electricity_price_per_kwh, "must be a price of zero or more"));
+        }
+        if !(self.monthly_budget.is_finite() && self.monthly_budget > 0.0) {
+            return Err(ConfigError::new(key(p, "monthly_budget"), self.monthly_budget, "must be greater than zero"));
+        }
+        if !(self.warn_ratio > 0.0 && self.warn_ratio < 1.0) {
+            return Err(ConfigError::new(key(p, "warn_ratio"), self.warn_ratio, "must be between 0 and 1 (exclusive)"));
+        }
+        self.admin.validate(&key(p, "admin"))
+    }
+}
+
+impl ServiceConfig for Config {
+    fn admin(&self) -> &AdminConfig {
+        &self.admin
+    }
+}
