@@ -1,0 +1,181 @@
+//! `costmesh up`: the five services in one process.
+//!
+//! One config file holds every section. Without a NATS URL the services
+//! share an in-process bus with the same subject semantics; with `--nats`
+//! they talk over a real server exactly as the separate binaries do.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use costmesh_runtime::clock::Clock;
+use costmesh_runtime::config::{self, CommonConfig, ConfigError, SecretUrl, Validate};
+use costmesh_runtime::host::ServiceConfig;
+use costmesh_runtime::service::{cancel_on_signal, connect_bus};
+use costmesh_runtime::ServiceContext;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Config file (TOML); defaults to $COSTMESH_CONFIG, else the seed's defaults.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Use this NATS server instead of the in-process bus.
+    #[arg(long)]
+    nats: Option<String>,
+    /// Use this Redis for the gateway's shared cache.
+    #[arg(long)]
+    redis: Option<String>,
+    /// Print the effective configuration (secrets masked) and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Do not print the live event view.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The whole mesh's configuration: common sections plus all five services.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshFile {
+    #[serde(flatten)]
+    pub common: CommonConfig,
+    pub gpu_agent: costmesh_gpu_agent::Config,
+    pub scheduler: costmesh_scheduler::Config,
+    pub storage_janitor: costmesh_storage_janitor::Config,
+    pub cost_watcher: costmesh_cost_watcher::Config,
+    pub cache_gateway: costmesh_cache_gateway::Config,
+}
+
+impl MeshFile {
+    /// Loads and validates every section.
+    pub fn load(file: Option<&str>, env: &BTreeMap<String, String>, demo_defaults: bool) -> Result<Self, ConfigError> {
+        let mut table = config::merged_table(file, env)?;
+        let mut sections = BTreeMap::new();
+        for s in config::SERVICE_SECTIONS {
+            if let Some(v) = table.remove(*s) {
+                sections.insert(*s, v);
+            }
+        }
+        let common: CommonConfig = config::from_value("", toml::Value::Table(table))?;
+        common.validate("")?;
+        fn section<T: serde::de::DeserializeOwned + Default + Validate>(
+            name: &'static str,
+            sections: &mut BTreeMap<&'static str, toml::Value>,
+        ) -> Result<T, ConfigError> {
+            let v: T = match sections.remove(name) {
+                Some(v) => config::from_value(name, v)?,
+                None => T::default(),
+            };
+            v.validate(name)?;
+            Ok(v)
+        }
+        let mut m = MeshFile {
+            common,
+            gpu_agent: section("gpu_agent", &mut sections)?,
+            scheduler: section("scheduler", &mut sections)?,
+            storage_janitor: section("storage_janitor", &mut sections)?,
+            cost_watcher: section("cost_watcher", &mut sections)?,
+            cache_gateway: section("cache_gateway", &mut sections)?,
+        };
+        // A newcomer's first run should show something moving.
+        let demo_set = env.contains_key("COSTMESH__GPU_AGENT__SIM__DEMO_LOAD")
+            || file.is_some_and(|f| f.contains("demo_load"));
+        if demo_defaults && !demo_set {
+            m.gpu_agent.sim.demo_load = true;
+        }
+        Ok(m)
+    }
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let env = config::process_env();
+    let text = config::read_file(args.config.as_deref(), &env)?;
+    let mut cfg = MeshFile::load(text.as_deref(), &env, true)?;
+    if let Some(url) = args.nats {
+        cfg.common.nats.url = Some(SecretUrl::new(url));
+    }
+    if let Some(url) = args.redis {
+        cfg.common.redis.url = Some(SecretUrl::new(url));
+    }
+    cfg.common.validate("")?;
+    if args.print_config {
+        print!("{}", config::render(&cfg));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _telemetry = costmesh_runtime::telemetry::init("costmesh", &cfg.common.log, &env);
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let bus = connect_bus(&cfg.common.nats, "costmesh-up").await?;
+    let clock = Clock::system();
+    let mesh = &cfg.common.mesh;
+    let mut tasks = JoinSet::new();
+
+    let view = if args.quiet {
+        None
+    } else {
+        let sub = bus.subscribe(&costmesh_contracts::Subjects::new(&mesh.subject_prefix).map_err(anyhow::Error::msg)?.all()).await?;
+        Some(tokio::spawn(crate::view::print_live(sub, mesh.subject_prefix.clone(), shutdown.clone())))
+    };
+
+    let mut admins = Vec::new();
+    macro_rules! start {
+        ($name:literal, $section:expr, $run:path) => {{
+            let section = $section.clone();
+            let ctx = ServiceContext::new($name, section.instance(), bus.clone(), mesh, clock.clone(), shutdown.clone());
+            let listen = section.admin().listen.clone();
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: binding admin endpoint {listen}: {e}", $name))?;
+            admins.push(($name, listener.local_addr()?));
+            tasks.spawn(costmesh_runtime::admin::serve(listener, ctx.registry.clone(), ctx.health.clone(), shutdown.clone()).map_ok_unit());
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = $run(section, ctx).await {
+                    tracing::error!(service = $name, error = format!("{e:#}"), "service stopped with an error");
+                    stop.cancel();
+                }
+            });
+        }};
+    }
+    start!("gpu-agent", cfg.gpu_agent, costmesh_gpu_agent::run);
+    start!("scheduler", cfg.scheduler, costmesh_scheduler::run);
+    start!("storage-janitor", cfg.storage_janitor, costmesh_storage_janitor::run);
+    start!("cost-watcher", cfg.cost_watcher, costmesh_cost_watcher::run);
+    start!("cache-gateway", cfg.cache_gateway, costmesh_cache_gateway::run);
+
+    println!("costmesh up: bus={} prefix={}", bus.backend(), mesh.subject_prefix);
+    for (name, addr) in &admins {
+        println!("  {name:<16} admin http://{addr}/readyz");
+    }
+    println!("events (Ctrl-C stops):");
+
+    shutdown.cancelled().await;
+    let drain = async {
+        while tasks.join_next().await.is_some() {}
+        if let Some(v) = view {
+            let _ = v.await;
+        }
+    };
+    if tokio::time::timeout(costmesh_runtime::host::DRAIN_GRACE, drain).await.is_err() {
+        eprintln!("costmesh: drain did not finish within {:?}", costmesh_runtime::host::DRAIN_GRACE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+trait MapOkUnit {
+    fn map_ok_unit(self) -> impl std::future::Future<Output = ()> + Send + 'static;
+}
+
+impl<F> MapOkUnit for F
+where
+    F: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    async fn map_ok_unit(self) {
+        if let Err(e) = self.await {
+            tracing::error!(error = %e, "admin endpoint failed");
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! `costmesh up` on a machine with no NATS or Redis running: all five
+//! services become ready and events are printed.
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use costmesh_testkit::{free_port, http_get};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[tokio::test]
+async fn up_starts_all_five_and_prints_events() {
+    let sections = ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"];
+    let ports: Vec<u16> = sections.iter().map(|_| free_port()).collect();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    cmd.arg("up")
+        .env_remove("COSTMESH__NATS__URL")
+        .env_remove("COSTMESH_CONFIG")
+        .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "200ms")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for (s, p) in sections.iter().zip(&ports) {
+        cmd.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), format!("127.0.0.1:{p}"));
+    }
+    let started = Instant::now();
+    let mut child = cmd.spawn().expect("spawn costmesh up");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+
+    // Every service answers /readyz 200.
+    for (s, p) in sections.iter().zip(&ports) {
+        let addr = format!("127.0.0.1:{p}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok((200, body)) = http_get(&addr, "/readyz").await {
+                assert!(body.contains("ok"), "{s}: {body}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{s} not ready on {addr} within 10 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (code, metrics) = http_get(&addr, "/metrics").await.unwrap();
+        assert_eq!(code, 200);
+        assert!(metrics.trim_end().ends_with("# EOF"), "{s} /metrics is not OpenMetrics text: {metrics}");
+    }
+    let ready_after = started.elapsed();
+    assert!(ready_after < Duration::from_secs(10), "ready after {ready_after:?}");
+
+    // Events are printed, one line each.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut telemetry_lines = 0;
+    while telemetry_lines < 2 {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line()).await.expect("no event printed").unwrap().expect("stdout closed");
+        if line.contains("telemetry.gpu.") && line.contains("GpuSample") {
+            telemetry_lines += 1;
+        }
+    }
+    let (code, _) = http_get(&format!("127.0.0.1:{}", ports[0]), "/healthz").await.unwrap();
+    assert_eq!(code, 200);
+
+    // SIGTERM drains and exits cleanly.
+    let pid = child.id().unwrap();
+    std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("did not exit after SIGTERM").unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn a_bad_config_exits_64_naming_the_key() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+        .arg("up")
+        .env("COSTMESH__GPU_AGENT__PROFILES__TRAINING_W", "0")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gpu_agent.profiles.training_w"), "{err}");
+}
+
+#[tokio::test]
+async fn print_config_masks_secrets() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+        .args(["up", "--print-config", "--nats", "nats://alice:s3cret@127.0.0.1:4222", "--redis", "redis://:s3cret@127.0.0.1:6379/0"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(text.contains("training_w = 320"), "{text}");
+    assert!(text.contains("electricity_price_per_kwh = 2.6"), "{text}");
+}
