@@ -81,8 +81,8 @@ impl MeshFile {
             cache_gateway: section("cache_gateway", &mut sections)?,
         };
         // A newcomer's first run should show something moving.
-        let demo_set = env.contains_key("COSTMESH__GPU_AGENT__SIM__DEMO_LOAD")
-            || file.is_some_and(|f| f.contains("demo_load"));
+        let demo_set =
+            env.contains_key("COSTMESH__GPU_AGENT__SIM__DEMO_LOAD") || file.is_some_and(|f| f.contains("demo_load"));
         if demo_defaults && !demo_set {
             m.gpu_agent.sim.demo_load = true;
         }
@@ -116,7 +116,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let view = if args.quiet {
         None
     } else {
-        let sub = bus.subscribe(&costmesh_contracts::Subjects::new(&mesh.subject_prefix).map_err(anyhow::Error::msg)?.all()).await?;
+        let sub = bus
+            .subscribe(&costmesh_contracts::Subjects::new(&mesh.subject_prefix).map_err(anyhow::Error::msg)?.all())
+            .await?;
         Some(tokio::spawn(crate::view::print_live(sub, mesh.subject_prefix.clone(), shutdown.clone())))
     };
 
@@ -124,13 +126,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     macro_rules! start {
         ($name:literal, $section:expr, $run:path) => {{
             let section = $section.clone();
-            let ctx = ServiceContext::new($name, section.instance(), bus.clone(), mesh, clock.clone(), shutdown.clone());
+            let ctx =
+                ServiceContext::new($name, section.instance(), bus.clone(), mesh, clock.clone(), shutdown.clone());
             let listen = section.admin().listen.clone();
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: binding admin endpoint {listen}: {e}", $name))?;
             admins.push(($name, listener.local_addr()?));
-            tasks.spawn(costmesh_runtime::admin::serve(listener, ctx.registry.clone(), ctx.health.clone(), shutdown.clone()).map_ok_unit());
+            tasks.spawn(
+                costmesh_runtime::admin::serve(listener, ctx.registry.clone(), ctx.health.clone(), shutdown.clone())
+                    .map_ok_unit(),
+            );
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 if let Err(e) = $run(section, ctx).await {

@@ -37,12 +37,25 @@ pub fn summary(e: &AnyEvent) -> String {
             s.energy_mj as f64 / 1e6
         ),
         AnyEvent::PreemptionNotice(n) => format!("PreemptionNotice node={} source={}", n.node, n.source),
-        AnyEvent::BudgetEvent(b) => format!("BudgetEvent {} {} -> {} spent={} of {}", b.scope, b.previous_state().as_str_name(), b.state().as_str_name(), money(&b.spent), money(&b.budget)),
-        AnyEvent::JobEvent(j) => format!("JobEvent {} {} node={} {}", j.job_id, j.kind().as_str_name(), j.node, j.reason),
+        AnyEvent::BudgetEvent(b) => format!(
+            "BudgetEvent {} {} -> {} spent={} of {}",
+            b.scope,
+            b.previous_state().as_str_name(),
+            b.state().as_str_name(),
+            money(&b.spent),
+            money(&b.budget)
+        ),
+        AnyEvent::JobEvent(j) => {
+            format!("JobEvent {} {} node={} {}", j.job_id, j.kind().as_str_name(), j.node, j.reason)
+        }
         AnyEvent::JobAssignment(a) => format!("JobAssignment {} -> {} gpus={:?}", a.job_id, a.node, a.gpu_indices),
         AnyEvent::JobSignal(s) => format!("JobSignal {} {}", s.job_id, s.kind().as_str_name()),
-        AnyEvent::PowerCommand(p) => format!("PowerCommand node={} gpu={:?} {}", p.node, p.gpu_index, p.profile().as_str_name()),
-        AnyEvent::StorageReport(r) => format!("StorageReport used={}B freed={}B actions={}", r.used_bytes, r.bytes_freed, r.actions.len()),
+        AnyEvent::PowerCommand(p) => {
+            format!("PowerCommand node={} gpu={:?} {}", p.node, p.gpu_index, p.profile().as_str_name())
+        }
+        AnyEvent::StorageReport(r) => {
+            format!("StorageReport used={}B freed={}B actions={}", r.used_bytes, r.bytes_freed, r.actions.len())
+        }
         AnyEvent::CacheStats(c) => {
             let (req, hits) = c.routes.iter().fold((0, 0), |(r, h), x| (r + x.requests, h + x.hits));
             format!("CacheStats {} requests={req} hits={hits}", c.instance)
@@ -65,8 +78,18 @@ pub async fn print_live(mut sub: Subscription, prefix: String, shutdown: Cancell
 }
 
 /// `costmesh events tail`.
-pub async fn tail(url: &str, prefix: &str, subject: Option<&str>, json: bool, count: Option<u64>) -> anyhow::Result<ExitCode> {
-    let bus = costmesh_bus::NatsBus::connect(url, &costmesh_bus::NatsConnectOptions { name: Some("costmesh-tail".into()), ..Default::default() }).await?;
+pub async fn tail(
+    url: &str,
+    prefix: &str,
+    subject: Option<&str>,
+    json: bool,
+    count: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let bus = costmesh_bus::NatsBus::connect(
+        url,
+        &costmesh_bus::NatsConnectOptions { name: Some("costmesh-tail".into()), ..Default::default() },
+    )
+    .await?;
     let subjects = costmesh_contracts::Subjects::new(prefix).map_err(anyhow::Error::msg)?;
     let filter = subject.map(str::to_string).unwrap_or_else(|| subjects.all());
     let mut sub = costmesh_bus::Bus::Nats(bus).subscribe(&filter).await?;
@@ -75,8 +98,12 @@ pub async fn tail(url: &str, prefix: &str, subject: Option<&str>, json: bool, co
     while let Some(m) = sub.next().await {
         if json {
             let v = match costmesh_contracts::decode_any(&m.headers, &m.payload) {
-                Ok((meta, e)) => serde_json::json!({"subject": m.subject, "id": meta.id, "type": meta.event_type, "source": meta.source, "time": meta.time, "event": e.to_json()}),
-                Err(err) => serde_json::json!({"subject": m.subject, "error": err.to_string(), "headers": m.headers.iter().collect::<Vec<_>>()}),
+                Ok((meta, e)) => {
+                    serde_json::json!({"subject": m.subject, "id": meta.id, "type": meta.event_type, "source": meta.source, "time": meta.time, "event": e.to_json()})
+                }
+                Err(err) => {
+                    serde_json::json!({"subject": m.subject, "error": err.to_string(), "headers": m.headers.iter().collect::<Vec<_>>()})
+                }
             };
             println!("{v}");
         } else {

@@ -48,7 +48,11 @@ async fn up_starts_all_five_and_prints_events() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut telemetry_lines = 0;
     while telemetry_lines < 2 {
-        let line = tokio::time::timeout_at(deadline.into(), lines.next_line()).await.expect("no event printed").unwrap().expect("stdout closed");
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .expect("no event printed")
+            .unwrap()
+            .expect("stdout closed");
         if line.contains("telemetry.gpu.") && line.contains("GpuSample") {
             telemetry_lines += 1;
         }
@@ -59,7 +63,8 @@ async fn up_starts_all_five_and_prints_events() {
     // SIGTERM drains and exits cleanly.
     let pid = child.id().unwrap();
     std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("did not exit after SIGTERM").unwrap();
+    let status =
+        tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("did not exit after SIGTERM").unwrap();
     assert!(status.success(), "{status}");
 }
 
@@ -79,7 +84,14 @@ async fn a_bad_config_exits_64_naming_the_key() {
 #[tokio::test]
 async fn print_config_masks_secrets() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
-        .args(["up", "--print-config", "--nats", "nats://alice:s3cret@127.0.0.1:4222", "--redis", "redis://:s3cret@127.0.0.1:6379/0"])
+        .args([
+            "up",
+            "--print-config",
+            "--nats",
+            "nats://alice:s3cret@127.0.0.1:4222",
+            "--redis",
+            "redis://:s3cret@127.0.0.1:6379/0",
+        ])
         .output()
         .await
         .unwrap();

@@ -20,8 +20,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(fds)?;
 
     let descriptors = fs::read(&descriptor_path)?;
-    pbjson_build::Builder::new()
-        .register_descriptors(&descriptors)?
-        .build(&[".costmesh"])?;
+    pbjson_build::Builder::new().register_descriptors(&descriptors)?.build(&[".costmesh"])?;
     Ok(())
 }

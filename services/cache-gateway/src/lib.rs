@@ -57,9 +57,13 @@ pub async fn run(_cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let task = ctx
         .spawn_durable::<AnyEvent, _, _>("world", filters, |_, _, event| async move {
             match event {
-                AnyEvent::PreemptionNotice(n) => tracing::info!(node = %n.node, "preemption notice: backends on this node are to drain"),
+                AnyEvent::PreemptionNotice(n) => {
+                    tracing::info!(node = %n.node, "preemption notice: backends on this node are to drain")
+                }
                 AnyEvent::BudgetEvent(b) => tracing::info!(scope = %b.scope, state = b.state, "budget state noted"),
-                other => return Err(HandlerError::Reject(format!("{} does not belong on this subject", other.type_name()))),
+                other => {
+                    return Err(HandlerError::Reject(format!("{} does not belong on this subject", other.type_name())))
+                }
             }
             Ok(())
         })

@@ -17,14 +17,23 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { electricity_price_per_kwh: 2.6, monthly_budget: 3000.0, warn_ratio: 0.8, admin: AdminConfig::on_port(9104) }
+        Self {
+            electricity_price_per_kwh: 2.6,
+            monthly_budget: 3000.0,
+            warn_ratio: 0.8,
+            admin: AdminConfig::on_port(9104),
+        }
     }
 }
 
 impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
         if !(self.electricity_price_per_kwh.is_finite() && self.electricity_price_per_kwh >= 0.0) {
-            return Err(ConfigError::new(key(p, "electricity_price_per_kwh"), self.electricity_price_per_kwh, "must be a price of zero or more"));
+            return Err(ConfigError::new(
+                key(p, "electricity_price_per_kwh"),
+                self.electricity_price_per_kwh,
+                "must be a price of zero or more",
+            ));
         }
         if !(self.monthly_budget.is_finite() && self.monthly_budget > 0.0) {
             return Err(ConfigError::new(key(p, "monthly_budget"), self.monthly_budget, "must be greater than zero"));

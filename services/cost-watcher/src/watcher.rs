@@ -15,7 +15,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let energy_kwh: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
     let electricity_cost: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
     ctx.register("costmesh_energy_kwh", "GPU energy accounted since start (kWh)", energy_kwh.clone());
-    ctx.register("costmesh_electricity_cost", "Electricity cost accounted since start, in the ledger currency", electricity_cost.clone());
+    ctx.register(
+        "costmesh_electricity_cost",
+        "Electricity cost accounted since start, in the ledger currency",
+        electricity_cost.clone(),
+    );
 
     // One cost-watcher of a group accounts each sample.
     let sub = ctx.bus().queue_subscribe(&ctx.subjects().gpu_telemetry_all(), "cost-watcher").await?;

@@ -71,7 +71,15 @@ impl Agent {
         g.requested_mw = requested;
         g.clamped = target != requested;
         if g.clamped {
-            tracing::info!(gpu = i, model = g.gpu.model.product, requested_w = watts, limit_w = target / 1000, min_w = lo / 1000, max_w = hi / 1000, "profile clamped to the device's range");
+            tracing::info!(
+                gpu = i,
+                model = g.gpu.model.product,
+                requested_w = watts,
+                limit_w = target / 1000,
+                min_w = lo / 1000,
+                max_w = hi / 1000,
+                "profile clamped to the device's range"
+            );
         }
         match mode {
             Mode::Enforce => {
@@ -110,7 +118,11 @@ impl Agent {
             fan_speed_pct: g.gpu.fan_pct,
             sm_clock_mhz: g.gpu.sm_clock_mhz(),
             memory_clock_mhz: g.gpu.model.memory_clock_mhz,
-            throttle_reasons: if g.gpu.power_mw >= g.gpu.limit_mw && g.gpu.utilization_pct > 0 { vec!["sw_power_cap".into()] } else { vec![] },
+            throttle_reasons: if g.gpu.power_mw >= g.gpu.limit_mw && g.gpu.utilization_pct > 0 {
+                vec!["sw_power_cap".into()]
+            } else {
+                vec![]
+            },
             active_profile: g.profile as i32,
             requested_limit_mw: g.requested_mw,
             limit_clamped: g.clamped,
@@ -163,10 +175,14 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     // Power-profile commands for this node.
     ctx.events.ensure_stream().await?;
     let handler_agent = agent.clone();
-    ctx.spawn_durable::<PowerCommand, _, _>(&format!("power-{}", cfg.node), vec![ctx.subjects().node_power(&cfg.node)], move |_, _, cmd| {
-        let agent = handler_agent.clone();
-        async move { handle_power(&agent, cmd) }
-    })
+    ctx.spawn_durable::<PowerCommand, _, _>(
+        &format!("power-{}", cfg.node),
+        vec![ctx.subjects().node_power(&cfg.node)],
+        move |_, _, cmd| {
+            let agent = handler_agent.clone();
+            async move { handle_power(&agent, cmd) }
+        },
+    )
     .await?;
     ctx.health.set("bus", true);
 
@@ -189,7 +205,12 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
             (0..n).map(|i| (ctx.subjects().gpu_telemetry(&a.node, i as u32), a.sample(i, due))).collect()
         };
         for (subject, s) in samples {
-            let labels = GpuLabels { gpu: s.gpu_index.to_string(), UUID: s.uuid.clone(), modelName: s.model.clone(), Hostname: s.node.clone() };
+            let labels = GpuLabels {
+                gpu: s.gpu_index.to_string(),
+                UUID: s.uuid.clone(),
+                modelName: s.model.clone(),
+                Hostname: s.node.clone(),
+            };
             gauges.power_w.get_or_create(&labels).set(s.power_draw_mw as f64 / 1000.0);
             gauges.limit_w.get_or_create(&labels).set(s.power_limit_mw as f64 / 1000.0);
             gauges.temp_c.get_or_create(&labels).set(s.temperature_c as f64);
@@ -213,7 +234,13 @@ fn handle_power(agent: &Mutex<Agent>, cmd: PowerCommand) -> Result<(), HandlerEr
     let profile = cmd.profile();
     let targets: Vec<usize> = match cmd.gpu_index {
         Some(i) if (i as usize) < a.gpus.len() => vec![i as usize],
-        Some(i) => return Err(HandlerError::Reject(format!("gpu_index {i} does not exist on {} ({} GPUs)", a.node, a.gpus.len()))),
+        Some(i) => {
+            return Err(HandlerError::Reject(format!(
+                "gpu_index {i} does not exist on {} ({} GPUs)",
+                a.node,
+                a.gpus.len()
+            )))
+        }
         None => (0..a.gpus.len()).collect(),
     };
     for i in targets {

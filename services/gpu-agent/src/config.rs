@@ -90,7 +90,8 @@ impl Default for Config {
 
 impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
-        costmesh_contracts::subjects::validate_token(&self.node).map_err(|e| ConfigError::new(key(p, "node"), &self.node, e))?;
+        costmesh_contracts::subjects::validate_token(&self.node)
+            .map_err(|e| ConfigError::new(key(p, "node"), &self.node, e))?;
         if self.sample_interval < Duration::from_millis(100) || self.sample_interval > Duration::from_secs(3600) {
             return Err(ConfigError::new(
                 key(p, "sample_interval"),
@@ -98,13 +99,25 @@ impl Validate for Config {
                 "must be between 100ms and 1h",
             ));
         }
-        for (name, w) in [("training_w", self.profiles.training_w), ("inference_w", self.profiles.inference_w), ("idle_w", self.profiles.idle_w)] {
+        for (name, w) in [
+            ("training_w", self.profiles.training_w),
+            ("inference_w", self.profiles.inference_w),
+            ("idle_w", self.profiles.idle_w),
+        ] {
             if w == 0 || w > 2000 {
-                return Err(ConfigError::new(key(p, &format!("profiles.{name}")), w, "must be between 1 and 2000 watts"));
+                return Err(ConfigError::new(
+                    key(p, &format!("profiles.{name}")),
+                    w,
+                    "must be between 1 and 2000 watts",
+                ));
             }
         }
         if !(30.0..=100.0).contains(&self.thermal_target_c) {
-            return Err(ConfigError::new(key(p, "thermal_target_c"), self.thermal_target_c, "must be between 30 and 100 °C"));
+            return Err(ConfigError::new(
+                key(p, "thermal_target_c"),
+                self.thermal_target_c,
+                "must be between 30 and 100 °C",
+            ));
         }
         if self.sim.gpus.is_empty() {
             return Err(ConfigError::new(key(p, "sim.gpus"), "[]", "needs at least one GPU model"));
@@ -112,7 +125,11 @@ impl Validate for Config {
         for (i, m) in self.sim.gpus.iter().enumerate() {
             if crate::sim::model(m).is_none() {
                 let known: Vec<&str> = crate::sim::MODELS.iter().map(|m| m.name).collect();
-                return Err(ConfigError::new(key(p, &format!("sim.gpus[{i}]")), m, format!("unknown model; known: {}", known.join(", "))));
+                return Err(ConfigError::new(
+                    key(p, &format!("sim.gpus[{i}]")),
+                    m,
+                    format!("unknown model; known: {}", known.join(", ")),
+                ));
             }
         }
         self.admin.validate(&key(p, "admin"))

@@ -46,7 +46,8 @@ impl Default for Config {
 impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
         for (name, v) in [("off_peak_start", &self.off_peak_start), ("off_peak_end", &self.off_peak_end)] {
-            chrono::NaiveTime::parse_from_str(v, "%H:%M").map_err(|_| ConfigError::new(key(p, name), v, "must be a time of day as HH:MM"))?;
+            chrono::NaiveTime::parse_from_str(v, "%H:%M")
+                .map_err(|_| ConfigError::new(key(p, name), v, "must be a time of day as HH:MM"))?;
         }
         if self.checkpoint_interval < Duration::from_secs(60) {
             return Err(ConfigError::new(
@@ -93,7 +94,12 @@ pub async fn run(_cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                             view.cloud_budget = costmesh_contracts::v1::BudgetState::try_from(state).ok();
                         }
                     }
-                    other => return Err(HandlerError::Reject(format!("{} does not belong on this subject", other.type_name()))),
+                    other => {
+                        return Err(HandlerError::Reject(format!(
+                            "{} does not belong on this subject",
+                            other.type_name()
+                        )))
+                    }
                 }
                 Ok(())
             }

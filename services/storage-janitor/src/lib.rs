@@ -37,7 +37,11 @@ impl Default for Config {
 impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
         if self.interval < Duration::from_secs(60) {
-            return Err(ConfigError::new(key(p, "interval"), humantime_serde::re::humantime::format_duration(self.interval), "must be at least 1m"));
+            return Err(ConfigError::new(
+                key(p, "interval"),
+                humantime_serde::re::humantime::format_duration(self.interval),
+                "must be at least 1m",
+            ));
         }
         self.admin.validate(&key(p, "admin"))
     }

@@ -227,7 +227,7 @@ pub struct KvEntry {
 /// A key-value bucket (JetStream KV, or in memory).
 #[derive(Clone)]
 pub enum Kv {
-    Nats(async_nats::jetstream::kv::Store),
+    Nats(Box<async_nats::jetstream::kv::Store>),
     Memory(memory::MemoryKv),
 }
 
@@ -395,7 +395,7 @@ impl Bus {
     /// Opens (creating if needed) a KV bucket.
     pub async fn kv(&self, bucket: &str) -> Result<Kv> {
         match self {
-            Bus::Nats(b) => b.kv(bucket).await.map(Kv::Nats),
+            Bus::Nats(b) => b.kv(bucket).await.map(|s| Kv::Nats(Box::new(s))),
             Bus::Memory(b) => Ok(Kv::Memory(b.kv(bucket))),
         }
     }

@@ -153,7 +153,13 @@ impl MemoryBus {
         self.inner.core.lock().expect("bus lock").subs.retain(|s| s.id != id);
     }
 
-    pub(crate) async fn request(&self, subject: &str, headers: Headers, payload: Bytes, timeout: Duration) -> Result<Message> {
+    pub(crate) async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message> {
         let inbox = format!("_INBOX.{}", uuid::Uuid::new_v4().simple());
         let (tx, mut rx) = mpsc::unbounded_channel();
         let id = self.next_id();
@@ -194,11 +200,10 @@ impl MemoryBus {
     pub(crate) fn publish_durable(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<PubAck> {
         let now = Instant::now();
         let mut js = self.inner.js.lock().expect("bus lock");
-        let stream = js
-            .streams
-            .values_mut()
-            .find(|s| s.spec.subjects.iter().any(|f| matches(f, subject)))
-            .ok_or_else(|| BusError::new(BusErrorKind::NoStream, format!("publishing to {subject}: no stream captures it")))?;
+        let stream =
+            js.streams.values_mut().find(|s| s.spec.subjects.iter().any(|f| matches(f, subject))).ok_or_else(|| {
+                BusError::new(BusErrorKind::NoStream, format!("publishing to {subject}: no stream captures it"))
+            })?;
         let window = stream.spec.duplicate_window;
         stream.dedupe.retain(|_, (_, at)| now.duration_since(*at) < window);
         let msg_id = headers.get(names::NATS_MSG_ID).map(str::to_string);
@@ -255,7 +260,12 @@ impl MemoryBus {
             });
             if spawn {
                 let wake = c.wake.clone();
-                tokio::spawn(deliver_loop(Arc::downgrade(&self.inner), spec.stream.clone(), spec.durable.clone(), wake));
+                tokio::spawn(deliver_loop(
+                    Arc::downgrade(&self.inner),
+                    spec.stream.clone(),
+                    spec.durable.clone(),
+                    wake,
+                ));
             }
             c.queue.clone()
         };
@@ -434,7 +444,12 @@ impl MemoryKv {
         let mut s = self.state.lock().expect("kv lock");
         match s.entries.get(key) {
             Some((_, r)) if *r == revision => {}
-            _ => return Err(BusError::new(BusErrorKind::WrongRevision, format!("key {key} is not at revision {revision}"))),
+            _ => {
+                return Err(BusError::new(
+                    BusErrorKind::WrongRevision,
+                    format!("key {key} is not at revision {revision}"),
+                ))
+            }
         }
         s.revision += 1;
         let r = s.revision;

@@ -46,21 +46,33 @@ fn other(e: impl std::fmt::Display) -> BusError {
 /// A NATS connection and its JetStream context.
 #[derive(Clone)]
 pub struct NatsBus {
+    inner: std::sync::Arc<Conn>,
+}
+
+#[doc(hidden)]
+pub struct Conn {
     client: async_nats::Client,
     js: jetstream::Context,
 }
 
+impl std::ops::Deref for NatsBus {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.inner
+    }
+}
+
 impl NatsBus {
     pub async fn connect(url: &str, opts: &NatsConnectOptions) -> Result<Self> {
-        let mut o = async_nats::ConnectOptions::new()
-            .request_timeout(Some(Duration::from_secs(10)))
-            .event_callback(|ev| async move {
+        let mut o = async_nats::ConnectOptions::new().request_timeout(Some(Duration::from_secs(10))).event_callback(
+            |ev| async move {
                 match ev {
                     async_nats::Event::Disconnected => tracing::warn!(event = %ev, "nats connection lost"),
                     async_nats::Event::Connected => tracing::info!(event = %ev, "nats connected"),
                     other => tracing::debug!(event = %other, "nats event"),
                 }
-            });
+            },
+        );
         if let Some(n) = &opts.name {
             o = o.name(n);
         }
@@ -92,7 +104,7 @@ impl NatsBus {
         }
         let client = o.connect(url).await.map_err(|e| conn_err(format!("connecting to {url}: {e}")))?;
         let js = jetstream::new(client.clone());
-        Ok(Self { client, js })
+        Ok(Self { inner: std::sync::Arc::new(Conn { client, js }) })
     }
 
     /// The underlying client, for what the bus API does not cover.
@@ -100,7 +112,13 @@ impl NatsBus {
         &self.client
     }
 
-    pub(crate) async fn publish(&self, subject: &str, reply: Option<&str>, headers: Headers, payload: Bytes) -> Result<()> {
+    pub(crate) async fn publish(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<()> {
         let h = to_nats_headers(&headers);
         match reply {
             Some(r) => self.client.publish_with_reply_and_headers(subject.to_string(), r.to_string(), h, payload).await,
@@ -118,7 +136,13 @@ impl NatsBus {
         Ok(Subscription::new(sub.map(from_nats_message)))
     }
 
-    pub(crate) async fn request(&self, subject: &str, headers: Headers, payload: Bytes, timeout: Duration) -> Result<Message> {
+    pub(crate) async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message> {
         let req = async_nats::Request::new().headers(to_nats_headers(&headers)).payload(payload).timeout(Some(timeout));
         self.client.send_request(subject.to_string(), req).await.map(from_nats_message).map_err(|e| {
             let kind = match e.kind() {
@@ -184,9 +208,11 @@ impl NatsBus {
     }
 
     pub(crate) async fn consume(&self, spec: &ConsumerSpec) -> Result<DurableSubscription> {
-        let stream = self.js.get_stream(&spec.stream).await.map_err(|e| {
-            BusError::new(BusErrorKind::NoStream, format!("stream {}: {e}", spec.stream))
-        })?;
+        let stream = self
+            .js
+            .get_stream(&spec.stream)
+            .await
+            .map_err(|e| BusError::new(BusErrorKind::NoStream, format!("stream {}: {e}", spec.stream)))?;
         let config = consumer::pull::Config {
             durable_name: Some(spec.durable.clone()),
             filter_subjects: spec.filter_subjects.clone(),
@@ -227,9 +253,15 @@ impl NatsBus {
     pub(crate) async fn kv(&self, bucket: &str) -> Result<kv::Store> {
         match self.js.get_key_value(bucket).await {
             Ok(s) => Ok(s),
-            Err(_) => match self.js.create_key_value(kv::Config { bucket: bucket.to_string(), history: 5, ..Default::default() }).await {
+            Err(_) => match self
+                .js
+                .create_key_value(kv::Config { bucket: bucket.to_string(), history: 5, ..Default::default() })
+                .await
+            {
                 Ok(s) => Ok(s),
-                Err(e) => self.js.get_key_value(bucket).await.map_err(|_| other(format!("creating KV bucket {bucket}: {e}"))),
+                Err(e) => {
+                    self.js.get_key_value(bucket).await.map_err(|_| other(format!("creating KV bucket {bucket}: {e}")))
+                }
             },
         }
     }

@@ -22,7 +22,9 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/costmesh.v1.serde.rs"));
 }
 
-pub use codec::{decode, decode_any, encode, AnyEvent, Decodable, ContentType, DecodeError, DecodeErrorKind, Event, EventMeta};
+pub use codec::{
+    decode, decode_any, encode, AnyEvent, ContentType, Decodable, DecodeError, DecodeErrorKind, Event, EventMeta,
+};
 pub use headers::Headers;
 pub use subjects::Subjects;
 

@@ -28,17 +28,72 @@ pub struct SubjectSpec {
 
 /// Every subject family costmesh uses.
 pub const SUBJECTS: &[SubjectSpec] = &[
-    SubjectSpec { pattern: "telemetry.gpu.<node>.<gpu>", message: "costmesh.v1.GpuSample", durability: Durability::Core, publisher: "gpu-agent" },
-    SubjectSpec { pattern: "preemption.<node>", message: "costmesh.v1.PreemptionNotice", durability: Durability::JetStream, publisher: "gpu-agent" },
-    SubjectSpec { pattern: "budget.<scope>.<state>", message: "costmesh.v1.BudgetEvent", durability: Durability::JetStream, publisher: "cost-watcher" },
-    SubjectSpec { pattern: "jobs.<job>.<event>", message: "costmesh.v1.JobEvent", durability: Durability::JetStream, publisher: "scheduler, gpu-agent" },
-    SubjectSpec { pattern: "node.<node>.assign", message: "costmesh.v1.JobAssignment", durability: Durability::JetStream, publisher: "scheduler" },
-    SubjectSpec { pattern: "node.<node>.signal", message: "costmesh.v1.JobSignal", durability: Durability::JetStream, publisher: "scheduler" },
-    SubjectSpec { pattern: "node.<node>.power", message: "costmesh.v1.PowerCommand", durability: Durability::JetStream, publisher: "scheduler" },
-    SubjectSpec { pattern: "storage.report", message: "costmesh.v1.StorageReport", durability: Durability::JetStream, publisher: "storage-janitor" },
-    SubjectSpec { pattern: "cache.stats", message: "costmesh.v1.CacheStats", durability: Durability::Core, publisher: "cache-gateway" },
-    SubjectSpec { pattern: "actions.<kind>", message: "costmesh.v1.Action", durability: Durability::JetStream, publisher: "scheduler, storage-janitor" },
-    SubjectSpec { pattern: "dlq.<service>", message: "*", durability: Durability::JetStream, publisher: "every service" },
+    SubjectSpec {
+        pattern: "telemetry.gpu.<node>.<gpu>",
+        message: "costmesh.v1.GpuSample",
+        durability: Durability::Core,
+        publisher: "gpu-agent",
+    },
+    SubjectSpec {
+        pattern: "preemption.<node>",
+        message: "costmesh.v1.PreemptionNotice",
+        durability: Durability::JetStream,
+        publisher: "gpu-agent",
+    },
+    SubjectSpec {
+        pattern: "budget.<scope>.<state>",
+        message: "costmesh.v1.BudgetEvent",
+        durability: Durability::JetStream,
+        publisher: "cost-watcher",
+    },
+    SubjectSpec {
+        pattern: "jobs.<job>.<event>",
+        message: "costmesh.v1.JobEvent",
+        durability: Durability::JetStream,
+        publisher: "scheduler, gpu-agent",
+    },
+    SubjectSpec {
+        pattern: "node.<node>.assign",
+        message: "costmesh.v1.JobAssignment",
+        durability: Durability::JetStream,
+        publisher: "scheduler",
+    },
+    SubjectSpec {
+        pattern: "node.<node>.signal",
+        message: "costmesh.v1.JobSignal",
+        durability: Durability::JetStream,
+        publisher: "scheduler",
+    },
+    SubjectSpec {
+        pattern: "node.<node>.power",
+        message: "costmesh.v1.PowerCommand",
+        durability: Durability::JetStream,
+        publisher: "scheduler",
+    },
+    SubjectSpec {
+        pattern: "storage.report",
+        message: "costmesh.v1.StorageReport",
+        durability: Durability::JetStream,
+        publisher: "storage-janitor",
+    },
+    SubjectSpec {
+        pattern: "cache.stats",
+        message: "costmesh.v1.CacheStats",
+        durability: Durability::Core,
+        publisher: "cache-gateway",
+    },
+    SubjectSpec {
+        pattern: "actions.<kind>",
+        message: "costmesh.v1.Action",
+        durability: Durability::JetStream,
+        publisher: "scheduler, storage-janitor",
+    },
+    SubjectSpec {
+        pattern: "dlq.<service>",
+        message: "*",
+        durability: Durability::JetStream,
+        publisher: "every service",
+    },
 ];
 
 /// Makes a data value safe to use as one subject token.
@@ -86,7 +141,9 @@ impl Subjects {
     /// `prefix` may hold dots (`acme.costmesh`) but no wildcards or spaces.
     pub fn new(prefix: &str) -> Result<Self, String> {
         if prefix.is_empty() || prefix.split('.').any(|t| validate_token(t).is_err()) {
-            return Err(format!("subject prefix {prefix:?} must be dot-separated tokens without '*', '>' or whitespace"));
+            return Err(format!(
+                "subject prefix {prefix:?} must be dot-separated tokens without '*', '>' or whitespace"
+            ));
         }
         Ok(Self { prefix: prefix.to_string() })
     }

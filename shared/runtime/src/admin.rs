@@ -75,6 +75,11 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 /// Serves the admin endpoint on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, registry: SharedRegistry, health: Health, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    registry: SharedRegistry,
+    health: Health,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, router(registry, health)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }

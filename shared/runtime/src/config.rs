@@ -201,7 +201,8 @@ impl Validate for NatsConfig {
                 return Err(ConfigError::new(key(p, "url"), url, "scheme must be nats://, tls://, ws:// or wss://"));
             }
         }
-        let auths = [self.credentials_file.is_some(), self.nkey_seed.is_some(), self.user.is_some(), self.token.is_some()];
+        let auths =
+            [self.credentials_file.is_some(), self.nkey_seed.is_some(), self.user.is_some(), self.token.is_some()];
         if auths.iter().filter(|a| **a).count() > 1 {
             return Err(ConfigError {
                 key: p.to_string(),
@@ -210,7 +211,11 @@ impl Validate for NatsConfig {
             });
         }
         if self.user.is_some() != self.password.is_some() {
-            return Err(ConfigError { key: key(p, "password"), value: None, reason: "user and password go together".into() });
+            return Err(ConfigError {
+                key: key(p, "password"),
+                value: None,
+                reason: "user and password go together".into(),
+            });
         }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return Err(ConfigError {
@@ -219,7 +224,12 @@ impl Validate for NatsConfig {
                 reason: "tls_cert_file and tls_key_file go together".into(),
             });
         }
-        for (name, f) in [("credentials_file", &self.credentials_file), ("tls_ca_file", &self.tls_ca_file), ("tls_cert_file", &self.tls_cert_file), ("tls_key_file", &self.tls_key_file)] {
+        for (name, f) in [
+            ("credentials_file", &self.credentials_file),
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+        ] {
             if let Some(f) = f {
                 if !f.is_file() {
                     return Err(ConfigError::new(key(p, name), f.display(), "file does not exist"));
@@ -374,9 +384,9 @@ pub fn merged_table(file: Option<&str>, env: &BTreeMap<String, String>) -> Resul
         let mut node = &mut table;
         for k in &keys[..keys.len() - 1] {
             let entry = node.entry(k.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            node = entry.as_table_mut().ok_or_else(|| {
-                ConfigError::new(keys.join("."), raw, format!("`{k}` is a value, not a section"))
-            })?;
+            node = entry
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::new(keys.join("."), raw, format!("`{k}` is a value, not a section")))?;
         }
         node.insert(keys[keys.len() - 1].clone(), env_value(raw));
     }
@@ -403,7 +413,11 @@ pub struct Loaded<S> {
 }
 
 /// Loads the common sections and one service's section, validates both.
-pub fn load_service<S>(file: Option<&str>, env: &BTreeMap<String, String>, section: &'static str) -> Result<Loaded<S>, ConfigError>
+pub fn load_service<S>(
+    file: Option<&str>,
+    env: &BTreeMap<String, String>,
+    section: &'static str,
+) -> Result<Loaded<S>, ConfigError>
 where
     S: DeserializeOwned + Default + Validate,
 {
@@ -428,7 +442,10 @@ pub fn process_env() -> BTreeMap<String, String> {
 }
 
 /// Reads the config file named by `path`, or by `$COSTMESH_CONFIG`.
-pub fn read_file(path: Option<&std::path::Path>, env: &BTreeMap<String, String>) -> Result<Option<String>, ConfigError> {
+pub fn read_file(
+    path: Option<&std::path::Path>,
+    env: &BTreeMap<String, String>,
+) -> Result<Option<String>, ConfigError> {
     let path = path.map(PathBuf::from).or_else(|| env.get("COSTMESH_CONFIG").map(PathBuf::from));
     match path {
         None => Ok(None),
@@ -478,8 +495,12 @@ mod tests {
     #[test]
     fn env_overrides_file() {
         let file = "[mesh]\nsubject_prefix = \"a\"\n[gpu_agent]\nwatts = 10\n";
-        let c: Loaded<Svc> =
-            load_service(Some(file), &env(&[("COSTMESH__GPU_AGENT__WATTS", "20"), ("COSTMESH__NATS__URL", "nats://x:4222"), ("OTHER", "1")]), "gpu_agent").unwrap();
+        let c: Loaded<Svc> = load_service(
+            Some(file),
+            &env(&[("COSTMESH__GPU_AGENT__WATTS", "20"), ("COSTMESH__NATS__URL", "nats://x:4222"), ("OTHER", "1")]),
+            "gpu_agent",
+        )
+        .unwrap();
         assert_eq!(c.service.watts, 20);
         assert_eq!(c.common.mesh.subject_prefix, "a");
         assert_eq!(c.common.nats.url.unwrap().expose(), "nats://x:4222");
@@ -498,10 +519,12 @@ mod tests {
         let e = load_service::<Svc>(Some("[gpu_agent]\nwats = 1\n"), &env(&[]), "gpu_agent").unwrap_err();
         assert!(e.reason.contains("unknown field `wats`"), "{e}");
 
-        let e = load_service::<Svc>(None, &env(&[("COSTMESH__MESH__TIME_ZONE", "Mars/Olympus")]), "gpu_agent").unwrap_err();
+        let e =
+            load_service::<Svc>(None, &env(&[("COSTMESH__MESH__TIME_ZONE", "Mars/Olympus")]), "gpu_agent").unwrap_err();
         assert_eq!(e.key, "mesh.time_zone");
 
-        let e = load_service::<Svc>(None, &env(&[("COSTMESH__GPU_AGENT__ADMIN__LISTEN", "nowhere")]), "gpu_agent").unwrap_err();
+        let e = load_service::<Svc>(None, &env(&[("COSTMESH__GPU_AGENT__ADMIN__LISTEN", "nowhere")]), "gpu_agent")
+            .unwrap_err();
         assert_eq!(e.key, "gpu_agent.admin.listen");
 
         let e = load_service::<Svc>(Some("[mesh\n"), &env(&[]), "gpu_agent").unwrap_err();

@@ -12,7 +12,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use costmesh_bus::{Bus, BusError, ConsumerSpec, DeliverFrom, DurableSubscription, Message, PubAck, StreamSpec, Subscription};
+use costmesh_bus::{
+    Bus, BusError, ConsumerSpec, DeliverFrom, DurableSubscription, Message, PubAck, StreamSpec, Subscription,
+};
 use costmesh_contracts::headers::names;
 use costmesh_contracts::{ContentType, Decodable, Event, EventMeta, Subjects};
 use tokio_util::sync::CancellationToken;
@@ -109,12 +111,16 @@ impl EventBus {
     }
 
     fn count_published<E: Event>(&self) {
-        self.metrics.published.get_or_create(&EventLabels { service: self.service.clone(), event_type: E::full_name() }).inc();
+        self.metrics
+            .published
+            .get_or_create(&EventLabels { service: self.service.clone(), event_type: E::full_name() })
+            .inc();
     }
 
     /// Publishes on core NATS (at most once).
     pub async fn publish<E: Event>(&self, subject: &str, event: &E) -> Result<EventMeta, BusError> {
-        let span = tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
+        let span =
+            tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
         async {
             let (meta, headers, payload) = self.stamp(event);
             self.bus.publish(subject, headers, payload).await?;
@@ -127,7 +133,8 @@ impl EventBus {
 
     /// Publishes to JetStream; the event id doubles as `Nats-Msg-Id`.
     pub async fn publish_durable<E: Event>(&self, subject: &str, event: &E) -> Result<(EventMeta, PubAck), BusError> {
-        let span = tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
+        let span =
+            tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
         async {
             let (meta, headers, payload) = self.stamp(event);
             let ack = self.bus.publish_durable(subject, headers, payload).await?;
@@ -140,8 +147,14 @@ impl EventBus {
 
     /// Publishes durably with a caller-chosen event id, so a retried
     /// decision (after a restart) is de-duplicated by the server.
-    pub async fn publish_durable_with_id<E: Event>(&self, subject: &str, event: &E, id: &str) -> Result<PubAck, BusError> {
-        let span = tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
+    pub async fn publish_durable_with_id<E: Event>(
+        &self,
+        subject: &str,
+        event: &E,
+        id: &str,
+    ) -> Result<PubAck, BusError> {
+        let span =
+            tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
         async {
             let (_, mut headers, payload) = self.stamp(event);
             headers.insert(names::EVENT_ID, id);
@@ -220,7 +233,12 @@ impl EventBus {
 
     /// Binds a durable consumer named `<service>-<name>` on this prefix's
     /// events stream.
-    pub async fn durable(&self, name: &str, filters: Vec<String>, ack_wait: Duration) -> Result<DurableSubscription, BusError> {
+    pub async fn durable(
+        &self,
+        name: &str,
+        filters: Vec<String>,
+        ack_wait: Duration,
+    ) -> Result<DurableSubscription, BusError> {
         self.ensure_stream().await?;
         let spec = ConsumerSpec {
             stream: self.subjects.stream_name(),
@@ -236,8 +254,12 @@ impl EventBus {
     /// Runs `handler` for every message of a durable consumer until
     /// `shutdown`: acks on success, redelivers on [`HandlerError::Retry`]
     /// with a growing delay, dead-letters undecodable or rejected messages.
-    pub async fn consume_durable<T, F, Fut>(&self, mut sub: DurableSubscription, shutdown: CancellationToken, mut handler: F)
-    where
+    pub async fn consume_durable<T, F, Fut>(
+        &self,
+        mut sub: DurableSubscription,
+        shutdown: CancellationToken,
+        mut handler: F,
+    ) where
         T: Decodable,
         F: FnMut(Message, EventMeta, T) -> Fut,
         Fut: Future<Output = Result<(), HandlerError>>,
@@ -298,7 +320,11 @@ impl EventBus {
         span
     }
 
-    fn count(&self, family: &prometheus_client::metrics::family::Family<EventLabels, prometheus_client::metrics::counter::Counter>, meta: &EventMeta) {
+    fn count(
+        &self,
+        family: &prometheus_client::metrics::family::Family<EventLabels, prometheus_client::metrics::counter::Counter>,
+        meta: &EventMeta,
+    ) {
         family.get_or_create(&EventLabels { service: self.service.clone(), event_type: meta.event_type.clone() }).inc();
     }
 }

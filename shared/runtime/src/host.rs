@@ -41,7 +41,11 @@ struct Args {
 }
 
 /// Loads a service's configuration from a file and the environment.
-pub fn load<S: ServiceConfig>(path: Option<&std::path::Path>, section: &'static str, env: &std::collections::BTreeMap<String, String>) -> Result<Loaded<S>, ConfigError> {
+pub fn load<S: ServiceConfig>(
+    path: Option<&std::path::Path>,
+    section: &'static str,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<Loaded<S>, ConfigError> {
     let text = config::read_file(path, env)?;
     config::load_service::<S>(text.as_deref(), env, section)
 }
@@ -101,7 +105,8 @@ where
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let bus = connect_bus(&cfg.common.nats, service).await?;
-    let ctx = ServiceContext::new(service, cfg.service.instance(), bus, &cfg.common.mesh, Clock::system(), shutdown.clone());
+    let ctx =
+        ServiceContext::new(service, cfg.service.instance(), bus, &cfg.common.mesh, Clock::system(), shutdown.clone());
     let listener = tokio::net::TcpListener::bind(&cfg.service.admin().listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding admin endpoint {}: {e}", cfg.service.admin().listen))?;

@@ -36,8 +36,16 @@ impl EventMetrics {
         let m = Self::default();
         registry.register("costmesh_events_published", "Events published", m.published.clone());
         registry.register("costmesh_events_handled", "Events handled successfully", m.handled.clone());
-        registry.register("costmesh_events_duplicate", "Events skipped as already handled (same event id)", m.duplicates.clone());
-        registry.register("costmesh_dead_letters", "Messages sent to the dead-letter subject, by reason", m.dead_letters.clone());
+        registry.register(
+            "costmesh_events_duplicate",
+            "Events skipped as already handled (same event id)",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "costmesh_dead_letters",
+            "Messages sent to the dead-letter subject, by reason",
+            m.dead_letters.clone(),
+        );
         m
     }
 }

@@ -28,7 +28,14 @@ pub struct ServiceContext {
 impl ServiceContext {
     /// A context for `service` on `bus`. `instance` (a node name, say)
     /// is appended to the event source when set.
-    pub fn new(service: &str, instance: Option<&str>, bus: Bus, mesh: &MeshConfig, clock: Clock, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        service: &str,
+        instance: Option<&str>,
+        bus: Bus,
+        mesh: &MeshConfig,
+        clock: Clock,
+        shutdown: CancellationToken,
+    ) -> Self {
         let mut registry = Registry::default();
         let metrics = EventMetrics::register(&mut registry);
         let subjects = Subjects::new(&mesh.subject_prefix).unwrap_or_default();
@@ -68,7 +75,12 @@ impl ServiceContext {
 
     /// Binds the durable consumer `name` on `filters` and handles its
     /// messages on a task until shutdown (see [`EventBus::consume_durable`]).
-    pub async fn spawn_durable<T, F, Fut>(&self, name: &str, filters: Vec<String>, handler: F) -> Result<tokio::task::JoinHandle<()>, costmesh_bus::BusError>
+    pub async fn spawn_durable<T, F, Fut>(
+        &self,
+        name: &str,
+        filters: Vec<String>,
+        handler: F,
+    ) -> Result<tokio::task::JoinHandle<()>, costmesh_bus::BusError>
     where
         T: costmesh_contracts::Decodable,
         F: FnMut(costmesh_bus::Message, costmesh_contracts::EventMeta, T) -> Fut + Send + 'static,

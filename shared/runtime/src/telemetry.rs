@@ -50,10 +50,8 @@ pub fn otlp_requested(env: &BTreeMap<String, String>) -> bool {
 /// Builds a tracer provider exporting over OTLP/gRPC. Must run inside a
 /// tokio runtime (the gRPC channel lives on it).
 pub fn otlp_provider(service: &str) -> Result<SdkTracerProvider, String> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()
-        .map_err(|e| format!("OTLP exporter: {e}"))?;
+    let exporter =
+        opentelemetry_otlp::SpanExporter::builder().with_tonic().build().map_err(|e| format!("OTLP exporter: {e}"))?;
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(service.to_string()).build();
     Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
 }
@@ -62,10 +60,8 @@ pub fn otlp_provider(service: &str) -> Result<SdkTracerProvider, String> {
 /// inside the tokio runtime. Tests do not call it (they stay quiet unless
 /// `TEST_LOG` is set, see [`init_for_tests`]).
 pub fn init(service: &str, log: &LogConfig, env: &BTreeMap<String, String>) -> TelemetryGuard {
-    let filter = env
-        .get("RUST_LOG")
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(&log.level));
+    let filter =
+        env.get("RUST_LOG").and_then(|f| EnvFilter::try_new(f).ok()).unwrap_or_else(|| EnvFilter::new(&log.level));
     let fmt = match log.format {
         LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

@@ -1,0 +1,3 @@
+//! Cross-service tests: real services on a real nats-server, one binary.
+mod dead_letters;
+mod helpers;
