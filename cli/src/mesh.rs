@@ -34,6 +34,9 @@ pub struct UpArgs {
     /// Do not print the live event view.
     #[arg(long)]
     quiet: bool,
+    /// Log format (overrides `log.format`).
+    #[arg(long, value_enum)]
+    log_format: Option<costmesh_runtime::host::LogFormatArg>,
 }
 
 /// The whole mesh's configuration: common sections plus all five services.
@@ -99,6 +102,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(url) = args.redis {
         cfg.common.redis.url = Some(SecretUrl::new(url));
+    }
+    if let Some(f) = args.log_format {
+        cfg.common.log.format = f.into();
     }
     cfg.common.validate("")?;
     if args.print_config {

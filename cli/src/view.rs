@@ -92,7 +92,10 @@ pub async fn tail(
     .await?;
     let subjects = costmesh_contracts::Subjects::new(prefix).map_err(anyhow::Error::msg)?;
     let filter = subject.map(str::to_string).unwrap_or_else(|| subjects.all());
-    let mut sub = costmesh_bus::Bus::Nats(bus).subscribe(&filter).await?;
+    let bus = costmesh_bus::Bus::Nats(bus);
+    let mut sub = bus.subscribe(&filter).await?;
+    // The server has the subscription once the flush returns.
+    bus.flush().await?;
     eprintln!("tailing {filter} on {}", costmesh_runtime::config::mask_url_password(url));
     let mut seen = 0u64;
     while let Some(m) = sub.next().await {

@@ -28,15 +28,11 @@ async fn up_starts_all_five_and_prints_events() {
     // Every service answers /readyz 200.
     for (s, p) in sections.iter().zip(&ports) {
         let addr = format!("127.0.0.1:{p}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok((200, body)) = http_get(&addr, "/readyz").await {
-                assert!(body.contains("ok"), "{s}: {body}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "{s} not ready on {addr} within 10 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        costmesh_testkit::eventually(Duration::from_secs(10), &format!("{s} /readyz 200 on {addr}"), || {
+            let addr = addr.clone();
+            async move { matches!(http_get(&addr, "/readyz").await, Ok((200, body)) if body.contains("ok")) }
+        })
+        .await;
         let (code, metrics) = http_get(&addr, "/metrics").await.unwrap();
         assert_eq!(code, 200);
         assert!(metrics.trim_end().ends_with("# EOF"), "{s} /metrics is not OpenMetrics text: {metrics}");
@@ -100,4 +96,40 @@ async fn print_config_masks_secrets() {
     assert!(!text.contains("s3cret"), "{text}");
     assert!(text.contains("training_w = 320"), "{text}");
     assert!(text.contains("electricity_price_per_kwh = 2.6"), "{text}");
+}
+
+#[tokio::test]
+async fn events_tail_prints_decoded_events_and_names_bad_ones() {
+    use costmesh_contracts::{v1, ContentType, EventMeta};
+    let nats = costmesh_testkit::NatsServer::start_new();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+        .args(["events", "tail", "--nats", &nats.url(), "--prefix", "tail", "--json", "--count", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // It says "tailing ..." once subscribed.
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(10), err.next_line()).await.unwrap().unwrap().unwrap();
+    assert!(first.starts_with("tailing tail.>"), "{first}");
+
+    let bus = costmesh_bus::NatsBus::connect(&nats.url(), &Default::default()).await.unwrap();
+    let bus = costmesh_bus::Bus::Nats(bus);
+    let cmd = v1::PowerCommand { node: "n1".into(), profile: v1::PowerProfile::Idle as i32, ..Default::default() };
+    let (h, p) = costmesh_contracts::encode(
+        &cmd,
+        &EventMeta::new::<v1::PowerCommand>("test", chrono::Utc::now(), ContentType::Protobuf),
+    );
+    bus.publish("tail.node.n1.power", h, p).await.unwrap();
+    bus.publish("tail.node.n1.power", Default::default(), bytes::Bytes::from_static(b"junk")).await.unwrap();
+    bus.flush().await.unwrap();
+
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["type"], "costmesh.v1.PowerCommand");
+    assert_eq!(lines[0]["event"]["profile"], "POWER_PROFILE_IDLE");
+    assert!(lines[1]["error"].as_str().unwrap().contains("missing_header"), "{}", lines[1]);
 }

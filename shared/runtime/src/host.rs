@@ -38,6 +38,25 @@ struct Args {
     /// Print the effective configuration (secrets masked) and exit.
     #[arg(long)]
     print_config: bool,
+    /// Log format (overrides `log.format`).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+/// `--log-format` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormatArg {
+    Human,
+    Json,
+}
+
+impl From<LogFormatArg> for config::LogFormat {
+    fn from(a: LogFormatArg) -> Self {
+        match a {
+            LogFormatArg::Human => config::LogFormat::Human,
+            LogFormatArg::Json => config::LogFormat::Json,
+        }
+    }
 }
 
 /// Loads a service's configuration from a file and the environment.
@@ -59,13 +78,16 @@ where
 {
     let args = Args::parse();
     let env = config::process_env();
-    let cfg = match load::<S>(args.config.as_deref(), section, &env) {
+    let mut cfg = match load::<S>(args.config.as_deref(), section, &env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{service}: bad configuration: {e}");
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };
+    if let Some(f) = args.log_format {
+        cfg.common.log.format = f.into();
+    }
     if args.print_config {
         print!("{}", config::render(&cfg));
         return ExitCode::SUCCESS;
