@@ -1,17 +1,23 @@
 //! The agent: samples every GPU on a fixed-rate ticker, publishes one
-//! [`GpuSample`] per GPU, mirrors the figures as DCGM-style gauges, and
-//! applies power-profile commands (reporting only, unless enforcing).
+//! [`GpuSample`] per GPU, mirrors the figures as DCGM-style gauges, keeps
+//! power profiles (by command and by rule), runs the thermal guard and the
+//! cooler-drift check, and in enforce mode sets limits and restores the
+//! original ones on shutdown.
 use std::sync::{Arc, Mutex};
 
-use costmesh_contracts::v1::{EnforcementMode, GpuSample, PowerCommand, PowerProfile};
+use chrono::{DateTime, Utc};
+use costmesh_contracts::v1::{Action, ActionState, EnforcementMode, GpuProcess, GpuSample, PowerCommand, PowerProfile};
 use costmesh_runtime::events::HandlerError;
 use costmesh_runtime::ServiceContext;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
+use crate::backend::{BackendError, DeviceInfo, GpuBackend};
 use crate::config::{Config, Mode};
-use crate::sim::{self, SimGpu};
+use crate::drift::{CoolerDrift, DriftSettings};
+use crate::guard::{GuardSettings, ThermalGuard};
 
 /// DCGM-exporter's label names, so existing dashboards work.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -23,228 +29,470 @@ pub struct GpuLabels {
     pub Hostname: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    kind: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 #[derive(Clone, Default)]
 struct Gauges {
-    power_w: Family<GpuLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    limit_w: Family<GpuLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    temp_c: Family<GpuLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    power_w: Family<GpuLabels, FloatGauge>,
+    limit_w: Family<GpuLabels, FloatGauge>,
+    temp_c: Family<GpuLabels, FloatGauge>,
     util_pct: Family<GpuLabels, Gauge>,
+    mem_util_pct: Family<GpuLabels, Gauge>,
     fb_used_mib: Family<GpuLabels, Gauge>,
     energy_mj: Family<GpuLabels, Gauge>,
+    sm_clock_mhz: Family<GpuLabels, Gauge>,
+    fan_pct: Family<GpuLabels, Gauge>,
+    actions: Family<ActionLabels, Counter>,
 }
 
+impl Gauges {
+    fn register(ctx: &ServiceContext) -> Self {
+        let g = Self::default();
+        ctx.register("DCGM_FI_DEV_POWER_USAGE", "Power draw (W)", g.power_w.clone());
+        ctx.register("DCGM_FI_DEV_POWER_MGMT_LIMIT", "Power management limit (W)", g.limit_w.clone());
+        ctx.register("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (C)", g.temp_c.clone());
+        ctx.register("DCGM_FI_DEV_GPU_UTIL", "GPU utilisation (%)", g.util_pct.clone());
+        ctx.register("DCGM_FI_DEV_MEM_COPY_UTIL", "Memory utilisation (%)", g.mem_util_pct.clone());
+        ctx.register("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (MiB)", g.fb_used_mib.clone());
+        ctx.register("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "Energy since boot (mJ)", g.energy_mj.clone());
+        ctx.register("DCGM_FI_DEV_SM_CLOCK", "SM clock (MHz)", g.sm_clock_mhz.clone());
+        ctx.register("DCGM_FI_DEV_FAN_SPEED", "Fan speed (%)", g.fan_pct.clone());
+        ctx.register("costmesh_gpu_agent_actions", "Actions taken or proposed, by kind", g.actions.clone());
+        g
+    }
+
+    fn record(&self, s: &GpuSample) {
+        let labels = GpuLabels {
+            gpu: s.gpu_index.to_string(),
+            UUID: s.uuid.clone(),
+            modelName: s.model.clone(),
+            Hostname: s.node.clone(),
+        };
+        self.power_w.get_or_create(&labels).set(s.power_draw_mw as f64 / 1000.0);
+        self.limit_w.get_or_create(&labels).set(s.power_limit_mw as f64 / 1000.0);
+        self.temp_c.get_or_create(&labels).set(s.temperature_c as f64);
+        self.util_pct.get_or_create(&labels).set(s.utilization_gpu_pct as i64);
+        self.mem_util_pct.get_or_create(&labels).set(s.utilization_memory_pct as i64);
+        self.fb_used_mib.get_or_create(&labels).set((s.memory_used_bytes / (1024 * 1024)) as i64);
+        self.energy_mj.get_or_create(&labels).set(s.energy_mj.min(i64::MAX as u64) as i64);
+        self.sm_clock_mhz.get_or_create(&labels).set(s.sm_clock_mhz as i64);
+        self.fan_pct.get_or_create(&labels).set(s.fan_speed_pct as i64);
+    }
+}
+
+/// One GPU as the agent tracks it.
 struct GpuState {
-    gpu: SimGpu,
+    info: DeviceInfo,
     profile: PowerProfile,
-    requested_mw: u32,
-    clamped: bool,
+    /// The profile was set by the idle rule (and leaves with the idleness).
+    profile_by_rule: bool,
+    /// The profile to return to when the rule lets go.
+    before_rule: PowerProfile,
+    /// The limit found at start, restored on shutdown in enforce mode.
+    original_limit_mw: Option<u32>,
+    /// The limit NVML reported last.
+    last_limit_mw: u32,
+    guard: ThermalGuard,
+    drift: CoolerDrift,
+    idle_since: Option<DateTime<Utc>>,
+    /// Energy integrated from power, for devices without a counter.
+    integrated_mj: f64,
+    last_power: Option<(DateTime<Utc>, u32)>,
+    /// A permission error was already logged for this GPU.
+    warned_permission: bool,
 }
 
-struct Agent {
+/// The agent's state, shared by the sampling loop and the command handler.
+pub struct Agent {
     node: String,
     mode: Mode,
-    profiles: crate::config::Profiles,
+    cfg: Config,
+    backend: Box<dyn GpuBackend>,
     boot_id: String,
     gpus: Vec<GpuState>,
 }
 
+/// What a tick or a command wants published.
+#[derive(Default)]
+struct Outbox {
+    samples: Vec<GpuSample>,
+    actions: Vec<Action>,
+}
+
 impl Agent {
+    fn new(cfg: &Config, backend: Box<dyn GpuBackend>, now: DateTime<Utc>) -> Self {
+        let gpus = backend
+            .devices()
+            .iter()
+            .map(|d| GpuState {
+                info: d.clone(),
+                profile: PowerProfile::Unspecified,
+                profile_by_rule: false,
+                before_rule: PowerProfile::Unspecified,
+                original_limit_mw: None,
+                last_limit_mw: d.default_limit_mw,
+                guard: ThermalGuard::default(),
+                drift: CoolerDrift::new(now),
+                idle_since: None,
+                integrated_mj: 0.0,
+                last_power: None,
+                warned_permission: false,
+            })
+            .collect();
+        Self { node: cfg.node.clone(), mode: cfg.mode, cfg: cfg.clone(), boot_id: backend.boot_id(), backend, gpus }
+    }
+
     fn profile_watts(&self, p: PowerProfile) -> Option<u32> {
+        let p_cfg = &self.cfg.profiles;
         match p {
-            PowerProfile::Training => Some(self.profiles.training_w),
-            PowerProfile::Inference => Some(self.profiles.inference_w),
-            PowerProfile::Idle => Some(self.profiles.idle_w),
+            PowerProfile::Training => Some(p_cfg.training_w),
+            PowerProfile::Inference => Some(p_cfg.inference_w),
+            PowerProfile::Idle => Some(p_cfg.idle_w),
             PowerProfile::Unspecified => None,
         }
     }
 
-    /// Applies `profile` to GPU `i`: clamps to the device's range, and sets
-    /// the limit only in enforce mode.
-    fn apply(&mut self, i: usize, profile: PowerProfile, reason: &str) -> Result<(), String> {
-        let watts = self.profile_watts(profile).ok_or("power profile is unspecified")?;
-        let mode = self.mode;
+    /// (requested, clamped target) for GPU `i`'s profile; without a profile
+    /// the device's default limit.
+    fn profile_target(&self, i: usize) -> (u32, u32) {
+        let g = &self.gpus[i];
+        match self.profile_watts(g.profile) {
+            Some(w) => (w * 1000, (w * 1000).clamp(g.info.min_limit_mw, g.info.max_limit_mw)),
+            None => (g.info.default_limit_mw, g.info.default_limit_mw),
+        }
+    }
+
+    /// The limit the agent wants: the profile's, under the guard's ceiling.
+    fn desired_limit(&self, i: usize) -> u32 {
+        let (_, target) = self.profile_target(i);
+        self.gpus[i].guard.ceiling_mw().map_or(target, |c| c.min(target))
+    }
+
+    fn action(&self, kind: &str, i: usize, reason: String, now: DateTime<Utc>, human: bool) -> Action {
+        let observe = self.mode == Mode::Observe;
+        Action {
+            kind: kind.to_string(),
+            target: format!("{}/gpu{}", self.node, i),
+            reason,
+            state: if human || observe { ActionState::Proposed } else { ActionState::Taken } as i32,
+            dry_run: observe && !human,
+            service: "gpu-agent".into(),
+            time: Some(costmesh_contracts::timestamp(now)),
+        }
+    }
+
+    /// Sets the limit the agent wants, in enforce mode; reports otherwise.
+    fn apply_limit(&mut self, i: usize) {
+        let desired = self.desired_limit(i);
+        let g = &self.gpus[i];
+        if desired == g.last_limit_mw {
+            return;
+        }
+        match self.mode {
+            Mode::Observe => {
+                tracing::debug!(gpu = i, current_w = g.last_limit_mw / 1000, would_set_w = desired / 1000, "observe mode: limit not changed");
+            }
+            Mode::Enforce => match self.backend.set_power_limit_mw(i as u32, desired) {
+                Ok(()) => {
+                    tracing::info!(gpu = i, from_w = g.last_limit_mw / 1000, to_w = desired / 1000, "power limit set");
+                    let g = &mut self.gpus[i];
+                    g.original_limit_mw.get_or_insert(g.last_limit_mw);
+                    g.last_limit_mw = desired;
+                }
+                Err(e @ BackendError::NoPermission(_)) => {
+                    let g = &mut self.gpus[i];
+                    if !g.warned_permission {
+                        g.warned_permission = true;
+                        tracing::error!(gpu = i, error = %e, "cannot enforce the power limit: run the agent as root or give the container CAP_SYS_ADMIN");
+                    }
+                }
+                Err(e) => tracing::warn!(gpu = i, error = %e, "setting the power limit failed"),
+            },
+        }
+    }
+
+    /// Sets a profile on GPU `i` and applies it.
+    fn set_profile(&mut self, i: usize, profile: PowerProfile, by_rule: bool, reason: &str, now: DateTime<Utc>, out: &mut Outbox) {
         let g = &mut self.gpus[i];
-        let (lo, hi) = g.gpu.constraints_mw();
-        let requested = watts * 1000;
-        let target = requested.clamp(lo, hi);
+        if by_rule && !g.profile_by_rule {
+            g.before_rule = g.profile;
+        }
         g.profile = profile;
-        g.requested_mw = requested;
-        g.clamped = target != requested;
-        if g.clamped {
+        g.profile_by_rule = by_rule;
+        let (requested, target) = self.profile_target(i);
+        if requested != target {
+            let g = &self.gpus[i];
             tracing::info!(
                 gpu = i,
-                model = g.gpu.model.product,
-                requested_w = watts,
+                model = %g.info.product,
+                requested_w = requested / 1000,
                 limit_w = target / 1000,
-                min_w = lo / 1000,
-                max_w = hi / 1000,
+                min_w = g.info.min_limit_mw / 1000,
+                max_w = g.info.max_limit_mw / 1000,
                 "profile clamped to the device's range"
             );
         }
-        match mode {
-            Mode::Enforce => {
-                g.gpu.set_limit_mw(target)?;
-                tracing::info!(gpu = i, profile = profile.as_str_name(), limit_w = target / 1000, %reason, "power limit set");
-            }
-            Mode::Observe => {
-                tracing::info!(gpu = i, profile = profile.as_str_name(), would_set_w = target / 1000, %reason, "observe mode: power limit not changed");
-            }
-        }
-        Ok(())
+        let verb = if self.mode == Mode::Enforce { "set" } else { "would set" };
+        let reason = format!(
+            "{}: {verb} {} W{} ({reason})",
+            profile.as_str_name(),
+            target / 1000,
+            if requested != target { format!(", clamped from {} W", requested / 1000) } else { String::new() }
+        );
+        out.actions.push(self.action("power_profile", i, reason, now, false));
+        self.apply_limit(i);
     }
 
-    fn sample(&self, i: usize, now: chrono::DateTime<chrono::Utc>) -> GpuSample {
-        let g = &self.gpus[i];
-        let (lo, hi) = g.gpu.constraints_mw();
-        let mem_total = g.gpu.model.memory_gib as u64 * 1024 * 1024 * 1024;
-        GpuSample {
-            node: self.node.clone(),
-            gpu_index: g.gpu.index,
-            uuid: g.gpu.uuid.clone(),
-            model: g.gpu.model.product.to_string(),
-            boot_id: self.boot_id.clone(),
-            time: Some(costmesh_contracts::timestamp(now)),
-            power_draw_mw: g.gpu.power_mw,
-            power_limit_mw: g.gpu.limit_mw,
-            power_limit_min_mw: lo,
-            power_limit_max_mw: hi,
-            power_limit_default_mw: g.gpu.model.default_limit_w * 1000,
-            energy_mj: g.gpu.energy_mj,
-            temperature_c: g.gpu.temperature_c as f32,
-            utilization_gpu_pct: g.gpu.utilization_pct,
-            utilization_memory_pct: g.gpu.utilization_pct * 6 / 10,
-            memory_used_bytes: mem_total * g.gpu.utilization_pct as u64 / 125,
-            memory_total_bytes: mem_total,
-            fan_speed_pct: g.gpu.fan_pct,
-            sm_clock_mhz: g.gpu.sm_clock_mhz(),
-            memory_clock_mhz: g.gpu.model.memory_clock_mhz,
-            throttle_reasons: if g.gpu.power_mw >= g.gpu.limit_mw && g.gpu.utilization_pct > 0 {
-                vec!["sw_power_cap".into()]
+    /// One sampling pass over every GPU.
+    fn tick(&mut self, now: DateTime<Utc>, out: &mut Outbox) {
+        let guard = GuardSettings {
+            target_c: self.cfg.thermal.target_c,
+            hysteresis_c: self.cfg.thermal.hysteresis_c,
+            step_mw: self.cfg.thermal.step_w * 1000,
+        };
+        let drift = DriftSettings {
+            baseline_days: self.cfg.maintenance.baseline_days as i64,
+            threshold_c: self.cfg.maintenance.drift_threshold_c,
+            min_samples: 10,
+            band_w: 25,
+        };
+        for i in 0..self.gpus.len() {
+            let r = match self.backend.read(i as u32, now) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(gpu = i, error = %e, "reading the GPU failed");
+                    continue;
+                }
+            };
+            self.gpus[i].last_limit_mw = r.limit_mw;
+
+            // Idle rule: a GPU with no process and little load for long enough.
+            let idle = r.util_gpu_pct < self.cfg.rules.idle_below_pct && r.processes.is_empty();
+            let g = &mut self.gpus[i];
+            if idle {
+                let since = *g.idle_since.get_or_insert(now);
+                let idle_for = (now - since).to_std().unwrap_or_default();
+                if idle_for >= self.cfg.rules.idle_after && g.profile != PowerProfile::Idle {
+                    let reason = format!("idle below {} % for {}", self.cfg.rules.idle_below_pct, humantime_serde::re::humantime::format_duration(idle_for));
+                    self.set_profile(i, PowerProfile::Idle, true, &reason, now, out);
+                }
             } else {
-                vec![]
-            },
-            active_profile: g.profile as i32,
-            requested_limit_mw: g.requested_mw,
-            limit_clamped: g.clamped,
-            mode: match self.mode {
-                Mode::Observe => EnforcementMode::Observe as i32,
-                Mode::Enforce => EnforcementMode::Enforce as i32,
-            },
-            processes: vec![],
-            backend: "sim".into(),
+                g.idle_since = None;
+                if g.profile_by_rule {
+                    let back = g.before_rule;
+                    self.set_profile(i, back, false, "work arrived", now, out);
+                }
+            }
+
+            // Thermal guard.
+            let (_, target) = self.profile_target(i);
+            let g = &mut self.gpus[i];
+            if let Some(step) = g.guard.observe(&guard, r.temperature_c, target, g.info.min_limit_mw) {
+                let reason = match step.to_mw {
+                    Some(to) => format!("{}: ceiling {} W -> {} W", step.reason, step.from_mw / 1000, to / 1000),
+                    None => format!("{}: released at {} W", step.reason, step.from_mw / 1000),
+                };
+                tracing::info!(gpu = i, %reason, "thermal guard");
+                out.actions.push(self.action("thermal_guard", i, reason, now, false));
+            }
+
+            // Cooler drift, under real load only.
+            let g = &mut self.gpus[i];
+            if r.power_mw as f64 >= 0.3 * g.info.default_limit_mw as f64 {
+                if let Some(reason) = g.drift.observe(&drift, now, r.power_mw as f64 / 1000.0, r.temperature_c) {
+                    tracing::warn!(gpu = i, %reason, "maintenance due");
+                    out.actions.push(self.action("maintenance", i, reason, now, true));
+                }
+            }
+
+            self.apply_limit(i);
+
+            // Energy: the device's counter, or the integral of power.
+            let g = &mut self.gpus[i];
+            if let Some((t, p)) = g.last_power {
+                let dt = (now - t).num_milliseconds().max(0) as f64 / 1000.0;
+                g.integrated_mj += (p as f64 + r.power_mw as f64) / 2.0 * dt;
+            }
+            g.last_power = Some((now, r.power_mw));
+            let energy_mj = r.energy_mj.unwrap_or(g.integrated_mj as u64);
+            let (requested, target) = self.profile_target(i);
+            let g = &self.gpus[i];
+            out.samples.push(GpuSample {
+                node: self.node.clone(),
+                gpu_index: g.info.index,
+                uuid: g.info.uuid.clone(),
+                model: g.info.product.clone(),
+                boot_id: self.boot_id.clone(),
+                time: Some(costmesh_contracts::timestamp(now)),
+                power_draw_mw: r.power_mw,
+                power_limit_mw: r.limit_mw,
+                power_limit_min_mw: g.info.min_limit_mw,
+                power_limit_max_mw: g.info.max_limit_mw,
+                power_limit_default_mw: g.info.default_limit_mw,
+                energy_mj,
+                temperature_c: r.temperature_c as f32,
+                utilization_gpu_pct: r.util_gpu_pct,
+                utilization_memory_pct: r.util_memory_pct,
+                memory_used_bytes: r.memory_used_bytes,
+                memory_total_bytes: g.info.memory_total_bytes,
+                fan_speed_pct: r.fan_pct.unwrap_or(0),
+                sm_clock_mhz: r.sm_clock_mhz,
+                memory_clock_mhz: r.memory_clock_mhz,
+                throttle_reasons: r.throttle_reasons.clone(),
+                active_profile: g.profile as i32,
+                requested_limit_mw: if g.profile == PowerProfile::Unspecified { 0 } else { requested },
+                limit_clamped: requested != target,
+                mode: match self.mode {
+                    Mode::Observe => EnforcementMode::Observe,
+                    Mode::Enforce => EnforcementMode::Enforce,
+                } as i32,
+                processes: r
+                    .processes
+                    .iter()
+                    .map(|(pid, mem)| GpuProcess { pid: *pid, memory_used_bytes: *mem, job_id: String::new() })
+                    .collect(),
+                backend: self.backend.kind().to_string(),
+            });
+        }
+    }
+
+    /// Puts back every limit the agent changed (enforce mode, on shutdown).
+    fn restore(&mut self) {
+        for i in 0..self.gpus.len() {
+            if let Some(orig) = self.gpus[i].original_limit_mw.take() {
+                match self.backend.set_power_limit_mw(i as u32, orig) {
+                    Ok(()) => tracing::info!(gpu = i, limit_w = orig / 1000, "original power limit restored"),
+                    Err(e) => tracing::error!(gpu = i, error = %e, limit_w = orig / 1000, "could not restore the original power limit"),
+                }
+            }
+        }
+    }
+
+    /// Sets the load of a simulated GPU (tests and the job runner).
+    pub fn set_load(&mut self, index: u32, util_pct: u32) {
+        self.backend.set_load(index, util_pct);
+    }
+}
+
+/// A handle on a running agent.
+#[derive(Clone)]
+pub struct AgentHandle(Arc<Mutex<Agent>>);
+
+impl AgentHandle {
+    /// Sets the load a simulated GPU runs at.
+    pub fn set_load(&self, index: u32, util_pct: u32) {
+        self.0.lock().expect("agent lock").set_load(index, util_pct);
+    }
+}
+
+/// Runs the agent with the configured backend until shutdown.
+pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
+    let backend = crate::backend::open(&cfg, ctx.clock.now())
+        .map_err(|why| anyhow::anyhow!("gpu_agent.backend = {:?}: {why}", format!("{:?}", cfg.backend).to_lowercase()))?;
+    run_with_backend(cfg, ctx, backend, None).await
+}
+
+async fn publish(ctx: &ServiceContext, gauges: &Gauges, out: Outbox) {
+    for s in out.samples {
+        gauges.record(&s);
+        let subject = ctx.subjects().gpu_telemetry(&s.node, s.gpu_index);
+        if let Err(e) = ctx.events.publish(&subject, &s).await {
+            // Samples carry cumulative counters: a lost one costs nothing.
+            tracing::warn!(error = %e, %subject, "telemetry publish failed");
+        }
+    }
+    for a in out.actions {
+        gauges.actions.get_or_create(&ActionLabels { kind: a.kind.clone() }).inc();
+        let subject = ctx.subjects().action(&a.kind);
+        if let Err(e) = ctx.events.publish_durable(&subject, &a).await {
+            tracing::warn!(error = %e, %subject, "action publish failed");
         }
     }
 }
 
-/// Deterministic demo load: each GPU follows its own slow wave.
-fn demo_utilization(index: u32, t: chrono::DateTime<chrono::Utc>) -> u32 {
-    let phase = t.timestamp() as f64 / 600.0 + index as f64 * 1.7;
-    (55.0 + 40.0 * phase.sin()).round().clamp(0.0, 100.0) as u32
-}
+/// Runs the agent on `backend` until shutdown. `handle` receives a handle
+/// once the agent is set up (tests use it to drive simulated load).
+pub async fn run_with_backend(
+    cfg: Config,
+    ctx: ServiceContext,
+    backend: Box<dyn GpuBackend>,
+    handle: Option<tokio::sync::oneshot::Sender<AgentHandle>>,
+) -> anyhow::Result<()> {
+    let kind = backend.kind();
+    tracing::info!(node = %cfg.node, gpus = backend.devices().len(), mode = ?cfg.mode, backend = kind, "gpu-agent ready to sample");
+    for d in backend.devices() {
+        tracing::info!(gpu = d.index, model = %d.product, min_w = d.min_limit_mw / 1000, max_w = d.max_limit_mw / 1000, default_w = d.default_limit_mw / 1000, "GPU found");
+    }
+    let agent = Arc::new(Mutex::new(Agent::new(&cfg, backend, ctx.clock.now())));
+    let gauges = Gauges::register(&ctx);
 
-/// Runs the agent until shutdown.
-pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
-    let gpus = cfg
-        .sim
-        .gpus
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let model = sim::model(name).ok_or_else(|| anyhow::anyhow!("unknown GPU model {name}"))?;
-            let gpu = SimGpu::new(model, i as u32, &cfg.node, cfg.sim.ambient_c);
-            Ok(GpuState { requested_mw: gpu.limit_mw, gpu, profile: PowerProfile::Unspecified, clamped: false })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    tracing::info!(node = %cfg.node, gpus = gpus.len(), mode = ?cfg.mode, backend = "sim", "gpu-agent ready to sample");
-    let agent = Arc::new(Mutex::new(Agent {
-        node: cfg.node.clone(),
-        mode: cfg.mode,
-        profiles: cfg.profiles.clone(),
-        boot_id: uuid::Uuid::new_v4().to_string(),
-        gpus,
-    }));
-
-    let gauges = Gauges::default();
-    ctx.register("DCGM_FI_DEV_POWER_USAGE", "Power draw (W)", gauges.power_w.clone());
-    ctx.register("DCGM_FI_DEV_POWER_MGMT_LIMIT", "Power management limit (W)", gauges.limit_w.clone());
-    ctx.register("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (C)", gauges.temp_c.clone());
-    ctx.register("DCGM_FI_DEV_GPU_UTIL", "GPU utilisation (%)", gauges.util_pct.clone());
-    ctx.register("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (MiB)", gauges.fb_used_mib.clone());
-    ctx.register("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "Energy since boot (mJ)", gauges.energy_mj.clone());
-
-    // Power-profile commands for this node.
     ctx.events.ensure_stream().await?;
-    let handler_agent = agent.clone();
-    ctx.spawn_durable::<PowerCommand, _, _>(
-        &format!("power-{}", cfg.node),
-        vec![ctx.subjects().node_power(&cfg.node)],
-        move |_, _, cmd| {
-            let agent = handler_agent.clone();
-            async move { handle_power(&agent, cmd) }
-        },
-    )
+    let (h_agent, h_ctx, h_gauges) = (agent.clone(), ctx.clone(), gauges.clone());
+    ctx.spawn_durable::<PowerCommand, _, _>(&format!("power-{}", cfg.node), vec![ctx.subjects().node_power(&cfg.node)], move |_, _, cmd| {
+        let (agent, ctx, gauges) = (h_agent.clone(), h_ctx.clone(), h_gauges.clone());
+        async move {
+            let out = handle_power(&agent, cmd, ctx.clock.now())?;
+            publish(&ctx, &gauges, out).await;
+            Ok(())
+        }
+    })
     .await?;
+
+    if cfg.preemption.enabled {
+        tokio::spawn(crate::preemption::watch(
+            cfg.preemption.metadata_url.clone(),
+            cfg.node.clone(),
+            ctx.events.clone(),
+            ctx.clock.clone(),
+            ctx.shutdown.clone(),
+        ));
+    }
     ctx.health.set("bus", true);
+    if let Some(h) = handle {
+        let _ = h.send(AgentHandle(agent.clone()));
+    }
 
     let mut ticker = ctx.clock.ticker(cfg.sample_interval);
-    let mut last = ctx.clock.now();
     loop {
         let due = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             due = ticker.tick() => due,
         };
-        let dt = (due - last).num_milliseconds().max(0) as f64 / 1000.0;
-        last = due;
-        let samples: Vec<(String, GpuSample)> = {
-            let mut a = agent.lock().expect("agent lock");
-            let n = a.gpus.len();
-            for i in 0..n {
-                let util = if cfg.sim.demo_load { demo_utilization(i as u32, due) } else { 0 };
-                a.gpus[i].gpu.step(dt, util);
-            }
-            (0..n).map(|i| (ctx.subjects().gpu_telemetry(&a.node, i as u32), a.sample(i, due))).collect()
-        };
-        for (subject, s) in samples {
-            let labels = GpuLabels {
-                gpu: s.gpu_index.to_string(),
-                UUID: s.uuid.clone(),
-                modelName: s.model.clone(),
-                Hostname: s.node.clone(),
-            };
-            gauges.power_w.get_or_create(&labels).set(s.power_draw_mw as f64 / 1000.0);
-            gauges.limit_w.get_or_create(&labels).set(s.power_limit_mw as f64 / 1000.0);
-            gauges.temp_c.get_or_create(&labels).set(s.temperature_c as f64);
-            gauges.util_pct.get_or_create(&labels).set(s.utilization_gpu_pct as i64);
-            gauges.fb_used_mib.get_or_create(&labels).set((s.memory_used_bytes / (1024 * 1024)) as i64);
-            gauges.energy_mj.get_or_create(&labels).set(s.energy_mj as i64);
-            if let Err(e) = ctx.events.publish(&subject, &s).await {
-                // Samples carry cumulative counters: a lost one costs nothing.
-                tracing::warn!(error = %e, %subject, "telemetry publish failed");
-            }
-        }
+        let mut out = Outbox::default();
+        agent.lock().expect("agent lock").tick(due, &mut out);
+        publish(&ctx, &gauges, out).await;
+    }
+    if cfg.mode == Mode::Enforce {
+        agent.lock().expect("agent lock").restore();
     }
     Ok(())
 }
 
-fn handle_power(agent: &Mutex<Agent>, cmd: PowerCommand) -> Result<(), HandlerError> {
+fn handle_power(agent: &Mutex<Agent>, cmd: PowerCommand, now: DateTime<Utc>) -> Result<Outbox, HandlerError> {
     let mut a = agent.lock().expect("agent lock");
     if cmd.node != a.node {
         return Err(HandlerError::Reject(format!("command for node {:?} reached node {:?}", cmd.node, a.node)));
     }
     let profile = cmd.profile();
+    if profile == PowerProfile::Unspecified {
+        return Err(HandlerError::Reject("PowerCommand.profile is unspecified".into()));
+    }
     let targets: Vec<usize> = match cmd.gpu_index {
         Some(i) if (i as usize) < a.gpus.len() => vec![i as usize],
         Some(i) => {
-            return Err(HandlerError::Reject(format!(
-                "gpu_index {i} does not exist on {} ({} GPUs)",
-                a.node,
-                a.gpus.len()
-            )))
+            return Err(HandlerError::Reject(format!("gpu_index {i} does not exist on {} ({} GPUs)", a.node, a.gpus.len())))
         }
         None => (0..a.gpus.len()).collect(),
     };
+    let mut out = Outbox::default();
+    let reason = if cmd.reason.is_empty() { "command".to_string() } else { format!("command: {}", cmd.reason) };
     for i in targets {
-        a.apply(i, profile, &cmd.reason).map_err(HandlerError::Reject)?;
+        a.set_profile(i, profile, false, &reason, now, &mut out);
     }
-    Ok(())
+    Ok(out)
 }

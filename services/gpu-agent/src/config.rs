@@ -16,6 +16,19 @@ pub enum Mode {
     Enforce,
 }
 
+/// Which GPUs the agent reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// NVML where it initialises, else simulated GPUs (one log line says why).
+    #[default]
+    Auto,
+    /// NVML or fail at start with the reason.
+    Nvml,
+    /// Simulated GPUs.
+    Sim,
+}
+
 /// Power profile targets in watts (seed: training 320, inference 220, idle 50).
 /// Always clamped to each device's own limit range.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,11 +56,81 @@ pub struct SimConfig {
     pub demo_load: bool,
     /// Room temperature the coolers work against.
     pub ambient_c: f64,
+    /// How fast dust degrades the coolers (thermal resistance grows by this
+    /// fraction per day); 0 keeps them clean.
+    pub cooler_fouling_per_day: f64,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        Self { gpus: vec!["RTX 4070".into()], demo_load: false, ambient_c: 25.0 }
+        Self { gpus: vec!["RTX 4070".into()], demo_load: false, ambient_c: 25.0, cooler_fouling_per_day: 0.0 }
+    }
+}
+
+/// The thermal guard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThermalConfig {
+    /// Keep each GPU below this temperature (seed: 75 °C).
+    pub target_c: f64,
+    /// Raise the limit again only this far below the target.
+    pub hysteresis_c: f64,
+    /// One step of the power ceiling.
+    pub step_w: u32,
+}
+
+impl Default for ThermalConfig {
+    fn default() -> Self {
+        Self { target_c: 75.0, hysteresis_c: 3.0, step_w: 10 }
+    }
+}
+
+/// Profile changes by rule from the running workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesConfig {
+    /// A GPU below `idle_below_pct` utilisation this long, with no job,
+    /// gets the idle profile; it leaves it when work arrives.
+    #[serde(with = "humantime_serde")]
+    pub idle_after: Duration,
+    pub idle_below_pct: u32,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self { idle_after: Duration::from_secs(10 * 60), idle_below_pct: 5 }
+    }
+}
+
+/// The GCE preemption watcher.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreemptionConfig {
+    /// Watch the metadata server (on a GCE Spot or preemptible VM).
+    pub enabled: bool,
+    /// Metadata server base URL.
+    pub metadata_url: String,
+}
+
+impl Default for PreemptionConfig {
+    fn default() -> Self {
+        Self { enabled: false, metadata_url: "http://metadata.google.internal".into() }
+    }
+}
+
+/// The cooler-drift check.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    /// Days of readings that form each GPU's baseline.
+    pub baseline_days: u32,
+    /// Raise "clean the cooler" when a day runs this much hotter at the same power.
+    pub drift_threshold_c: f64,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self { baseline_days: 7, drift_threshold_c: 5.0 }
     }
 }
 
@@ -56,12 +139,15 @@ impl Default for SimConfig {
 pub struct Config {
     /// This host's name in subjects; defaults to the host name.
     pub node: String,
+    pub backend: BackendKind,
     pub mode: Mode,
     #[serde(with = "humantime_serde")]
     pub sample_interval: Duration,
     pub profiles: Profiles,
-    /// Keep each GPU below this temperature (seed: 75 °C).
-    pub thermal_target_c: f64,
+    pub thermal: ThermalConfig,
+    pub rules: RulesConfig,
+    pub preemption: PreemptionConfig,
+    pub maintenance: MaintenanceConfig,
     pub sim: SimConfig,
     pub admin: AdminConfig,
 }
@@ -78,10 +164,14 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             node: host_name(),
+            backend: BackendKind::Auto,
             mode: Mode::Observe,
             sample_interval: Duration::from_secs(5),
             profiles: Profiles::default(),
-            thermal_target_c: 75.0,
+            thermal: ThermalConfig::default(),
+            rules: RulesConfig::default(),
+            preemption: PreemptionConfig::default(),
+            maintenance: MaintenanceConfig::default(),
             sim: SimConfig::default(),
             admin: AdminConfig::on_port(9101),
         }
@@ -112,12 +202,27 @@ impl Validate for Config {
                 ));
             }
         }
-        if !(30.0..=100.0).contains(&self.thermal_target_c) {
-            return Err(ConfigError::new(
-                key(p, "thermal_target_c"),
-                self.thermal_target_c,
-                "must be between 30 and 100 °C",
-            ));
+        if !(30.0..=100.0).contains(&self.thermal.target_c) {
+            return Err(ConfigError::new(key(p, "thermal.target_c"), self.thermal.target_c, "must be between 30 and 100 °C"));
+        }
+        if !(0.5..=20.0).contains(&self.thermal.hysteresis_c) {
+            return Err(ConfigError::new(key(p, "thermal.hysteresis_c"), self.thermal.hysteresis_c, "must be between 0.5 and 20 °C"));
+        }
+        if self.thermal.step_w == 0 || self.thermal.step_w > 100 {
+            return Err(ConfigError::new(key(p, "thermal.step_w"), self.thermal.step_w, "must be between 1 and 100 watts"));
+        }
+        if self.rules.idle_below_pct > 100 {
+            return Err(ConfigError::new(key(p, "rules.idle_below_pct"), self.rules.idle_below_pct, "must be a percentage (0-100)"));
+        }
+        let url = &self.preemption.metadata_url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::new(key(p, "preemption.metadata_url"), url, "must be an http:// or https:// URL"));
+        }
+        if self.maintenance.baseline_days == 0 {
+            return Err(ConfigError::new(key(p, "maintenance.baseline_days"), 0, "must be at least 1"));
+        }
+        if !(self.sim.cooler_fouling_per_day >= 0.0 && self.sim.cooler_fouling_per_day < 1.0) {
+            return Err(ConfigError::new(key(p, "sim.cooler_fouling_per_day"), self.sim.cooler_fouling_per_day, "must be between 0 and 1"));
         }
         if self.sim.gpus.is_empty() {
             return Err(ConfigError::new(key(p, "sim.gpus"), "[]", "needs at least one GPU model"));

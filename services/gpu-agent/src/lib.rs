@@ -2,16 +2,27 @@
 //!
 //! # Layout
 //! - [`config`]: the `[gpu_agent]` section.
+//! - [`backend`]: the `GpuBackend` trait and backend selection (`auto`,
+//!   `nvml`, `sim`).
+//! - [`nvml`]: NVML through `nvml-wrapper`, loaded at run time.
 //! - [`sim`]: simulated GPUs with real models' power ranges, a first-order
-//!   thermal model and a monotonic energy counter.
-//! - [`agent`]: the sampling loop and the command handlers.
+//!   thermal model with a fan, and a monotonic energy counter.
+//! - [`guard`]: the thermal guard (step the ceiling down, back up with hysteresis).
+//! - [`drift`]: cooler drift (temperature at a given power over days).
+//! - [`preemption`]: the GCE metadata watcher.
+//! - [`agent`]: the sampling loop, profiles and command handlers.
 //!
 //! **Invariant:** the agent changes no GPU setting unless `mode = "enforce"`.
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod backend;
 pub mod config;
+pub mod drift;
+pub mod guard;
+pub mod nvml;
+pub mod preemption;
 pub mod sim;
 
-pub use agent::run;
+pub use agent::{run, run_with_backend};
 pub use config::Config;

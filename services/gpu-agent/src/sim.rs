@@ -6,6 +6,11 @@
 //! power through a first-order thermal model whose cooling improves with fan
 //! speed; the energy counter is the integral of power and only grows.
 
+use chrono::{DateTime, Utc};
+
+use crate::backend::{BackendError, DeviceInfo, GpuBackend, Reading};
+use crate::config::SimConfig;
+
 /// A GPU model's fixed characteristics.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GpuModel {
@@ -136,6 +141,9 @@ pub struct SimGpu {
     /// Sub-millijoule remainder, so the counter is exact over many steps.
     energy_frac_mj: f64,
     pub ambient_c: f64,
+    /// Multiplies the thermal resistance: 1.0 for a clean cooler, more as
+    /// dust builds up.
+    pub fouling: f64,
 }
 
 impl SimGpu {
@@ -152,6 +160,7 @@ impl SimGpu {
             energy_mj: 0,
             energy_frac_mj: 0.0,
             ambient_c,
+            fouling: 1.0,
         }
     }
 
@@ -190,7 +199,7 @@ impl SimGpu {
             self.fan_pct = ((self.temperature_c - 40.0) * 3.0).clamp(30.0, 100.0).round() as u32;
         }
         let airflow = if self.model.has_fan { 0.3 + 0.7 * self.fan_pct as f64 / 100.0 } else { 1.0 };
-        let steady = self.ambient_c + self.model.thermal_resistance * (power / 1000.0) / airflow;
+        let steady = self.ambient_c + self.model.thermal_resistance * self.fouling * (power / 1000.0) / airflow;
         let alpha = 1.0 - (-dt_s / self.model.tau_s).exp();
         self.temperature_c += (steady - self.temperature_c) * alpha;
     }
@@ -201,6 +210,121 @@ impl SimGpu {
             210
         } else {
             (self.model.max_sm_clock_mhz as f64 * (0.55 + 0.45 * ratio)).round() as u32
+        }
+    }
+}
+
+/// The simulated backend: one [`SimGpu`] per configured model, advanced to
+/// the time of each read.
+pub struct SimBackend {
+    gpus: Vec<SimGpu>,
+    devices: Vec<DeviceInfo>,
+    last_step: Vec<DateTime<Utc>>,
+    load: Vec<u32>,
+    demo_load: bool,
+    fouling_per_day: f64,
+    started: DateTime<Utc>,
+    boot_id: String,
+}
+
+impl SimBackend {
+    /// Models are validated with the config; unknown names are skipped.
+    pub fn new(node: &str, cfg: &SimConfig, now: DateTime<Utc>) -> Self {
+        let gpus: Vec<SimGpu> = cfg
+            .gpus
+            .iter()
+            .filter_map(|name| model(name))
+            .enumerate()
+            .map(|(i, m)| SimGpu::new(m, i as u32, node, cfg.ambient_c))
+            .collect();
+        let devices = gpus
+            .iter()
+            .map(|g| DeviceInfo {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                product: g.model.product.to_string(),
+                min_limit_mw: g.model.min_limit_w * 1000,
+                max_limit_mw: g.model.max_limit_w * 1000,
+                default_limit_mw: g.model.default_limit_w * 1000,
+                memory_total_bytes: g.model.memory_gib as u64 * (1 << 30),
+            })
+            .collect();
+        let n = gpus.len();
+        Self {
+            gpus,
+            devices,
+            last_step: vec![now; n],
+            load: vec![0; n],
+            demo_load: cfg.demo_load,
+            fouling_per_day: cfg.cooler_fouling_per_day,
+            started: now,
+            // Every simulated start is a new boot: counters begin at zero.
+            boot_id: format!("sim-{}", uuid::Uuid::new_v4()),
+        }
+    }
+
+    /// The simulated GPU itself (tests inspect it).
+    pub fn gpu(&self, index: u32) -> Option<&SimGpu> {
+        self.gpus.get(index as usize)
+    }
+}
+
+/// Deterministic demo load: each GPU follows its own slow wave.
+pub fn demo_utilization(index: u32, t: DateTime<Utc>) -> u32 {
+    let phase = t.timestamp() as f64 / 600.0 + index as f64 * 1.7;
+    (55.0 + 40.0 * phase.sin()).round().clamp(0.0, 100.0) as u32
+}
+
+impl GpuBackend for SimBackend {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    fn boot_id(&self) -> String {
+        self.boot_id.clone()
+    }
+
+    fn devices(&self) -> &[DeviceInfo] {
+        &self.devices
+    }
+
+    fn read(&mut self, index: u32, now: DateTime<Utc>) -> Result<Reading, BackendError> {
+        let i = index as usize;
+        let g = self.gpus.get_mut(i).ok_or_else(|| BackendError::Other(format!("no GPU {index}")))?;
+        let dt = (now - self.last_step[i]).num_milliseconds().max(0) as f64 / 1000.0;
+        self.last_step[i] = self.last_step[i].max(now);
+        let days = (now - self.started).num_seconds().max(0) as f64 / 86_400.0;
+        g.fouling = 1.0 + self.fouling_per_day * days;
+        let util = if self.demo_load { demo_utilization(index, now) } else { self.load[i] };
+        if dt > 0.0 {
+            g.step(dt, util);
+        }
+        let mem_total = g.model.memory_gib as u64 * (1 << 30);
+        let capped = g.power_mw >= g.limit_mw && g.utilization_pct > 0;
+        Ok(Reading {
+            power_mw: g.power_mw,
+            limit_mw: g.limit_mw,
+            energy_mj: Some(g.energy_mj),
+            temperature_c: g.temperature_c,
+            util_gpu_pct: g.utilization_pct,
+            util_memory_pct: g.utilization_pct * 6 / 10,
+            memory_used_bytes: mem_total * g.utilization_pct as u64 / 125,
+            fan_pct: g.model.has_fan.then_some(g.fan_pct),
+            sm_clock_mhz: g.sm_clock_mhz(),
+            memory_clock_mhz: g.model.memory_clock_mhz,
+            throttle_reasons: if capped { vec!["sw_power_cap".into()] } else { vec![] },
+            processes: vec![],
+        })
+    }
+
+    fn set_power_limit_mw(&mut self, index: u32, mw: u32) -> Result<(), BackendError> {
+        let g = self.gpus.get_mut(index as usize).ok_or_else(|| BackendError::Other(format!("no GPU {index}")))?;
+        g.set_limit_mw(mw).map_err(BackendError::Other)
+    }
+
+    fn set_load(&mut self, index: u32, util_pct: u32) {
+        if let Some(l) = self.load.get_mut(index as usize) {
+            *l = util_pct.min(100);
         }
     }
 }
