@@ -195,7 +195,12 @@ impl Agent {
         }
         match self.mode {
             Mode::Observe => {
-                tracing::debug!(gpu = i, current_w = g.last_limit_mw / 1000, would_set_w = desired / 1000, "observe mode: limit not changed");
+                tracing::debug!(
+                    gpu = i,
+                    current_w = g.last_limit_mw / 1000,
+                    would_set_w = desired / 1000,
+                    "observe mode: limit not changed"
+                );
             }
             Mode::Enforce => match self.backend.set_power_limit_mw(i as u32, desired) {
                 Ok(()) => {
@@ -217,7 +222,15 @@ impl Agent {
     }
 
     /// Sets a profile on GPU `i` and applies it.
-    fn set_profile(&mut self, i: usize, profile: PowerProfile, by_rule: bool, reason: &str, now: DateTime<Utc>, out: &mut Outbox) {
+    fn set_profile(
+        &mut self,
+        i: usize,
+        profile: PowerProfile,
+        by_rule: bool,
+        reason: &str,
+        now: DateTime<Utc>,
+        out: &mut Outbox,
+    ) {
         let g = &mut self.gpus[i];
         if by_rule && !g.profile_by_rule {
             g.before_rule = g.profile;
@@ -254,6 +267,7 @@ impl Agent {
             target_c: self.cfg.thermal.target_c,
             hysteresis_c: self.cfg.thermal.hysteresis_c,
             step_mw: self.cfg.thermal.step_w * 1000,
+            lookahead_s: self.cfg.thermal.lookahead.as_secs_f64(),
         };
         let drift = DriftSettings {
             baseline_days: self.cfg.maintenance.baseline_days as i64,
@@ -278,7 +292,11 @@ impl Agent {
                 let since = *g.idle_since.get_or_insert(now);
                 let idle_for = (now - since).to_std().unwrap_or_default();
                 if idle_for >= self.cfg.rules.idle_after && g.profile != PowerProfile::Idle {
-                    let reason = format!("idle below {} % for {}", self.cfg.rules.idle_below_pct, humantime_serde::re::humantime::format_duration(idle_for));
+                    let reason = format!(
+                        "idle below {} % for {}",
+                        self.cfg.rules.idle_below_pct,
+                        humantime_serde::re::humantime::format_duration(idle_for)
+                    );
                     self.set_profile(i, PowerProfile::Idle, true, &reason, now, out);
                 }
             } else {
@@ -292,7 +310,8 @@ impl Agent {
             // Thermal guard.
             let (_, target) = self.profile_target(i);
             let g = &mut self.gpus[i];
-            if let Some(step) = g.guard.observe(&guard, r.temperature_c, target, g.info.min_limit_mw) {
+            let t_s = now.timestamp_millis() as f64 / 1000.0;
+            if let Some(step) = g.guard.observe(&guard, t_s, r.temperature_c, target, g.info.min_limit_mw) {
                 let reason = match step.to_mw {
                     Some(to) => format!("{}: ceiling {} W -> {} W", step.reason, step.from_mw / 1000, to / 1000),
                     None => format!("{}: released at {} W", step.reason, step.from_mw / 1000),
@@ -367,7 +386,9 @@ impl Agent {
             if let Some(orig) = self.gpus[i].original_limit_mw.take() {
                 match self.backend.set_power_limit_mw(i as u32, orig) {
                     Ok(()) => tracing::info!(gpu = i, limit_w = orig / 1000, "original power limit restored"),
-                    Err(e) => tracing::error!(gpu = i, error = %e, limit_w = orig / 1000, "could not restore the original power limit"),
+                    Err(e) => {
+                        tracing::error!(gpu = i, error = %e, limit_w = orig / 1000, "could not restore the original power limit")
+                    }
                 }
             }
         }
@@ -388,12 +409,20 @@ impl AgentHandle {
     pub fn set_load(&self, index: u32, util_pct: u32) {
         self.0.lock().expect("agent lock").set_load(index, util_pct);
     }
+
+    /// The limit the device reports now (reads the backend).
+    pub fn power_limit_mw(&self, index: u32) -> Option<u32> {
+        let mut a = self.0.lock().expect("agent lock");
+        let now = a.gpus.get(index as usize)?.last_power.map(|(t, _)| t).unwrap_or_else(chrono::Utc::now);
+        a.backend.read(index, now).ok().map(|r| r.limit_mw)
+    }
 }
 
 /// Runs the agent with the configured backend until shutdown.
 pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
-    let backend = crate::backend::open(&cfg, ctx.clock.now())
-        .map_err(|why| anyhow::anyhow!("gpu_agent.backend = {:?}: {why}", format!("{:?}", cfg.backend).to_lowercase()))?;
+    let backend = crate::backend::open(&cfg, ctx.clock.now()).map_err(|why| {
+        anyhow::anyhow!("gpu_agent.backend = {:?}: {why}", format!("{:?}", cfg.backend).to_lowercase())
+    })?;
     run_with_backend(cfg, ctx, backend, None).await
 }
 
@@ -433,14 +462,18 @@ pub async fn run_with_backend(
 
     ctx.events.ensure_stream().await?;
     let (h_agent, h_ctx, h_gauges) = (agent.clone(), ctx.clone(), gauges.clone());
-    ctx.spawn_durable::<PowerCommand, _, _>(&format!("power-{}", cfg.node), vec![ctx.subjects().node_power(&cfg.node)], move |_, _, cmd| {
-        let (agent, ctx, gauges) = (h_agent.clone(), h_ctx.clone(), h_gauges.clone());
-        async move {
-            let out = handle_power(&agent, cmd, ctx.clock.now())?;
-            publish(&ctx, &gauges, out).await;
-            Ok(())
-        }
-    })
+    ctx.spawn_durable::<PowerCommand, _, _>(
+        &format!("power-{}", cfg.node),
+        vec![ctx.subjects().node_power(&cfg.node)],
+        move |_, _, cmd| {
+            let (agent, ctx, gauges) = (h_agent.clone(), h_ctx.clone(), h_gauges.clone());
+            async move {
+                let out = handle_power(&agent, cmd, ctx.clock.now())?;
+                publish(&ctx, &gauges, out).await;
+                Ok(())
+            }
+        },
+    )
     .await?;
 
     if cfg.preemption.enabled {
@@ -485,7 +518,11 @@ fn handle_power(agent: &Mutex<Agent>, cmd: PowerCommand, now: DateTime<Utc>) -> 
     let targets: Vec<usize> = match cmd.gpu_index {
         Some(i) if (i as usize) < a.gpus.len() => vec![i as usize],
         Some(i) => {
-            return Err(HandlerError::Reject(format!("gpu_index {i} does not exist on {} ({} GPUs)", a.node, a.gpus.len())))
+            return Err(HandlerError::Reject(format!(
+                "gpu_index {i} does not exist on {} ({} GPUs)",
+                a.node,
+                a.gpus.len()
+            )))
         }
         None => (0..a.gpus.len()).collect(),
     };

@@ -77,11 +77,14 @@ pub struct ThermalConfig {
     pub hysteresis_c: f64,
     /// One step of the power ceiling.
     pub step_w: u32,
+    /// How far ahead a rising temperature is extrapolated.
+    #[serde(with = "humantime_serde")]
+    pub lookahead: Duration,
 }
 
 impl Default for ThermalConfig {
     fn default() -> Self {
-        Self { target_c: 75.0, hysteresis_c: 3.0, step_w: 10 }
+        Self { target_c: 75.0, hysteresis_c: 3.0, step_w: 10, lookahead: Duration::from_secs(30) }
     }
 }
 
@@ -203,16 +206,32 @@ impl Validate for Config {
             }
         }
         if !(30.0..=100.0).contains(&self.thermal.target_c) {
-            return Err(ConfigError::new(key(p, "thermal.target_c"), self.thermal.target_c, "must be between 30 and 100 °C"));
+            return Err(ConfigError::new(
+                key(p, "thermal.target_c"),
+                self.thermal.target_c,
+                "must be between 30 and 100 °C",
+            ));
         }
         if !(0.5..=20.0).contains(&self.thermal.hysteresis_c) {
-            return Err(ConfigError::new(key(p, "thermal.hysteresis_c"), self.thermal.hysteresis_c, "must be between 0.5 and 20 °C"));
+            return Err(ConfigError::new(
+                key(p, "thermal.hysteresis_c"),
+                self.thermal.hysteresis_c,
+                "must be between 0.5 and 20 °C",
+            ));
         }
         if self.thermal.step_w == 0 || self.thermal.step_w > 100 {
-            return Err(ConfigError::new(key(p, "thermal.step_w"), self.thermal.step_w, "must be between 1 and 100 watts"));
+            return Err(ConfigError::new(
+                key(p, "thermal.step_w"),
+                self.thermal.step_w,
+                "must be between 1 and 100 watts",
+            ));
         }
         if self.rules.idle_below_pct > 100 {
-            return Err(ConfigError::new(key(p, "rules.idle_below_pct"), self.rules.idle_below_pct, "must be a percentage (0-100)"));
+            return Err(ConfigError::new(
+                key(p, "rules.idle_below_pct"),
+                self.rules.idle_below_pct,
+                "must be a percentage (0-100)",
+            ));
         }
         let url = &self.preemption.metadata_url;
         if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -222,7 +241,11 @@ impl Validate for Config {
             return Err(ConfigError::new(key(p, "maintenance.baseline_days"), 0, "must be at least 1"));
         }
         if !(self.sim.cooler_fouling_per_day >= 0.0 && self.sim.cooler_fouling_per_day < 1.0) {
-            return Err(ConfigError::new(key(p, "sim.cooler_fouling_per_day"), self.sim.cooler_fouling_per_day, "must be between 0 and 1"));
+            return Err(ConfigError::new(
+                key(p, "sim.cooler_fouling_per_day"),
+                self.sim.cooler_fouling_per_day,
+                "must be between 0 and 1",
+            ));
         }
         if self.sim.gpus.is_empty() {
             return Err(ConfigError::new(key(p, "sim.gpus"), "[]", "needs at least one GPU model"));

@@ -81,7 +81,9 @@ pub async fn watch(base_url: String, node: String, events: EventBus, clock: Cloc
                         node: node.clone(),
                         instance: node.clone(),
                         noticed_at: Some(costmesh_contracts::timestamp(now)),
-                        deadline: Some(costmesh_contracts::timestamp(now + chrono::Duration::from_std(GCE_NOTICE).unwrap_or_default())),
+                        deadline: Some(costmesh_contracts::timestamp(
+                            now + chrono::Duration::from_std(GCE_NOTICE).unwrap_or_default(),
+                        )),
                         source: "gce-metadata".into(),
                     };
                     let subject = events.subjects.preemption(&node);

@@ -112,6 +112,8 @@ where
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = format!("{e:#}"), "{service} stopped with an error");
+                // And once in plain words, for whoever reads the terminal.
+                eprintln!("{service}: {e:#}");
                 ExitCode::FAILURE
             }
         }
