@@ -485,12 +485,13 @@ pub async fn run_with_backend(
             ctx.shutdown.clone(),
         ));
     }
+    // Armed before anyone learns the agent is up, so no tick is missed.
+    let mut ticker = ctx.clock.ticker(cfg.sample_interval);
     ctx.health.set("bus", true);
     if let Some(h) = handle {
         let _ = h.send(AgentHandle(agent.clone()));
     }
 
-    let mut ticker = ctx.clock.ticker(cfg.sample_interval);
     loop {
         let due = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
