@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use costmesh_runtime::config::EXIT_BAD_CONFIG;
 
+mod janitor;
 mod mesh;
 mod view;
 
@@ -19,6 +20,11 @@ enum Command {
     /// Run all five services in one process. Without --nats it uses the
     /// in-process bus and simulated GPUs: nothing to install.
     Up(mesh::UpArgs),
+    /// Storage lifecycle: plan, apply, bucket lifecycle rules.
+    Janitor {
+        #[command(subcommand)]
+        command: janitor::JanitorCommand,
+    },
     /// Live events from a NATS server.
     Events {
         #[command(subcommand)]
@@ -59,6 +65,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Up(args) => mesh::up(args).await,
+            Command::Janitor { command } => janitor::run(command).await,
             Command::Events { command: EventsCommand::Tail { subject, nats, prefix, json, count } } => {
                 view::tail(&nats, &prefix, subject.as_deref(), json, count).await
             }

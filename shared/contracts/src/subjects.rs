@@ -195,6 +195,10 @@ impl Subjects {
     pub fn node_power(&self, node: &str) -> String {
         self.join(&["node", &token(node), "power"])
     }
+    /// Every node's job assignments.
+    pub fn node_assign_all(&self) -> String {
+        self.join(&["node", "*", "assign"])
+    }
     /// Every command to one node.
     pub fn node_all(&self, node: &str) -> String {
         self.join(&["node", &token(node), "*"])

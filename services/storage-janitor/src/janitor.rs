@@ -1,0 +1,281 @@
+//! One janitor pass (scan, plan, apply when allowed, report), and the
+//! service loop that runs passes on schedule, on a budget warning, and under
+//! disk pressure.
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use costmesh_contracts::v1::{self, BudgetState, JobEventKind, StorageActionTaken, StorageReport, StorageTier, StorageUsage};
+use costmesh_contracts::AnyEvent;
+use costmesh_runtime::ServiceContext;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::apply::{self, Outcome};
+use crate::archive::{self, Archive};
+use crate::config::{Config, Rule};
+use crate::plan::{self, Plan};
+use crate::scan;
+
+/// The result of one pass.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Pass {
+    pub plan: Plan,
+    /// None when the pass only planned.
+    pub outcome: Option<Outcome>,
+    pub report: serde_json::Value,
+    #[serde(skip)]
+    pub report_event: StorageReport,
+}
+
+/// Everything a pass needs.
+pub struct Janitor {
+    pub cfg: Config,
+    pub rules: Vec<Rule>,
+    pub archive: Archive,
+    /// Paths running jobs use (from job events).
+    pub in_use: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+fn money(amount: f64, currency: &str) -> v1::Money {
+    v1::Money { currency_code: currency.to_string(), micros: (amount * 1e6).round() as i64 }
+}
+
+/// (used, total) bytes of the filesystem holding `path`.
+pub fn filesystem_usage(path: &std::path::Path) -> Option<(u64, u64)> {
+    let mut p = path.to_path_buf();
+    while !p.exists() {
+        p = p.parent()?.to_path_buf();
+    }
+    let s = rustix::fs::statvfs(&p).ok()?;
+    let total = s.f_blocks * s.f_frsize;
+    let free = s.f_bfree * s.f_frsize;
+    Some((total.saturating_sub(free), total))
+}
+
+impl Janitor {
+    pub fn new(cfg: Config) -> Result<Self, String> {
+        let rules = cfg.compiled_rules().map_err(|e| e.to_string())?;
+        let location = archive::parse_store_url(&cfg.archive_url, &cfg.base_dir)?;
+        let archive = Archive::open(location)?;
+        Ok(Self { cfg, rules, archive, in_use: Default::default() })
+    }
+
+    /// Scans every root (in parallel) and builds the plan.
+    pub async fn plan(&self, now: DateTime<Utc>) -> (Plan, HashSet<(u64, u64)>) {
+        let roots: Vec<PathBuf> = self.rules.iter().map(|r| r.root.clone()).collect();
+        // One root after another: each walk is parallel by itself (jwalk on
+        // rayon's pool), and nesting rayon inside rayon would only contend.
+        let (entries, open) = tokio::task::spawn_blocking(move || {
+            let entries: Vec<Vec<scan::Entry>> = roots.iter().map(|r| scan::scan(r)).collect();
+            (entries, scan::open_files())
+        })
+        .await
+        .expect("scanning the roots panicked");
+        let in_use = self.in_use.lock().expect("in-use lock").clone();
+        let cx = plan::Context { now, write_guard: self.cfg.write_guard, open: &open, in_use: &in_use, prices: &self.cfg.prices };
+        (plan::build(&self.rules, &entries, &cx), open)
+    }
+
+    /// One pass. `apply` overrides the config's `apply` (the CLI's `apply`).
+    pub async fn pass(&self, now: DateTime<Utc>, apply: bool, currency: &str, progress: Option<indicatif::ProgressBar>) -> Pass {
+        let (plan, open) = self.plan(now).await;
+        let outcome = if apply {
+            if let Some(p) = &progress {
+                p.set_length(plan.actions.iter().filter(|a| a.step.changes_data()).count() as u64);
+            }
+            Some(apply::apply(&plan, &self.archive, open, self.cfg.write_guard, progress).await)
+        } else {
+            None
+        };
+        let report_event = self.report(now, &plan, outcome.as_ref(), currency).await;
+        let report = serde_json::to_value(&report_event).unwrap_or_default();
+        Pass { plan, outcome, report, report_event }
+    }
+
+    /// The storage report after a pass.
+    pub async fn report(&self, now: DateTime<Utc>, plan: &Plan, outcome: Option<&Outcome>, currency: &str) -> StorageReport {
+        let prices = &self.cfg.prices;
+        let mut usage: Vec<StorageUsage> = plan
+            .roots
+            .iter()
+            .map(|r| StorageUsage {
+                root: r.root.display().to_string(),
+                tier: StorageTier::Unspecified as i32,
+                bytes: r.bytes,
+                objects: r.objects,
+                monthly_cost: Some(money(r.bytes as f64 / 1e9 * prices.local, currency)),
+            })
+            .collect();
+        if let Ok(tiers) = self.archive.usage(now, &self.cfg.tiers).await {
+            for (i, (tier, price)) in
+                [(StorageTier::Standard, prices.standard), (StorageTier::Nearline, prices.nearline), (StorageTier::Coldline, prices.coldline)]
+                    .into_iter()
+                    .enumerate()
+            {
+                usage.push(StorageUsage {
+                    root: self.cfg.archive_url.clone(),
+                    tier: tier as i32,
+                    bytes: tiers[i].bytes,
+                    objects: tiers[i].objects,
+                    monthly_cost: Some(money(tiers[i].bytes as f64 / 1e9 * price, currency)),
+                });
+            }
+        }
+        let (used, total) = filesystem_usage(&self.cfg.base_dir).unwrap_or((0, 0));
+        let actions: Vec<StorageActionTaken> = match outcome {
+            Some(o) => o
+                .done
+                .iter()
+                .map(|d| StorageActionTaken { rule: d.rule.clone(), action: d.step.as_str().into(), path: d.path.display().to_string(), bytes_freed: d.freed_bytes, dry_run: false })
+                .collect(),
+            None => plan
+                .actions
+                .iter()
+                .map(|a| StorageActionTaken { rule: a.rule.clone(), action: a.step.as_str().into(), path: a.path.display().to_string(), bytes_freed: a.freed_bytes, dry_run: true })
+                .collect(),
+        };
+        StorageReport {
+            time: Some(costmesh_contracts::timestamp(now)),
+            usage,
+            provisioned_bytes: total,
+            used_bytes: used,
+            bytes_freed: outcome.map(|o| o.freed_bytes()).unwrap_or(0),
+            actions,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RootLabels {
+    root: String,
+    tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabels {
+    trigger: String,
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
+    bytes: Family<RootLabels, Gauge>,
+    objects: Family<RootLabels, Gauge>,
+    freed: Counter,
+    passes: Family<TriggerLabels, Counter>,
+    utilisation: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+/// Paths a job uses: its checkpoint directory and any absolute paths in its
+/// arguments and environment.
+fn job_paths(a: &v1::JobAssignment) -> Vec<PathBuf> {
+    let Some(spec) = &a.spec else { return Vec::new() };
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut add = |s: &str| {
+        if s.starts_with('/') {
+            out.push(PathBuf::from(s));
+        }
+    };
+    add(&spec.checkpoint_dir);
+    add(&a.resume_from);
+    spec.args.iter().for_each(|s| add(s));
+    spec.env.values().for_each(|s| add(s));
+    out
+}
+
+/// Runs the janitor until shutdown.
+pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
+    let janitor = Arc::new(Janitor::new(cfg.clone()).map_err(anyhow::Error::msg)?);
+    let m = Metrics::default();
+    ctx.register("costmesh_storage_bytes", "Bytes per root and tier", m.bytes.clone());
+    ctx.register("costmesh_storage_objects", "Objects per root and tier", m.objects.clone());
+    ctx.register("costmesh_storage_freed_bytes", "Bytes freed by applied passes", m.freed.clone());
+    ctx.register("costmesh_storage_passes", "Janitor passes by trigger", m.passes.clone());
+    ctx.register("costmesh_storage_utilisation_ratio", "Used over provisioned bytes of the data filesystem", m.utilisation.clone());
+
+    // Budget warnings ask for an extra pass; job events protect model paths.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let jobs: Arc<Mutex<std::collections::HashMap<String, Vec<PathBuf>>>> = Default::default();
+    let (in_use, jobs2, tx2) = (janitor.in_use.clone(), jobs.clone(), tx.clone());
+    let filters = vec![ctx.subjects().budget_all(), ctx.subjects().jobs_all(), ctx.subjects().node_assign_all()];
+    ctx.spawn_durable::<AnyEvent, _, _>("events", filters, move |_, _, event| {
+        let (in_use, jobs, tx) = (in_use.clone(), jobs2.clone(), tx2.clone());
+        async move {
+            match event {
+                AnyEvent::BudgetEvent(b) if b.state() == BudgetState::Warning => {
+                    tracing::info!(scope = %b.scope, "budget warning: extra storage pass");
+                    let _ = tx.send("budget_warning");
+                }
+                AnyEvent::BudgetEvent(_) => {}
+                AnyEvent::JobAssignment(a) => {
+                    let mut j = jobs.lock().expect("jobs lock");
+                    j.insert(a.job_id.clone(), job_paths(&a));
+                    *in_use.lock().expect("in-use lock") = j.values().flatten().cloned().collect();
+                }
+                AnyEvent::JobEvent(e)
+                    if matches!(e.kind(), JobEventKind::Exited | JobEventKind::Failed | JobEventKind::Cancelled | JobEventKind::Interrupted) =>
+                {
+                    let mut j = jobs.lock().expect("jobs lock");
+                    j.remove(&e.job_id);
+                    *in_use.lock().expect("in-use lock") = j.values().flatten().cloned().collect();
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    ctx.health.set("bus", true);
+
+    let mut schedule = ctx.clock.ticker(cfg.interval);
+    let mut pressure = ctx.clock.ticker(cfg.pressure_check);
+    let mut last_pressure_pass: Option<DateTime<Utc>> = None;
+    loop {
+        let trigger = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = schedule.tick() => "schedule",
+            Some(t) = rx.recv() => t,
+            _ = pressure.tick() => {
+                let full = filesystem_usage(&cfg.base_dir).map(|(u, t)| t > 0 && u * 100 >= t * cfg.disk_pressure_pct as u64).unwrap_or(false);
+                let now = ctx.clock.now();
+                let recent = last_pressure_pass.is_some_and(|t| (now - t).to_std().unwrap_or_default() < cfg.interval);
+                if !full || recent { continue; }
+                last_pressure_pass = Some(now);
+                "disk_pressure"
+            }
+        };
+        m.passes.get_or_create(&TriggerLabels { trigger: trigger.into() }).inc();
+        let now = ctx.clock.now();
+        let pass = janitor.pass(now, cfg.apply, &ctx.mesh.currency, None).await;
+        let r = &pass.report_event;
+        for u in &r.usage {
+            let l = RootLabels { root: u.root.clone(), tier: u.tier().as_str_name().trim_start_matches("STORAGE_TIER_").to_lowercase() };
+            m.bytes.get_or_create(&l).set(u.bytes as i64);
+            m.objects.get_or_create(&l).set(u.objects as i64);
+        }
+        m.freed.inc_by(r.bytes_freed);
+        if r.provisioned_bytes > 0 {
+            m.utilisation.set(r.used_bytes as f64 / r.provisioned_bytes as f64);
+        }
+        tracing::info!(
+            trigger,
+            apply = cfg.apply,
+            planned = pass.plan.actions.len(),
+            freed_bytes = r.bytes_freed,
+            saving_per_month = pass.plan.saving_per_month(),
+            "storage pass done"
+        );
+        if let Err(e) = ctx.events.publish_durable(&ctx.subjects().storage_report(), r).await {
+            tracing::warn!(error = %e, "storage report publish failed");
+        }
+        if let Some(o) = &pass.outcome {
+            for (path, e) in &o.failed {
+                tracing::warn!(path = %path.display(), error = %e, "storage action failed; data left as it was");
+            }
+        }
+    }
+    Ok(())
+}
