@@ -153,7 +153,8 @@ fn still_safe(a: &PlannedAction, open: &HashSet<(u64, u64)>, write_guard: Durati
         return Err("open by a process".into());
     }
     let age = md.modified().ok().and_then(|m| m.elapsed().ok()).unwrap_or_default();
-    if a.step != Step::CleanupTemp && age < write_guard {
+    // A directory's time moves with its entries; the plan judged its files.
+    if md.is_file() && a.step != Step::CleanupTemp && age < write_guard {
         return Err("modified since the plan".into());
     }
     Ok(())

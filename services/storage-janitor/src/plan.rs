@@ -237,7 +237,9 @@ pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Pl
                 let prefix = format!("{}/", v.rel);
                 let inner: Vec<&Entry> = entries.iter().filter(|x| x.rel.starts_with(&prefix)).collect();
                 let bytes = v.size + inner.iter().map(|x| x.size).sum::<u64>();
-                let newest = inner.iter().map(|x| x.modified).chain([v.modified]).max().unwrap_or(v.modified);
+                // A directory's own time moves whenever an entry is added or
+                // removed; its files' times say when the version was written.
+                let newest = inner.iter().filter(|x| !x.is_dir).map(|x| x.modified).max().unwrap_or(v.modified);
                 let model = v.rel.split('/').next().unwrap_or_default().to_string();
                 models.entry(model).or_default().push((v, bytes, newest));
             }
