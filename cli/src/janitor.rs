@@ -49,7 +49,9 @@ fn human_bytes(b: u64) -> String {
 pub async fn run(cmd: JanitorCommand) -> anyhow::Result<ExitCode> {
     let env = config::process_env();
     let path = match &cmd {
-        JanitorCommand::Plan { config, .. } | JanitorCommand::Apply { config, .. } | JanitorCommand::Lifecycle { config } => config.clone(),
+        JanitorCommand::Plan { config, .. }
+        | JanitorCommand::Apply { config, .. }
+        | JanitorCommand::Lifecycle { config } => config.clone(),
     };
     let text = config::read_file(path.as_deref(), &env)?;
     let mesh = crate::mesh::MeshFile::load(text.as_deref(), &env, false)?;
@@ -67,7 +69,10 @@ pub async fn run(cmd: JanitorCommand) -> anyhow::Result<ExitCode> {
     let janitor = Janitor::new(cfg).map_err(anyhow::Error::msg)?;
     let progress = (apply && std::io::stderr().is_terminal()).then(|| {
         let pb = indicatif::ProgressBar::new(0);
-        pb.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
         pb
     });
     let pass = janitor.pass(chrono::Utc::now(), apply, &currency, progress.clone()).await;
@@ -76,9 +81,13 @@ pub async fn run(cmd: JanitorCommand) -> anyhow::Result<ExitCode> {
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&pass)?);
-        return Ok(if pass.outcome.as_ref().is_some_and(|o| !o.failed.is_empty()) { ExitCode::FAILURE } else { ExitCode::SUCCESS });
+        return Ok(if pass.outcome.as_ref().is_some_and(|o| !o.failed.is_empty()) {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
     }
-    println!("{:<12} {:<18} {:>10} {:>10} {:>9}  {}  ({})", "RULE", "STEP", "SIZE", "FREES", "SAVES/MO", "PATH", "WHY");
+    println!("{:<12} {:<18} {:>10} {:>10} {:>9}  PATH  (WHY)", "RULE", "STEP", "SIZE", "FREES", "SAVES/MO");
     for a in &pass.plan.actions {
         println!(
             "{:<12} {:<18} {:>10} {:>10} {:>9.3}  {}  ({})",
@@ -92,7 +101,16 @@ pub async fn run(cmd: JanitorCommand) -> anyhow::Result<ExitCode> {
         );
     }
     for s in &pass.plan.skipped {
-        println!("{:<12} {:<18} {:>10} {:>10} {:>9}  {}  (left alone: {})", s.rule, "skip", "", "", "", s.path.display(), s.reason);
+        println!(
+            "{:<12} {:<18} {:>10} {:>10} {:>9}  {}  (left alone: {})",
+            s.rule,
+            "skip",
+            "",
+            "",
+            "",
+            s.path.display(),
+            s.reason
+        );
     }
     println!(
         "plan: {} actions, frees {}, saves {:.2} {currency}/month{}",
@@ -102,7 +120,13 @@ pub async fn run(cmd: JanitorCommand) -> anyhow::Result<ExitCode> {
         if apply { "" } else { " (dry run: nothing changed; `costmesh janitor apply` carries it out)" }
     );
     if let Some(o) = &pass.outcome {
-        println!("applied: {} done, {} skipped, {} failed, {} freed", o.done.len(), o.skipped.len(), o.failed.len(), human_bytes(o.freed_bytes()));
+        println!(
+            "applied: {} done, {} skipped, {} failed, {} freed",
+            o.done.len(),
+            o.skipped.len(),
+            o.failed.len(),
+            human_bytes(o.freed_bytes())
+        );
         for (p, e) in &o.failed {
             eprintln!("failed: {}: {e}", p.display());
         }

@@ -13,7 +13,9 @@ fn content(i: usize) -> Vec<u8> {
         x ^= x >> 7;
         x ^= x << 17;
         // Compressible but not trivial: log-like lines with varying numbers.
-        v.extend_from_slice(format!("epoch {} step {} loss {:.5}\n", i, x % 10_000, (x % 1000) as f64 / 997.0).as_bytes());
+        v.extend_from_slice(
+            format!("epoch {} step {} loss {:.5}\n", i, x % 10_000, (x % 1000) as f64 / 997.0).as_bytes(),
+        );
     }
     v
 }
@@ -56,7 +58,10 @@ async fn killed_at_random_points_and_rerun_loses_nothing() {
 
     let run = || {
         let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
-        c.args(["janitor", "apply", "--config"]).arg(&cfg).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c.args(["janitor", "apply", "--config"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         c
     };
     // Kill points spread over the run: pseudo-random, reproducible.

@@ -172,7 +172,8 @@ fn run_local(a: &PlannedAction, open: &HashSet<(u64, u64)>, write_guard: Duratio
     if let Err(why) = still_safe(a, open, write_guard) {
         return Local::Skipped(a.path.clone(), why);
     }
-    let done = |freed| Local::Done(Done { rule: a.rule.clone(), step: a.step, path: a.path.clone(), freed_bytes: freed });
+    let done =
+        |freed| Local::Done(Done { rule: a.rule.clone(), step: a.step, path: a.path.clone(), freed_bytes: freed });
     let r: io::Result<Local> = (|| match a.step {
         Step::Delete | Step::CleanupTemp => {
             std::fs::remove_file(&a.path)?;
@@ -271,7 +272,8 @@ pub async fn apply(
                 }
             }
             if r.is_ok() {
-                let removed = if local.is_dir() { std::fs::remove_dir_all(&local) } else { std::fs::remove_file(&local) };
+                let removed =
+                    if local.is_dir() { std::fs::remove_dir_all(&local) } else { std::fs::remove_file(&local) };
                 r = removed.map(|_| len).map_err(|e| format!("archived, but removing the local copy failed: {e}"));
             }
             (a, local, r)

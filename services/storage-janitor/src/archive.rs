@@ -30,7 +30,10 @@ pub fn parse_store_url(s: &str, base: &Path) -> Result<StoreLocation, String> {
     match url.scheme() {
         "file" => Ok(StoreLocation::Local(PathBuf::from(url.path()))),
         "gs" | "s3" if cfg!(feature = "cloud") => Ok(StoreLocation::Url(url)),
-        "gs" | "s3" => Err(format!("{}:// needs the `cloud` build feature (cargo build --features costmesh-storage-janitor/cloud)", url.scheme())),
+        "gs" | "s3" => Err(format!(
+            "{}:// needs the `cloud` build feature (cargo build --features costmesh-storage-janitor/cloud)",
+            url.scheme()
+        )),
         other => Err(format!("scheme {other}:// is not supported (use a path, file://, gs:// or s3://)")),
     }
 }
@@ -53,7 +56,8 @@ impl Archive {
     pub fn open(location: StoreLocation) -> Result<Self, String> {
         let store: Arc<dyn ObjectStore> = match &location {
             StoreLocation::Local(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| format!("creating archive directory {}: {e}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("creating archive directory {}: {e}", dir.display()))?;
                 Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(|e| e.to_string())?)
             }
             StoreLocation::Url(url) => {
@@ -99,7 +103,8 @@ impl Archive {
     /// Bytes per storage class, by object age under the tier policy:
     /// [STANDARD, NEARLINE, COLDLINE].
     pub async fn usage(&self, now: DateTime<Utc>, tiers: &Tiers) -> Result<[TierUsage; 3], String> {
-        let metas: Vec<object_store::ObjectMeta> = self.store.list(None).try_collect().await.map_err(|e| e.to_string())?;
+        let metas: Vec<object_store::ObjectMeta> =
+            self.store.list(None).try_collect().await.map_err(|e| e.to_string())?;
         let mut out = [TierUsage::default(); 3];
         for m in metas {
             let age_days = (now - m.last_modified).num_days();

@@ -28,7 +28,8 @@ pub enum ActionKind {
 }
 
 impl ActionKind {
-    pub const ALL: &'static [&'static str] = &["compress", "compress_archive", "delete", "retire", "retire_archive", "report_stale"];
+    pub const ALL: &'static [&'static str] =
+        &["compress", "compress_archive", "delete", "retire", "retire_archive", "report_stale"];
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -144,7 +145,14 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-fn rule(name: &str, root: &str, pattern: &str, older_than: Option<&str>, keep: Option<u32>, action: &str) -> RuleConfig {
+fn rule(
+    name: &str,
+    root: &str,
+    pattern: &str,
+    older_than: Option<&str>,
+    keep: Option<u32>,
+    action: &str,
+) -> RuleConfig {
     RuleConfig {
         name: name.into(),
         root: root.into(),
@@ -204,8 +212,13 @@ impl Config {
             if r.name.is_empty() {
                 return Err(ConfigError::new(key(p, &format!("rules[{i}].name")), "\"\"", "every rule needs a name"));
             }
-            let action = ActionKind::parse(&r.action)
-                .ok_or_else(|| ConfigError::new(k("action"), &r.action, format!("unknown action; known: {}", ActionKind::ALL.join(", "))))?;
+            let action = ActionKind::parse(&r.action).ok_or_else(|| {
+                ConfigError::new(
+                    k("action"),
+                    &r.action,
+                    format!("unknown action; known: {}", ActionKind::ALL.join(", ")),
+                )
+            })?;
             let root = resolve(&self.base_dir, &r.root).map_err(|e| ConfigError::new(k("root"), &r.root, e))?;
             if r.pattern.starts_with('/') || r.pattern.split('/').any(|s| s == "..") {
                 return Err(ConfigError::new(k("match"), &r.pattern, "must be relative to the root, without `..`"));
@@ -216,10 +229,9 @@ impl Config {
                 Some(s) if s.trim_start().starts_with('-') => {
                     return Err(ConfigError::new(k("older_than"), s, "an age cannot be negative"))
                 }
-                Some(s) => Some(
-                    humantime_serde::re::humantime::parse_duration(s)
-                        .map_err(|e| ConfigError::new(k("older_than"), s, format!("not a duration like 7d or 24h: {e}")))?,
-                ),
+                Some(s) => Some(humantime_serde::re::humantime::parse_duration(s).map_err(|e| {
+                    ConfigError::new(k("older_than"), s, format!("not a duration like 7d or 24h: {e}"))
+                })?),
             };
             let keep_newest = match (action, r.keep_newest) {
                 (ActionKind::Retire | ActionKind::RetireArchive, Some(n)) if n >= 1 => n,
@@ -227,7 +239,11 @@ impl Config {
                     return Err(ConfigError::new(k("keep_newest"), n, "must keep at least 1 version"))
                 }
                 (ActionKind::Retire | ActionKind::RetireArchive, None) => {
-                    return Err(ConfigError { key: k("keep_newest"), value: None, reason: "retire rules need keep_newest".into() })
+                    return Err(ConfigError {
+                        key: k("keep_newest"),
+                        value: None,
+                        reason: "retire rules need keep_newest".into(),
+                    })
                 }
                 (_, Some(n)) => return Err(ConfigError::new(k("keep_newest"), n, "only retire rules keep versions")),
                 (_, None) => 0,
@@ -239,7 +255,15 @@ impl Config {
                     reason: format!("{} rules need an age, so fresh data is never touched", action.as_str()),
                 });
             }
-            out.push(Rule { name: r.name.clone(), root, pattern: r.pattern.clone(), older_than, min_size: r.min_size, keep_newest, action });
+            out.push(Rule {
+                name: r.name.clone(),
+                root,
+                pattern: r.pattern.clone(),
+                older_than,
+                min_size: r.min_size,
+                keep_newest,
+                action,
+            });
         }
         let mut names: Vec<&str> = self.rules.iter().map(|r| r.name.as_str()).collect();
         names.sort();
@@ -253,19 +277,41 @@ impl Config {
 impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
         if self.interval < Duration::from_secs(60) {
-            return Err(ConfigError::new(key(p, "interval"), humantime_serde::re::humantime::format_duration(self.interval), "must be at least 1m"));
+            return Err(ConfigError::new(
+                key(p, "interval"),
+                humantime_serde::re::humantime::format_duration(self.interval),
+                "must be at least 1m",
+            ));
         }
         if self.base_dir.parent().is_none() {
-            return Err(ConfigError::new(key(p, "base_dir"), self.base_dir.display(), "may not be the filesystem root `/`"));
+            return Err(ConfigError::new(
+                key(p, "base_dir"),
+                self.base_dir.display(),
+                "may not be the filesystem root `/`",
+            ));
         }
         if self.disk_pressure_pct == 0 || self.disk_pressure_pct > 100 {
-            return Err(ConfigError::new(key(p, "disk_pressure_pct"), self.disk_pressure_pct, "must be between 1 and 100"));
+            return Err(ConfigError::new(
+                key(p, "disk_pressure_pct"),
+                self.disk_pressure_pct,
+                "must be between 1 and 100",
+            ));
         }
         let t = &self.tiers;
         if t.nearline_after_days == 0 || t.coldline_after_days <= t.nearline_after_days {
-            return Err(ConfigError::new(key(p, "tiers.coldline_after_days"), t.coldline_after_days, "must be after nearline_after_days, which must be at least 1"));
+            return Err(ConfigError::new(
+                key(p, "tiers.coldline_after_days"),
+                t.coldline_after_days,
+                "must be after nearline_after_days, which must be at least 1",
+            ));
         }
-        for (name, v) in [("standard", self.prices.standard), ("nearline", self.prices.nearline), ("coldline", self.prices.coldline), ("archive", self.prices.archive), ("local", self.prices.local)] {
+        for (name, v) in [
+            ("standard", self.prices.standard),
+            ("nearline", self.prices.nearline),
+            ("coldline", self.prices.coldline),
+            ("archive", self.prices.archive),
+            ("local", self.prices.local),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(ConfigError::new(key(p, &format!("prices.{name}")), v, "must be a price of zero or more"));
             }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use costmesh_contracts::v1::{self, BudgetState, JobEventKind, StorageActionTaken, StorageReport, StorageTier, StorageUsage};
+use costmesh_contracts::v1::{
+    self, BudgetState, JobEventKind, StorageActionTaken, StorageReport, StorageTier, StorageUsage,
+};
 use costmesh_contracts::AnyEvent;
 use costmesh_runtime::ServiceContext;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -76,12 +78,24 @@ impl Janitor {
         .await
         .expect("scanning the roots panicked");
         let in_use = self.in_use.lock().expect("in-use lock").clone();
-        let cx = plan::Context { now, write_guard: self.cfg.write_guard, open: &open, in_use: &in_use, prices: &self.cfg.prices };
+        let cx = plan::Context {
+            now,
+            write_guard: self.cfg.write_guard,
+            open: &open,
+            in_use: &in_use,
+            prices: &self.cfg.prices,
+        };
         (plan::build(&self.rules, &entries, &cx), open)
     }
 
     /// One pass. `apply` overrides the config's `apply` (the CLI's `apply`).
-    pub async fn pass(&self, now: DateTime<Utc>, apply: bool, currency: &str, progress: Option<indicatif::ProgressBar>) -> Pass {
+    pub async fn pass(
+        &self,
+        now: DateTime<Utc>,
+        apply: bool,
+        currency: &str,
+        progress: Option<indicatif::ProgressBar>,
+    ) -> Pass {
         let (plan, open) = self.plan(now).await;
         let outcome = if apply {
             if let Some(p) = &progress {
@@ -97,7 +111,13 @@ impl Janitor {
     }
 
     /// The storage report after a pass.
-    pub async fn report(&self, now: DateTime<Utc>, plan: &Plan, outcome: Option<&Outcome>, currency: &str) -> StorageReport {
+    pub async fn report(
+        &self,
+        now: DateTime<Utc>,
+        plan: &Plan,
+        outcome: Option<&Outcome>,
+        currency: &str,
+    ) -> StorageReport {
         let prices = &self.cfg.prices;
         let mut usage: Vec<StorageUsage> = plan
             .roots
@@ -111,10 +131,13 @@ impl Janitor {
             })
             .collect();
         if let Ok(tiers) = self.archive.usage(now, &self.cfg.tiers).await {
-            for (i, (tier, price)) in
-                [(StorageTier::Standard, prices.standard), (StorageTier::Nearline, prices.nearline), (StorageTier::Coldline, prices.coldline)]
-                    .into_iter()
-                    .enumerate()
+            for (i, (tier, price)) in [
+                (StorageTier::Standard, prices.standard),
+                (StorageTier::Nearline, prices.nearline),
+                (StorageTier::Coldline, prices.coldline),
+            ]
+            .into_iter()
+            .enumerate()
             {
                 usage.push(StorageUsage {
                     root: self.cfg.archive_url.clone(),
@@ -130,12 +153,24 @@ impl Janitor {
             Some(o) => o
                 .done
                 .iter()
-                .map(|d| StorageActionTaken { rule: d.rule.clone(), action: d.step.as_str().into(), path: d.path.display().to_string(), bytes_freed: d.freed_bytes, dry_run: false })
+                .map(|d| StorageActionTaken {
+                    rule: d.rule.clone(),
+                    action: d.step.as_str().into(),
+                    path: d.path.display().to_string(),
+                    bytes_freed: d.freed_bytes,
+                    dry_run: false,
+                })
                 .collect(),
             None => plan
                 .actions
                 .iter()
-                .map(|a| StorageActionTaken { rule: a.rule.clone(), action: a.step.as_str().into(), path: a.path.display().to_string(), bytes_freed: a.freed_bytes, dry_run: true })
+                .map(|a| StorageActionTaken {
+                    rule: a.rule.clone(),
+                    action: a.step.as_str().into(),
+                    path: a.path.display().to_string(),
+                    bytes_freed: a.freed_bytes,
+                    dry_run: true,
+                })
                 .collect(),
         };
         StorageReport {
@@ -194,7 +229,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     ctx.register("costmesh_storage_objects", "Objects per root and tier", m.objects.clone());
     ctx.register("costmesh_storage_freed_bytes", "Bytes freed by applied passes", m.freed.clone());
     ctx.register("costmesh_storage_passes", "Janitor passes by trigger", m.passes.clone());
-    ctx.register("costmesh_storage_utilisation_ratio", "Used over provisioned bytes of the data filesystem", m.utilisation.clone());
+    ctx.register(
+        "costmesh_storage_utilisation_ratio",
+        "Used over provisioned bytes of the data filesystem",
+        m.utilisation.clone(),
+    );
 
     // Budget warnings ask for an extra pass; job events protect model paths.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
@@ -216,7 +255,13 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                     *in_use.lock().expect("in-use lock") = j.values().flatten().cloned().collect();
                 }
                 AnyEvent::JobEvent(e)
-                    if matches!(e.kind(), JobEventKind::Exited | JobEventKind::Failed | JobEventKind::Cancelled | JobEventKind::Interrupted) =>
+                    if matches!(
+                        e.kind(),
+                        JobEventKind::Exited
+                            | JobEventKind::Failed
+                            | JobEventKind::Cancelled
+                            | JobEventKind::Interrupted
+                    ) =>
                 {
                     let mut j = jobs.lock().expect("jobs lock");
                     j.remove(&e.job_id);
@@ -252,7 +297,10 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         let pass = janitor.pass(now, cfg.apply, &ctx.mesh.currency, None).await;
         let r = &pass.report_event;
         for u in &r.usage {
-            let l = RootLabels { root: u.root.clone(), tier: u.tier().as_str_name().trim_start_matches("STORAGE_TIER_").to_lowercase() };
+            let l = RootLabels {
+                root: u.root.clone(),
+                tier: u.tier().as_str_name().trim_start_matches("STORAGE_TIER_").to_lowercase(),
+            };
             m.bytes.get_or_create(&l).set(u.bytes as i64);
             m.objects.get_or_create(&l).set(u.objects as i64);
         }

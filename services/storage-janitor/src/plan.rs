@@ -141,23 +141,35 @@ fn in_use(path: &Path, used: &HashSet<PathBuf>) -> bool {
     used.iter().any(|u| u.starts_with(path) || path.starts_with(u))
 }
 
+/// A model version: its entry, total bytes, and when its files were last written.
+type Version<'a> = (&'a Entry, u64, DateTime<Utc>);
+
 /// Plans one rule over the entries of its root.
 pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Plan) {
     let glob = globset::GlobBuilder::new(&rule.pattern).literal_separator(true).build().map(|g| g.compile_matcher());
     let Ok(glob) = glob else { return };
-    let gz_glob = globset::GlobBuilder::new(&format!("{}.gz", rule.pattern)).literal_separator(true).build().map(|g| g.compile_matcher()).ok();
+    let gz_glob = globset::GlobBuilder::new(&format!("{}.gz", rule.pattern))
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher())
+        .ok();
     plan.roots.push(RootUsage {
         rule: rule.name.clone(),
         root: rule.root.clone(),
         bytes: entries.iter().map(|e| e.size).sum(),
         objects: entries.iter().filter(|e| !e.is_dir).count() as u64,
     });
-    let skip = |plan: &mut Plan, e: &Entry, why: String| plan.skipped.push(Skipped { rule: rule.name.clone(), path: e.path.clone(), reason: why });
+    let skip = |plan: &mut Plan, e: &Entry, why: String| {
+        plan.skipped.push(Skipped { rule: rule.name.clone(), path: e.path.clone(), reason: why })
+    };
     let busy = |e: &Entry| -> Option<String> {
         if cx.open.contains(&(e.dev, e.ino)) {
             Some("open by a process".into())
         } else if age(cx.now, e.modified) < cx.write_guard {
-            Some(format!("modified within the last {}", humantime_serde::re::humantime::format_duration(cx.write_guard)))
+            Some(format!(
+                "modified within the last {}",
+                humantime_serde::re::humantime::format_duration(cx.write_guard)
+            ))
         } else {
             None
         }
@@ -187,7 +199,8 @@ pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Pl
                     continue;
                 }
                 let is_match = glob.is_match(&e.rel);
-                let is_leftover_gz = rule.action == ActionKind::CompressArchive && gz_glob.as_ref().is_some_and(|g| g.is_match(&e.rel));
+                let is_leftover_gz =
+                    rule.action == ActionKind::CompressArchive && gz_glob.as_ref().is_some_and(|g| g.is_match(&e.rel));
                 if !is_match && !is_leftover_gz {
                     continue;
                 }
@@ -211,8 +224,14 @@ pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Pl
                 } else {
                     let older = rule.older_than.map(|d| format!(", older than {}", human(d))).unwrap_or_default();
                     match rule.action {
-                        ActionKind::Compress => (Step::Compress, (e.size as f64 * ESTIMATED_GZIP_SAVING) as u64, format!("{} old{older}", human(old))),
-                        ActionKind::CompressArchive => (Step::CompressArchive, e.size, format!("{} old{older}", human(old))),
+                        ActionKind::Compress => (
+                            Step::Compress,
+                            (e.size as f64 * ESTIMATED_GZIP_SAVING) as u64,
+                            format!("{} old{older}", human(old)),
+                        ),
+                        ActionKind::CompressArchive => {
+                            (Step::CompressArchive, e.size, format!("{} old{older}", human(old)))
+                        }
                         _ => (Step::Delete, e.size, format!("{} old{older}", human(old))),
                     }
                 };
@@ -232,7 +251,7 @@ pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Pl
         ActionKind::Retire | ActionKind::RetireArchive => {
             // Versions: entries matching the pattern, grouped by model (the
             // first path component), newest first.
-            let mut models: BTreeMap<String, Vec<(&Entry, u64, DateTime<Utc>)>> = BTreeMap::new();
+            let mut models: BTreeMap<String, Vec<Version<'_>>> = BTreeMap::new();
             for v in entries.iter().filter(|e| glob.is_match(&e.rel) && !e.is_symlink) {
                 let prefix = format!("{}/", v.rel);
                 let inner: Vec<&Entry> = entries.iter().filter(|x| x.rel.starts_with(&prefix)).collect();

@@ -34,7 +34,12 @@ struct Expect {
 }
 
 fn generate(base: &Path, files: usize) -> Expect {
-    let mut e = Expect { compress: BTreeSet::new(), delete_tmp: BTreeSet::new(), delete_snap: BTreeSet::new(), retire: BTreeSet::new() };
+    let mut e = Expect {
+        compress: BTreeSet::new(),
+        delete_tmp: BTreeSet::new(),
+        delete_snap: BTreeSet::new(),
+        retire: BTreeSet::new(),
+    };
     for i in 0..files {
         let age = (i % 20) as f64; // 0..19 days
         match i % 4 {
@@ -151,7 +156,11 @@ async fn the_plan_is_the_policy_apply_does_it_and_a_second_apply_does_nothing() 
     assert_eq!(fs::read(&secret).unwrap(), b"not yours");
     // The report counts what was freed, and the archive per tier.
     assert_eq!(pass.report_event.bytes_freed, outcome.freed_bytes());
-    assert!(pass.report_event.usage.iter().any(|u| u.tier == costmesh_contracts::v1::StorageTier::Standard as i32 && u.objects > 0));
+    assert!(pass
+        .report_event
+        .usage
+        .iter()
+        .any(|u| u.tier == costmesh_contracts::v1::StorageTier::Standard as i32 && u.objects > 0));
 
     let again = janitor.pass(chrono::Utc::now(), true, "TWD", None).await;
     assert!(again.plan.actions.is_empty(), "{:?}", &again.plan.actions[..again.plan.actions.len().min(3)]);
@@ -189,8 +198,17 @@ fn lifecycle_rules_follow_the_gcs_format() {
     let actions = ["Delete", "SetStorageClass", "AbortIncompleteMultipartUpload"];
     let classes = ["STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE"];
     let conditions = [
-        "age", "createdBefore", "customTimeBefore", "daysSinceCustomTime", "daysSinceNoncurrentTime", "isLive",
-        "matchesStorageClass", "matchesPrefix", "matchesSuffix", "noncurrentTimeBefore", "numNewerVersions",
+        "age",
+        "createdBefore",
+        "customTimeBefore",
+        "daysSinceCustomTime",
+        "daysSinceNoncurrentTime",
+        "isLive",
+        "matchesStorageClass",
+        "matchesPrefix",
+        "matchesSuffix",
+        "noncurrentTimeBefore",
+        "numNewerVersions",
     ];
     for r in rules {
         let obj = r.as_object().unwrap();
@@ -213,7 +231,10 @@ fn lifecycle_rules_follow_the_gcs_format() {
         }
     }
     // The seed's tiers, respecting minimum storage durations (NEARLINE 30 d).
-    assert_eq!(rules[0], serde_json::json!({"action": {"type": "SetStorageClass", "storageClass": "NEARLINE"}, "condition": {"age": 30, "matchesStorageClass": ["STANDARD"]}}));
+    assert_eq!(
+        rules[0],
+        serde_json::json!({"action": {"type": "SetStorageClass", "storageClass": "NEARLINE"}, "condition": {"age": 30, "matchesStorageClass": ["STANDARD"]}})
+    );
     assert_eq!(rules[1]["action"]["storageClass"], "COLDLINE");
     assert_eq!(rules[1]["condition"]["age"], 90);
     let del = rules.iter().find(|r| r["condition"]["matchesPrefix"] == serde_json::json!(["snapshots/"])).unwrap();

@@ -44,9 +44,16 @@ async fn a_budget_warning_runs_an_extra_pass_and_a_running_jobs_model_is_kept() 
     observer.flush().await.unwrap();
 
     // A job is using v0 (the oldest version).
-    let spec = JobSpec { name: "finetune".into(), args: vec![base.join("models/llm/v0/weights.bin").display().to_string()], ..Default::default() };
+    let spec = JobSpec {
+        name: "finetune".into(),
+        args: vec![base.join("models/llm/v0/weights.bin").display().to_string()],
+        ..Default::default()
+    };
     let assign = JobAssignment { job_id: "j1".into(), node: "n1".into(), spec: Some(spec), ..Default::default() };
-    let (h, p) = costmesh_contracts::encode(&assign, &EventMeta::new::<JobAssignment>("scheduler", clock.now(), ContentType::Protobuf));
+    let (h, p) = costmesh_contracts::encode(
+        &assign,
+        &EventMeta::new::<JobAssignment>("scheduler", clock.now(), ContentType::Protobuf),
+    );
     observer.publish_durable(&subjects.node_assign("n1"), h, p).await.unwrap();
 
     tokio::spawn(costmesh_storage_janitor::run(cfg, ctx));
@@ -57,12 +64,16 @@ async fn a_budget_warning_runs_an_extra_pass_and_a_running_jobs_model_is_kept() 
     .await;
 
     let warning = BudgetEvent { scope: "cloud".into(), state: BudgetState::Warning as i32, ..Default::default() };
-    let (h, p) = costmesh_contracts::encode(&warning, &EventMeta::new::<BudgetEvent>("cost-watcher", clock.now(), ContentType::Json));
+    let (h, p) = costmesh_contracts::encode(
+        &warning,
+        &EventMeta::new::<BudgetEvent>("cost-watcher", clock.now(), ContentType::Json),
+    );
     observer.publish_durable(&subjects.budget("cloud", BudgetState::Warning), h, p).await.unwrap();
 
     let m = tokio::time::timeout(Duration::from_secs(15), reports.next()).await.expect("a storage report").unwrap();
     let (_, report) = costmesh_contracts::decode::<v1::StorageReport>(&m.headers, &m.payload).unwrap();
-    let retired: Vec<&str> = report.actions.iter().filter(|a| a.action == "retire_archive").map(|a| a.path.as_str()).collect();
+    let retired: Vec<&str> =
+        report.actions.iter().filter(|a| a.action == "retire_archive").map(|a| a.path.as_str()).collect();
     // Newest 3 kept (v2..v4); v1 retired; v0 kept because the job uses it.
     assert_eq!(retired.len(), 1, "{retired:?}");
     assert!(retired[0].ends_with("models/llm/v1"), "{retired:?}");
