@@ -69,6 +69,10 @@ pub struct RuleConfig {
     #[serde(default)]
     pub keep_newest: Option<u32>,
     pub action: String,
+    /// The storage class the root's data is in, for reports and savings:
+    /// `local` (default), `standard`, `nearline`, `coldline`, `archive`.
+    #[serde(default)]
+    pub tier: Option<String>,
 }
 
 fn default_match() -> String {
@@ -85,6 +89,54 @@ pub struct Rule {
     pub min_size: Option<u64>,
     pub keep_newest: u32,
     pub action: ActionKind,
+    pub tier: Tier,
+}
+
+/// Where a rule's data is stored, for pricing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Local,
+    Standard,
+    Nearline,
+    Coldline,
+    Archive,
+}
+
+impl Tier {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "local" => Tier::Local,
+            "standard" => Tier::Standard,
+            "nearline" => Tier::Nearline,
+            "coldline" => Tier::Coldline,
+            "archive" => Tier::Archive,
+            _ => return None,
+        })
+    }
+
+    /// Price per GB-month.
+    pub fn price(self, p: &Prices) -> f64 {
+        match self {
+            Tier::Local => p.local,
+            Tier::Standard => p.standard,
+            Tier::Nearline => p.nearline,
+            Tier::Coldline => p.coldline,
+            Tier::Archive => p.archive,
+        }
+    }
+
+    /// The storage class on the wire (local disk has none).
+    pub fn storage_tier(self) -> costmesh_contracts::v1::StorageTier {
+        use costmesh_contracts::v1::StorageTier as T;
+        match self {
+            Tier::Local => T::Unspecified,
+            Tier::Standard => T::Standard,
+            Tier::Nearline => T::Nearline,
+            Tier::Coldline => T::Coldline,
+            Tier::Archive => T::Archive,
+        }
+    }
 }
 
 /// Prices per GB-month in the ledger currency (seed: 0.68 / 0.34 / 0.17).
@@ -161,6 +213,7 @@ fn rule(
         min_size: None,
         keep_newest: keep,
         action: action.into(),
+        tier: None,
     }
 }
 
@@ -255,6 +308,12 @@ impl Config {
                     reason: format!("{} rules need an age, so fresh data is never touched", action.as_str()),
                 });
             }
+            let tier = match &r.tier {
+                None => Tier::Local,
+                Some(t) => Tier::parse(t).ok_or_else(|| {
+                    ConfigError::new(k("tier"), t, "unknown tier; known: local, standard, nearline, coldline, archive")
+                })?,
+            };
             out.push(Rule {
                 name: r.name.clone(),
                 root,
@@ -263,6 +322,7 @@ impl Config {
                 min_size: r.min_size,
                 keep_newest,
                 action,
+                tier,
             });
         }
         let mut names: Vec<&str> = self.rules.iter().map(|r| r.name.as_str()).collect();

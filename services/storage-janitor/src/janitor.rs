@@ -124,10 +124,10 @@ impl Janitor {
             .iter()
             .map(|r| StorageUsage {
                 root: r.root.display().to_string(),
-                tier: StorageTier::Unspecified as i32,
+                tier: r.tier.storage_tier() as i32,
                 bytes: r.bytes,
                 objects: r.objects,
-                monthly_cost: Some(money(r.bytes as f64 / 1e9 * prices.local, currency)),
+                monthly_cost: Some(money(r.bytes as f64 / 1e9 * r.tier.price(prices), currency)),
             })
             .collect();
         if let Ok(tiers) = self.archive.usage(now, &self.cfg.tiers).await {

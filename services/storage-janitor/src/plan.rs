@@ -70,7 +70,7 @@ pub struct PlannedAction {
     pub bytes: u64,
     /// Local bytes the step frees (an estimate for compression).
     pub freed_bytes: u64,
-    /// Monthly saving at the local price.
+    /// Monthly saving at the price of the rule's tier.
     pub saving_per_month: f64,
     pub reason: String,
 }
@@ -86,6 +86,7 @@ pub struct Skipped {
 #[derive(Clone, Debug, Serialize)]
 pub struct RootUsage {
     pub rule: String,
+    pub tier: crate::config::Tier,
     pub root: PathBuf,
     pub bytes: u64,
     pub objects: u64,
@@ -132,8 +133,8 @@ fn human(d: std::time::Duration) -> String {
     }
 }
 
-fn saving(bytes: u64, prices: &Prices) -> f64 {
-    bytes as f64 / 1e9 * prices.local
+fn saving(bytes: u64, price_per_gb_month: f64) -> f64 {
+    bytes as f64 / 1e9 * price_per_gb_month
 }
 
 /// Whether `path` is, or lies under or above, a path in use.
@@ -148,6 +149,7 @@ type Version<'a> = (&'a Entry, u64, DateTime<Utc>);
 pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Plan) {
     let glob = globset::GlobBuilder::new(&rule.pattern).literal_separator(true).build().map(|g| g.compile_matcher());
     let Ok(glob) = glob else { return };
+    let price = rule.tier.price(cx.prices);
     let gz_glob = globset::GlobBuilder::new(&format!("{}.gz", rule.pattern))
         .literal_separator(true)
         .build()
@@ -155,6 +157,7 @@ pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Pl
         .ok();
     plan.roots.push(RootUsage {
         rule: rule.name.clone(),
+        tier: rule.tier,
         root: rule.root.clone(),
         bytes: entries.iter().map(|e| e.size).sum(),
         objects: entries.iter().filter(|e| !e.is_dir).count() as u64,
@@ -186,7 +189,7 @@ pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Pl
                 rel: e.rel.clone(),
                 bytes: e.size,
                 freed_bytes: e.size,
-                saving_per_month: saving(e.size, cx.prices),
+                saving_per_month: saving(e.size, price),
                 reason: "partial file of an interrupted run".into(),
             });
         }
@@ -243,7 +246,7 @@ pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Pl
                     rel: e.rel.clone(),
                     bytes: e.size,
                     freed_bytes: freed,
-                    saving_per_month: saving(freed, cx.prices),
+                    saving_per_month: saving(freed, price),
                     reason,
                 });
             }
@@ -282,7 +285,7 @@ pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Pl
                         rel: v.rel.clone(),
                         bytes,
                         freed_bytes: bytes,
-                        saving_per_month: saving(bytes, cx.prices),
+                        saving_per_month: saving(bytes, price),
                         reason: format!("{model}: older than the newest {}", rule.keep_newest),
                     });
                 }
@@ -302,7 +305,7 @@ pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Pl
                         rel: ".".into(),
                         bytes,
                         freed_bytes: 0,
-                        saving_per_month: saving(bytes, cx.prices),
+                        saving_per_month: saving(bytes, price),
                         reason: format!("nothing touched for {}: a candidate to release", human(idle)),
                     });
                 }

@@ -179,6 +179,13 @@ fn bad_rules_fail_at_start_naming_the_rule_and_the_field() {
         (r#"root = "logs""#, r#"action = "delete""#, r#"older_than = "-7d""#, "rules[0] (bad).older_than", "negative"),
         (r#"root = "logs""#, r#"action = "delete""#, r#"match = "../**""#, "rules[0] (bad).match", "relative"),
         (r#"root = "logs""#, r#"action = "delete""#, r#"match = "*""#, "rules[0] (bad).older_than", "need an age"),
+        (
+            r#"root = "logs""#,
+            r#"action = "delete""#,
+            "older_than = \"1d\"\ntier = \"glacier\"",
+            "rules[0] (bad).tier",
+            "unknown tier",
+        ),
     ];
     for (root, action, extra, key, why) in cases {
         let file = format!("[storage_janitor]\nbase_dir = \"/srv\"\n[[storage_janitor.rules]]\nname = \"bad\"\n{root}\n{action}\n{extra}\n");
