@@ -8,6 +8,16 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[tokio::test]
 async fn up_starts_all_five_and_prints_events() {
+    up_runs(None).await;
+}
+
+#[tokio::test]
+async fn up_runs_over_a_real_nats_server() {
+    let nats = costmesh_testkit::NatsServer::start_new();
+    up_runs(Some(nats.url())).await;
+}
+
+async fn up_runs(nats: Option<String>) {
     let sections = ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"];
     let ports: Vec<u16> = sections.iter().map(|_| free_port()).collect();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
@@ -20,6 +30,10 @@ async fn up_starts_all_five_and_prints_events() {
         .kill_on_drop(true);
     for (s, p) in sections.iter().zip(&ports) {
         cmd.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), format!("127.0.0.1:{p}"));
+    }
+    if let Some(url) = &nats {
+        cmd.args(["--nats", url]);
+        cmd.env("COSTMESH__MESH__SUBJECT_PREFIX", costmesh_testkit::unique_prefix("up"));
     }
     let started = Instant::now();
     let mut child = cmd.spawn().expect("spawn costmesh up");
