@@ -25,6 +25,14 @@ enum Command {
         #[command(subcommand)]
         command: janitor::JanitorCommand,
     },
+    /// Owning GPUs against renting cloud GPUs, from `[cost_watcher.roi]`.
+    Roi {
+        #[arg(long, short)]
+        config: Option<std::path::PathBuf>,
+        /// JSON instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Live events from a NATS server.
     Events {
         #[command(subcommand)]
@@ -53,6 +61,20 @@ enum EventsCommand {
     },
 }
 
+fn roi(path: Option<std::path::PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let env = costmesh_runtime::config::process_env();
+    let text = costmesh_runtime::config::read_file(path.as_deref(), &env)?;
+    let cfg = mesh::MeshFile::load(text.as_deref(), &env, false)?;
+    let inputs = &cfg.cost_watcher.roi;
+    let r = costmesh_cost_watcher::roi::compute(inputs);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"inputs": inputs, "roi": r}))?);
+    } else {
+        print!("{}", costmesh_cost_watcher::roi::render(inputs, &r, &cfg.common.mesh.currency));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -66,6 +88,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => mesh::up(args).await,
             Command::Janitor { command } => janitor::run(command).await,
+            Command::Roi { config, json } => roi(config, json),
             Command::Events { command: EventsCommand::Tail { subject, nats, prefix, json, count } } => {
                 view::tail(&nats, &prefix, subject.as_deref(), json, count).await
             }

@@ -91,7 +91,8 @@ impl MeshFile {
         }
         // The one-command demo must not need root: keep the janitor's data
         // under the temp directory unless a base_dir is configured.
-        let base_set = env.contains_key("COSTMESH__STORAGE_JANITOR__BASE_DIR") || file.is_some_and(|f| f.contains("base_dir"));
+        let base_set =
+            env.contains_key("COSTMESH__STORAGE_JANITOR__BASE_DIR") || file.is_some_and(|f| f.contains("base_dir"));
         if demo_defaults && !base_set {
             m.storage_janitor.base_dir = std::env::temp_dir().join("costmesh-demo");
         }

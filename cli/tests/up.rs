@@ -147,3 +147,18 @@ async fn events_tail_prints_decoded_events_and_names_bad_ones() {
     assert_eq!(lines[0]["event"]["profile"], "POWER_PROFILE_IDLE");
     assert!(lines[1]["error"].as_str().unwrap().contains("missing_header"), "{}", lines[1]);
 }
+
+#[tokio::test]
+async fn roi_with_the_seeds_inputs_prints_the_seeds_numbers() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+        .arg("roi")
+        .env_remove("COSTMESH_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in ["17.5 TWD", "525 TWD", "6,300 TWD", "98.3 %", "116,700 TWD", "80.5 %", "Payback 1.76 months"] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+}

@@ -4,11 +4,13 @@
 //! - [`config`]: the `[cost_watcher]` section (prices, budget).
 //! - [`energy`]: energy accounting from GPU telemetry, exact across lost and
 //!   repeated samples and agent restarts (deltas per boot id).
+//! - [`roi`]: owning GPUs against renting cloud GPUs (`costmesh roi`).
 //! - [`watcher`]: the service loop.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod energy;
+pub mod roi;
 pub mod watcher;
 
 pub use config::Config;
