@@ -12,6 +12,9 @@ pub struct Config {
     pub monthly_budget: f64,
     /// Warn at this fraction of the budget (seed: 0.8).
     pub warn_ratio: f64,
+    /// How often budgets and forecasts are evaluated (and state saved).
+    #[serde(with = "humantime_serde")]
+    pub evaluate_interval: std::time::Duration,
     /// Inputs of `costmesh roi`.
     pub roi: crate::roi::RoiInputs,
     pub admin: AdminConfig,
@@ -23,6 +26,7 @@ impl Default for Config {
             electricity_price_per_kwh: 2.6,
             monthly_budget: 3000.0,
             warn_ratio: 0.8,
+            evaluate_interval: std::time::Duration::from_secs(60),
             roi: Default::default(),
             admin: AdminConfig::on_port(9104),
         }

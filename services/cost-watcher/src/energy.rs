@@ -4,33 +4,30 @@
 //! GPU, the boot id and the highest counter seen, and adds only the growth:
 //! a lost sample is covered by the next one, a repeated or reordered one adds
 //! nothing, and a new boot id starts a new counter from zero.
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct GpuKey {
-    node: String,
-    gpu: u32,
-}
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Seen {
     boot_id: String,
     energy_mj: u64,
 }
 
 /// Energy used by all GPUs since the ledger started, in millijoules.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EnergyLedger {
-    gpus: HashMap<GpuKey, Seen>,
+    /// "node/gpu" -> the last counter seen.
+    gpus: BTreeMap<String, Seen>,
     /// Boot ids already finished, so a late sample of an old boot adds nothing.
-    retired: HashMap<GpuKey, Vec<String>>,
+    retired: BTreeMap<String, Vec<String>>,
     total_mj: u64,
 }
 
 impl EnergyLedger {
     /// Records a sample; returns the energy it adds (millijoules).
     pub fn observe(&mut self, node: &str, gpu: u32, boot_id: &str, energy_mj: u64) -> u64 {
-        let key = GpuKey { node: node.to_string(), gpu };
+        let key = format!("{node}/{gpu}");
         if self.retired.get(&key).is_some_and(|r| r.iter().any(|b| b == boot_id)) {
             return 0;
         }

@@ -5,11 +5,15 @@
 //! - [`energy`]: energy accounting from GPU telemetry, exact across lost and
 //!   repeated samples and agent restarts (deltas per boot id).
 //! - [`roi`]: owning GPUs against renting cloud GPUs (`costmesh roi`).
+//! - [`ledger`]: money per month and scope (time-zone months), the durable state, forecasts.
+//! - [`budget`]: budget states and exactly-once budget events.
 //! - [`watcher`]: the service loop.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod config;
 pub mod energy;
+pub mod ledger;
 pub mod roi;
 pub mod watcher;
 

@@ -1,44 +1,274 @@
-//! The cost-watcher loop: telemetry in, energy cost out (as metrics).
+//! The cost-watcher loop: telemetry in, money booked per month; budgets,
+//! forecasts and month rollover evaluated on the injectable clock; state
+//! saved to JetStream KV with compare-and-set.
 use std::sync::{Arc, Mutex};
 
-use costmesh_contracts::v1::GpuSample;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use costmesh_bus::{BusErrorKind, Kv};
+use costmesh_contracts::v1::{BudgetEvent, GpuSample, Money};
 use costmesh_runtime::events::HandlerError;
 use costmesh_runtime::ServiceContext;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
+use crate::budget;
 use crate::config::Config;
-use crate::energy::EnergyLedger;
+use crate::ledger::{self, State};
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetLabels {
+    budget: String,
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
+    energy_kwh: FloatGauge,
+    electricity_cost: FloatGauge,
+    month_cost: Family<ScopeLabels, FloatGauge>,
+    budget_state: Family<BudgetLabels, Gauge>,
+    budget_ratio: Family<BudgetLabels, FloatGauge>,
+    forecast: FloatGauge,
+    forecast_error: FloatGauge,
+}
+
+/// The budget the config defines (scope: all spend).
+pub const MONTHLY: &str = "monthly";
+
+struct Shared {
+    state: State,
+    /// KV revision the state was loaded or saved at.
+    revision: Option<u64>,
+    dirty: bool,
+}
+
+const STATE_KEY: &str = "state";
+
+async fn load(kv: &Kv) -> anyhow::Result<(State, Option<u64>)> {
+    match kv.get(STATE_KEY).await? {
+        Some(e) => Ok((serde_json::from_slice(&e.value)?, Some(e.revision))),
+        None => Ok((State::default(), None)),
+    }
+}
+
+async fn save(kv: &Kv, shared: &Mutex<Shared>) -> anyhow::Result<()> {
+    let (bytes, rev) = {
+        let s = shared.lock().expect("state lock");
+        if !s.dirty {
+            return Ok(());
+        }
+        (Bytes::from(serde_json::to_vec(&s.state)?), s.revision)
+    };
+    let r = match rev {
+        Some(r) => kv.update(STATE_KEY, bytes, r).await,
+        None => kv.create(STATE_KEY, bytes).await,
+    };
+    match r {
+        Ok(new) => {
+            let mut s = shared.lock().expect("state lock");
+            s.revision = Some(new);
+            s.dirty = false;
+            Ok(())
+        }
+        Err(e) if matches!(e.kind, BusErrorKind::WrongRevision | BusErrorKind::AlreadyExists) => {
+            anyhow::bail!("another cost-watcher wrote the ledger state ({e}); run one active cost-watcher per prefix")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn money(micros: i64, currency: &str) -> Option<Money> {
+    Some(Money { currency_code: currency.to_string(), micros })
+}
+
+/// One evaluation: rollover, forecast, budgets. Returns the budget events
+/// to publish (with their ids).
+fn evaluate(
+    cfg: &Config,
+    s: &mut State,
+    now: DateTime<Utc>,
+    tz: chrono_tz::Tz,
+    currency: &str,
+    m: &Metrics,
+) -> Vec<(String, BudgetEvent)> {
+    let period = ledger::period_of(now, tz);
+    let price = cfg.electricity_price_per_kwh;
+    // Month rollover: score the mid-month forecast against what was spent.
+    if let Some(prev) = s.current_period.clone().filter(|p| *p != period) {
+        let actual = s.period_total(&prev, price);
+        if let Some(f) = s.mid_month_forecast.get(&prev).copied() {
+            if actual > 0 {
+                let err = (f - actual).abs() as f64 / actual as f64;
+                s.forecast_error.insert(prev.clone(), err);
+                m.forecast_error.set(err);
+                tracing::info!(period = %prev, forecast = f as f64 / 1e6, actual = actual as f64 / 1e6, error = err, "month closed: forecast scored");
+            }
+        }
+    }
+    s.current_period = Some(period.clone());
+    let spent = s.period_total(&period, price);
+    if let Some((start, end)) = ledger::period_bounds(&period, tz) {
+        let f = ledger::forecast(spent, now, start, end);
+        m.forecast.set(f as f64 / 1e6);
+        if now >= start + (end - start) / 2 && !s.mid_month_forecast.contains_key(&period) {
+            s.mid_month_forecast.insert(period.clone(), f);
+        }
+    }
+    for scope in ledger::SCOPES {
+        let v = if *scope == "local" { s.electricity(&period, price) } else { s.scope_total(&period, scope) };
+        m.month_cost.get_or_create(&ScopeLabels { scope: scope.to_string() }).set(v as f64 / 1e6);
+    }
+    let budget_micros = (cfg.monthly_budget * 1e6).round() as i64;
+    let mut track = s.budgets.remove(MONTHLY);
+    budget::evaluate(&mut track, &period, spent, budget_micros, cfg.warn_ratio);
+    let t = track.expect("evaluate always leaves a track");
+    let labels = BudgetLabels { budget: MONTHLY.into() };
+    m.budget_state.get_or_create(&labels).set(t.state as i64 - 1);
+    m.budget_ratio.get_or_create(&labels).set(spent as f64 / budget_micros.max(1) as f64);
+    let mut out = Vec::new();
+    if t.pending {
+        let ev = BudgetEvent {
+            scope: "total".into(),
+            budget_name: MONTHLY.into(),
+            state: t.state,
+            previous_state: t.previous,
+            spent: money(t.spent_micros, currency),
+            budget: money(t.budget_micros, currency),
+            threshold: t.threshold,
+            period: t.period.clone(),
+            reason: format!(
+                "spent {:.2} of {:.2} {currency} ({:.1} %) in {}",
+                t.spent_micros as f64 / 1e6,
+                t.budget_micros as f64 / 1e6,
+                t.spent_micros as f64 / t.budget_micros.max(1) as f64 * 100.0,
+                t.period
+            ),
+            time: Some(costmesh_contracts::timestamp(now)),
+        };
+        out.push((t.event_id(MONTHLY), ev));
+    }
+    s.budgets.insert(MONTHLY.into(), t);
+    out
+}
 
 /// Runs the cost-watcher until shutdown.
 pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
-    let ledger = Arc::new(Mutex::new(EnergyLedger::default()));
-    let energy_kwh: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
-    let electricity_cost: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
-    ctx.register("costmesh_energy_kwh", "GPU energy accounted since start (kWh)", energy_kwh.clone());
+    let m = Metrics::default();
+    ctx.register("costmesh_energy_kwh", "GPU energy accounted since the ledger began (kWh)", m.energy_kwh.clone());
     ctx.register(
         "costmesh_electricity_cost",
-        "Electricity cost accounted since start, in the ledger currency",
-        electricity_cost.clone(),
+        "Electricity cost this month, ledger currency",
+        m.electricity_cost.clone(),
     );
+    ctx.register("costmesh_month_cost", "Cost this month by scope, ledger currency", m.month_cost.clone());
+    ctx.register("costmesh_budget_state", "Budget state: 0 ok, 1 warning, 2 exceeded", m.budget_state.clone());
+    ctx.register("costmesh_budget_spent_ratio", "Spend over budget this month", m.budget_ratio.clone());
+    ctx.register("costmesh_forecast_month_end", "Forecast of this month's total spend", m.forecast.clone());
+    ctx.register(
+        "costmesh_forecast_error_ratio",
+        "Error of last month's mid-month forecast: |forecast - actual| / actual",
+        m.forecast_error.clone(),
+    );
+
+    let tz = ctx.mesh.tz();
+    let currency = ctx.mesh.currency.clone();
+    ctx.events.ensure_stream().await?;
+    let bucket = format!("{}_cost_watcher", ctx.subjects().prefix().replace(['.', '-'], "_"));
+    let kv = ctx.bus().kv(&bucket).await?;
+    let (state, revision) = load(&kv).await?;
+    tracing::info!(bucket, restored = revision.is_some(), "ledger state loaded");
+    let shared = Arc::new(Mutex::new(Shared { state, revision, dirty: false }));
 
     // One cost-watcher of a group accounts each sample.
     let sub = ctx.bus().queue_subscribe(&ctx.subjects().gpu_telemetry_all(), "cost-watcher").await?;
+    ctx.bus().flush().await?;
+    {
+        let (events, shutdown, shared, m, price) =
+            (ctx.events.clone(), ctx.shutdown.clone(), shared.clone(), m.clone(), cfg.electricity_price_per_kwh);
+        let clock = ctx.clock.clone();
+        tokio::spawn(async move {
+            events
+                .consume_core::<GpuSample, _, _>(sub, shutdown, move |_, meta, s| {
+                    let (shared, m, clock) = (shared.clone(), m.clone(), clock.clone());
+                    async move {
+                        if s.boot_id.is_empty() {
+                            return Err(HandlerError::Reject(
+                                "GpuSample without boot_id: energy cannot be accounted".into(),
+                            ));
+                        }
+                        let at = s
+                            .time
+                            .as_ref()
+                            .and_then(costmesh_contracts::from_timestamp)
+                            .or(meta.time)
+                            .unwrap_or_else(|| clock.now());
+                        let period = ledger::period_of(at, tz);
+                        let mut sh = shared.lock().expect("state lock");
+                        let added = sh.state.energy.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
+                        if added > 0 {
+                            *sh.state.energy_mj.entry(period.clone()).or_default() += added;
+                            sh.dirty = true;
+                        }
+                        m.energy_kwh.set(sh.state.energy.total_kwh());
+                        m.electricity_cost.set(sh.state.electricity(&period, price) as f64 / 1e6);
+                        Ok(())
+                    }
+                })
+                .await
+        });
+    }
     ctx.health.set("bus", true);
-    let price = cfg.electricity_price_per_kwh;
-    ctx.events
-        .consume_core::<GpuSample, _, _>(sub, ctx.shutdown.clone(), move |_, _, s| {
-            let (ledger, energy_kwh, electricity_cost) = (ledger.clone(), energy_kwh.clone(), electricity_cost.clone());
-            async move {
-                if s.boot_id.is_empty() {
-                    return Err(HandlerError::Reject("GpuSample without boot_id: energy cannot be accounted".into()));
+
+    let mut ticker = ctx.clock.ticker(cfg.evaluate_interval);
+    loop {
+        let now = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            t = ticker.tick() => t,
+        };
+        let pending = {
+            let mut sh = shared.lock().expect("state lock");
+            let before = serde_json::to_vec(&sh.state.budgets).unwrap_or_default();
+            let (mid_before, err_before, period_before) =
+                (sh.state.mid_month_forecast.len(), sh.state.forecast_error.len(), sh.state.current_period.clone());
+            let pending = evaluate(&cfg, &mut sh.state, now, tz, &currency, &m);
+            let changed = serde_json::to_vec(&sh.state.budgets).unwrap_or_default() != before
+                || sh.state.mid_month_forecast.len() != mid_before
+                || sh.state.forecast_error.len() != err_before
+                || sh.state.current_period != period_before;
+            sh.dirty |= changed;
+            pending
+        };
+        // Save the change as pending before publishing it: a crash between
+        // the two re-publishes the same id, which JetStream drops.
+        if let Err(e) = save(&kv, &shared).await {
+            tracing::error!(error = format!("{e:#}"), "saving the ledger state failed");
+            continue;
+        }
+        for (id, ev) in pending {
+            let subject = ctx.subjects().budget(&ev.scope, ev.state());
+            match ctx.events.publish_durable_with_id(&subject, &ev, &id).await {
+                Ok(ack) => {
+                    tracing::warn!(budget = %ev.budget_name, state = ev.state().as_str_name(), duplicate = ack.duplicate, reason = %ev.reason, "budget state changed");
+                    let mut sh = shared.lock().expect("state lock");
+                    if let Some(t) = sh.state.budgets.get_mut(&ev.budget_name) {
+                        t.pending = false;
+                        sh.dirty = true;
+                    }
                 }
-                let mut l = ledger.lock().expect("ledger lock");
-                l.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
-                energy_kwh.set(l.total_kwh());
-                electricity_cost.set(l.total_kwh() * price);
-                Ok(())
+                Err(e) => tracing::error!(error = %e, "budget event publish failed; retried at the next evaluation"),
             }
-        })
-        .await;
+        }
+        if let Err(e) = save(&kv, &shared).await {
+            tracing::error!(error = format!("{e:#}"), "saving the ledger state failed");
+        }
+    }
     Ok(())
 }

@@ -1,0 +1,203 @@
+//! The cost-watcher over a real nats-server, in virtual time: exact energy
+//! cost through gaps, duplicates and an agent restart; budget events once
+//! each, also across a cost-watcher restart; month rollover.
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use costmesh_bus::{Bus, NatsBus, Subscription};
+use costmesh_contracts::v1::{self, BudgetState};
+use costmesh_contracts::{ContentType, EventMeta};
+use costmesh_cost_watcher::Config;
+use costmesh_runtime::clock::{Clock, VirtualClock};
+use costmesh_runtime::config::MeshConfig;
+use costmesh_runtime::metrics::SharedRegistry;
+use costmesh_runtime::ServiceContext;
+use costmesh_testkit::NatsServer;
+use tokio_util::sync::CancellationToken;
+
+struct Rig {
+    nats: NatsServer,
+    mesh: MeshConfig,
+    clock: Clock,
+    handle: Arc<VirtualClock>,
+    producer: Bus,
+    budgets: Subscription,
+}
+
+struct Watcher {
+    shutdown: CancellationToken,
+    registry: SharedRegistry,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn config() -> Config {
+    Config { monthly_budget: 10.0, evaluate_interval: Duration::from_secs(3600), ..Default::default() }
+}
+
+impl Rig {
+    async fn new(test: &str, start: &str) -> Rig {
+        costmesh_runtime::telemetry::init_for_tests();
+        let nats = NatsServer::start_new();
+        let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix(test), ..Default::default() };
+        let (clock, handle) = Clock::manual(start.parse().unwrap());
+        let producer = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());
+        let subjects = costmesh_contracts::Subjects::new(&mesh.subject_prefix).unwrap();
+        let budgets = producer.subscribe(&subjects.budget_all()).await.unwrap();
+        producer.flush().await.unwrap();
+        Rig { nats, mesh, clock, handle, producer, budgets }
+    }
+
+    async fn start_watcher(&self) -> Watcher {
+        let bus = Bus::Nats(NatsBus::connect(&self.nats.url(), &Default::default()).await.unwrap());
+        let shutdown = CancellationToken::new();
+        let ctx = ServiceContext::new("cost-watcher", None, bus, &self.mesh, self.clock.clone(), shutdown.clone());
+        let (registry, health) = (ctx.registry.clone(), ctx.health.clone());
+        let task = tokio::spawn(costmesh_cost_watcher::run(config(), ctx));
+        costmesh_testkit::eventually(Duration::from_secs(10), "cost-watcher ready", || {
+            let h = health.clone();
+            async move { h.is_ready() }
+        })
+        .await;
+        Watcher { shutdown, registry, task }
+    }
+
+    /// Publishes a sample and waits until the watcher has accounted it.
+    async fn sample(&self, w: &Watcher, boot: &str, energy_mj: u64, time: DateTime<Utc>) {
+        let s = v1::GpuSample {
+            node: "n1".into(),
+            gpu_index: 0,
+            boot_id: boot.into(),
+            energy_mj,
+            time: Some(costmesh_contracts::timestamp(time)),
+            ..Default::default()
+        };
+        let (h, p) = costmesh_contracts::encode(
+            &s,
+            &EventMeta::new::<v1::GpuSample>("gpu-agent/n1", time, ContentType::Protobuf),
+        );
+        let subject = costmesh_contracts::Subjects::new(&self.mesh.subject_prefix).unwrap().gpu_telemetry("n1", 0);
+        let before = handled(&w.registry);
+        self.producer.publish(&subject, h, p).await.unwrap();
+        self.producer.flush().await.unwrap();
+        costmesh_testkit::eventually(Duration::from_secs(10), "sample handled", || {
+            let r = w.registry.clone();
+            async move {
+                handled(&r) > before
+                    || costmesh_runtime::metrics::render(&r).contains("costmesh_events_duplicate_total")
+            }
+        })
+        .await;
+    }
+
+    async fn next_budget(&mut self) -> v1::BudgetEvent {
+        let m =
+            tokio::time::timeout(Duration::from_secs(10), self.budgets.next()).await.expect("a budget event").unwrap();
+        costmesh_contracts::decode::<v1::BudgetEvent>(&m.headers, &m.payload).unwrap().1
+    }
+
+    async fn no_budget_event(&mut self) {
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), self.budgets.next()).await {
+            let e = costmesh_contracts::decode::<v1::BudgetEvent>(&m.headers, &m.payload).unwrap().1;
+            panic!("unexpected budget event {:?} for {}", e.state(), e.period);
+        }
+    }
+}
+
+fn handled(r: &SharedRegistry) -> u64 {
+    let text = costmesh_runtime::metrics::render(r);
+    text.lines()
+        .find(|l| l.starts_with("costmesh_events_handled_total{") && l.contains("GpuSample"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn gauge(r: &SharedRegistry, name: &str) -> f64 {
+    let text = costmesh_runtime::metrics::render(r);
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+impl Watcher {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+const KWH_MJ: u64 = 3_600_000_000;
+
+#[tokio::test]
+async fn energy_cost_is_exact_through_gaps_duplicates_and_an_agent_restart() {
+    let rig = Rig::new("exact", "2026-07-10T04:00:00Z").await;
+    let w = rig.start_watcher().await;
+    let t = rig.clock.now();
+    rig.sample(&w, "boot-a", 1_000_000, t).await; // baseline
+    rig.sample(&w, "boot-a", 1_000_000 + KWH_MJ, t).await; // +1 kWh
+    rig.sample(&w, "boot-a", 1_000_000 + KWH_MJ, t).await; // duplicate
+    rig.sample(&w, "boot-a", 1_000_000 + 3 * KWH_MJ, t).await; // after a gap: +2 kWh
+    rig.sample(&w, "boot-a", 1_000_000 + 2 * KWH_MJ, t).await; // late and out of order
+    rig.sample(&w, "boot-b", KWH_MJ / 2, t).await; // the agent restarted: +0.5 kWh since its boot
+    rig.sample(&w, "boot-a", 9 * KWH_MJ, t).await; // a stray sample of the old boot
+    rig.sample(&w, "boot-b", KWH_MJ, t).await; // +0.5 kWh
+                                               // 4 kWh at 2.6 per kWh = 10.40, exactly.
+    assert_eq!(gauge(&w.registry, "costmesh_energy_kwh"), 4.0);
+    assert_eq!(gauge(&w.registry, "costmesh_electricity_cost"), 10.4);
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn budget_events_are_published_once_across_restarts_and_reset_with_the_month() {
+    let mut rig = Rig::new("budget", "2026-07-10T04:00:00Z").await;
+    let hour = Duration::from_secs(3600);
+    let w = rig.start_watcher().await;
+    let t = rig.clock.now();
+    rig.sample(&w, "b", 0, t).await;
+    // 3 kWh = 7.80 of a 10.00 budget: still OK.
+    rig.sample(&w, "b", 3 * KWH_MJ, t).await;
+    rig.handle.advance(hour).await;
+    rig.no_budget_event().await;
+    // 3.2 kWh = 8.32: WARNING.
+    rig.sample(&w, "b", 3 * KWH_MJ + KWH_MJ / 5, t).await;
+    rig.handle.advance(hour).await;
+    let e = rig.next_budget().await;
+    assert_eq!(e.state(), BudgetState::Warning);
+    assert_eq!(e.previous_state(), BudgetState::Ok);
+    assert_eq!(e.period, "2026-07");
+    assert_eq!(e.spent.as_ref().unwrap().micros, 8_320_000);
+    rig.handle.advance(hour).await;
+    rig.no_budget_event().await;
+
+    // The cost-watcher restarts; the telemetry it had is delivered again.
+    w.stop().await;
+    let w = rig.start_watcher().await;
+    rig.sample(&w, "b", 3 * KWH_MJ + KWH_MJ / 5, t).await;
+    rig.handle.advance(hour).await;
+    rig.no_budget_event().await;
+
+    // 4 kWh = 10.40: EXCEEDED, once.
+    rig.sample(&w, "b", 4 * KWH_MJ, t).await;
+    rig.handle.advance(hour).await;
+    let e = rig.next_budget().await;
+    assert_eq!(e.state(), BudgetState::Exceeded);
+    assert_eq!(e.previous_state(), BudgetState::Warning);
+    for _ in 0..3 {
+        rig.handle.advance(hour).await;
+    }
+    rig.no_budget_event().await;
+
+    // Into August (Taipei time): the budget resets, the July forecast is scored.
+    rig.handle.advance_to("2026-07-31T16:30:00Z".parse().unwrap()).await;
+    let e = rig.next_budget().await;
+    assert_eq!(e.state(), BudgetState::Ok);
+    assert_eq!(e.previous_state(), BudgetState::Exceeded);
+    assert_eq!(e.period, "2026-08");
+    // Mid-July forecast: 10.40 spent by July 16 projected to ~20; actual 10.40.
+    let err = gauge(&w.registry, "costmesh_forecast_error_ratio");
+    assert!(err > 0.5 && err < 1.5, "forecast error {err}");
+    w.stop().await;
+}
