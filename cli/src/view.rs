@@ -60,6 +60,10 @@ pub fn summary(e: &AnyEvent) -> String {
             let (req, hits) = c.routes.iter().fold((0, 0), |(r, h), x| (r + x.requests, h + x.hits));
             format!("CacheStats {} requests={req} hits={hits}", c.instance)
         }
+        AnyEvent::CloudBudgetNotification(n) => format!(
+            "CloudBudgetNotification {} {:.2} of {:.2} {}",
+            n.budget_display_name, n.cost_amount, n.budget_amount, n.currency_code
+        ),
         AnyEvent::Action(a) => format!("Action {} {} {} ({})", a.kind, a.target, a.state().as_str_name(), a.reason),
     }
 }

@@ -15,6 +15,8 @@ pub struct Config {
     /// How often budgets and forecasts are evaluated (and state saved).
     #[serde(with = "humantime_serde")]
     pub evaluate_interval: std::time::Duration,
+    /// GCP billing budget notifications over Pub/Sub.
+    pub billing: crate::billing::BillingConfig,
     /// Inputs of `costmesh roi`.
     pub roi: crate::roi::RoiInputs,
     pub admin: AdminConfig,
@@ -27,6 +29,7 @@ impl Default for Config {
             monthly_budget: 3000.0,
             warn_ratio: 0.8,
             evaluate_interval: std::time::Duration::from_secs(60),
+            billing: Default::default(),
             roi: Default::default(),
             admin: AdminConfig::on_port(9104),
         }
@@ -47,6 +50,38 @@ impl Validate for Config {
         }
         if !(self.warn_ratio > 0.0 && self.warn_ratio < 1.0) {
             return Err(ConfigError::new(key(p, "warn_ratio"), self.warn_ratio, "must be between 0 and 1 (exclusive)"));
+        }
+        let b = &self.billing;
+        if !b.subscription.is_empty() {
+            let parts: Vec<&str> = b.subscription.split('/').collect();
+            if parts.len() != 4
+                || parts[0] != "projects"
+                || parts[2] != "subscriptions"
+                || parts[1].is_empty()
+                || parts[3].is_empty()
+            {
+                return Err(ConfigError::new(
+                    key(p, "billing.subscription"),
+                    &b.subscription,
+                    "must be projects/<project>/subscriptions/<name>",
+                ));
+            }
+        }
+        if !matches!(b.credentials.as_str(), "default" | "anonymous") {
+            return Err(ConfigError::new(
+                key(p, "billing.credentials"),
+                &b.credentials,
+                "must be `default` or `anonymous`",
+            ));
+        }
+        for (cur, rate) in &b.exchange_rates {
+            if !(rate.is_finite() && *rate > 0.0) {
+                return Err(ConfigError::new(
+                    key(p, &format!("billing.exchange_rates.{cur}")),
+                    rate,
+                    "must be a positive rate",
+                ));
+            }
         }
         self.admin.validate(&key(p, "admin"))
     }

@@ -49,6 +49,8 @@ pub struct State {
     pub mid_month_forecast: BTreeMap<String, i64>,
     /// period -> forecast error at month end (|forecast - actual| / actual).
     pub forecast_error: BTreeMap<String, f64>,
+    /// GCP budgets seen in notifications: budget id -> latest figures.
+    pub gcp_budgets: BTreeMap<String, GcpBudget>,
     /// The period the watcher last evaluated (for rollover).
     pub current_period: Option<String>,
 }
@@ -83,6 +85,15 @@ impl State {
             self.add(period, "cloud", growth);
         }
     }
+}
+
+/// A GCP budget as its latest notification described it (ledger micros).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GcpBudget {
+    pub name: String,
+    pub period: String,
+    pub spent_micros: i64,
+    pub budget_micros: i64,
 }
 
 /// Linear month-end forecast: spend so far over the elapsed share of the month.

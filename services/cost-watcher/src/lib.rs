@@ -6,10 +6,12 @@
 //!   repeated samples and agent restarts (deltas per boot id).
 //! - [`roi`]: owning GPUs against renting cloud GPUs (`costmesh roi`).
 //! - [`ledger`]: money per month and scope (time-zone months), the durable state, forecasts.
+//! - [`billing`]: GCP budget notifications from Pub/Sub.
 //! - [`budget`]: budget states and exactly-once budget events.
 //! - [`watcher`]: the service loop.
 #![forbid(unsafe_code)]
 
+pub mod billing;
 pub mod budget;
 pub mod config;
 pub mod energy;

@@ -135,28 +135,47 @@ fn evaluate(
     m.budget_ratio.get_or_create(&labels).set(spent as f64 / budget_micros.max(1) as f64);
     let mut out = Vec::new();
     if t.pending {
-        let ev = BudgetEvent {
-            scope: "total".into(),
-            budget_name: MONTHLY.into(),
-            state: t.state,
-            previous_state: t.previous,
-            spent: money(t.spent_micros, currency),
-            budget: money(t.budget_micros, currency),
-            threshold: t.threshold,
-            period: t.period.clone(),
-            reason: format!(
-                "spent {:.2} of {:.2} {currency} ({:.1} %) in {}",
-                t.spent_micros as f64 / 1e6,
-                t.budget_micros as f64 / 1e6,
-                t.spent_micros as f64 / t.budget_micros.max(1) as f64 * 100.0,
-                t.period
-            ),
-            time: Some(costmesh_contracts::timestamp(now)),
-        };
-        out.push((t.event_id(MONTHLY), ev));
+        out.push((t.event_id(MONTHLY), budget_event("total", MONTHLY, &t, now, currency)));
     }
     s.budgets.insert(MONTHLY.into(), t);
+    // GCP budgets: their own amounts, their own running totals.
+    let gcp: Vec<(String, crate::ledger::GcpBudget)> =
+        s.gcp_budgets.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for (id, b) in gcp {
+        let key = format!("gcp:{id}");
+        let mut track = s.budgets.remove(&key);
+        budget::evaluate(&mut track, &b.period, b.spent_micros, b.budget_micros, cfg.warn_ratio);
+        let t = track.expect("evaluate always leaves a track");
+        let labels = BudgetLabels { budget: b.name.clone() };
+        m.budget_state.get_or_create(&labels).set(t.state as i64 - 1);
+        m.budget_ratio.get_or_create(&labels).set(b.spent_micros as f64 / b.budget_micros.max(1) as f64);
+        if t.pending {
+            out.push((t.event_id(&key.replace(':', "-")), budget_event("cloud", &b.name, &t, now, currency)));
+        }
+        s.budgets.insert(key, t);
+    }
     out
+}
+
+fn budget_event(scope: &str, name: &str, t: &budget::BudgetTrack, now: DateTime<Utc>, currency: &str) -> BudgetEvent {
+    BudgetEvent {
+        scope: scope.into(),
+        budget_name: name.into(),
+        state: t.state,
+        previous_state: t.previous,
+        spent: money(t.spent_micros, currency),
+        budget: money(t.budget_micros, currency),
+        threshold: t.threshold,
+        period: t.period.clone(),
+        reason: format!(
+            "spent {:.2} of {:.2} {currency} ({:.1} %) in {}",
+            t.spent_micros as f64 / 1e6,
+            t.budget_micros as f64 / 1e6,
+            t.spent_micros as f64 / t.budget_micros.max(1) as f64 * 100.0,
+            t.period
+        ),
+        time: Some(costmesh_contracts::timestamp(now)),
+    }
 }
 
 /// Runs the cost-watcher until shutdown.
@@ -225,6 +244,9 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                 .await
         });
     }
+    if !cfg.billing.subscription.is_empty() {
+        tokio::spawn(consume_billing(cfg.billing.clone(), ctx.clone(), shared.clone(), currency.clone(), tz));
+    }
     ctx.health.set("bus", true);
 
     let mut ticker = ctx.clock.ticker(cfg.evaluate_interval);
@@ -258,10 +280,16 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                 Ok(ack) => {
                     tracing::warn!(budget = %ev.budget_name, state = ev.state().as_str_name(), duplicate = ack.duplicate, reason = %ev.reason, "budget state changed");
                     let mut sh = shared.lock().expect("state lock");
-                    if let Some(t) = sh.state.budgets.get_mut(&ev.budget_name) {
-                        t.pending = false;
-                        sh.dirty = true;
+                    for t in sh.state.budgets.values_mut() {
+                        if t.pending
+                            && t.period == ev.period
+                            && t.state == ev.state
+                            && t.spent_micros == ev.spent.as_ref().map_or(0, |m| m.micros)
+                        {
+                            t.pending = false;
+                        }
                     }
+                    sh.dirty = true;
                 }
                 Err(e) => tracing::error!(error = %e, "budget event publish failed; retried at the next evaluation"),
             }
@@ -271,4 +299,116 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads GCP budget notifications from Pub/Sub until shutdown: books cloud
+/// spend, tracks each GCP budget, relays the notification onto NATS, and
+/// dead-letters what it cannot read (then acks it: it is kept in the DLQ).
+async fn consume_billing(
+    cfg: crate::billing::BillingConfig,
+    ctx: ServiceContext,
+    shared: Arc<Mutex<Shared>>,
+    currency: String,
+    tz: chrono_tz::Tz,
+) {
+    // TLS to Google needs a crypto provider; ring is already in the build.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut backoff = std::time::Duration::from_secs(1);
+    loop {
+        let mut builder = google_cloud_pubsub::client::Subscriber::builder();
+        if !cfg.endpoint.is_empty() {
+            builder = builder.with_endpoint(cfg.endpoint.clone());
+        }
+        if cfg.credentials == "anonymous" {
+            builder = builder.with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+        }
+        let client = match builder.build().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "Pub/Sub client could not be built");
+                tokio::select! { _ = ctx.shutdown.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
+                continue;
+            }
+        };
+        tracing::info!(subscription = %cfg.subscription, "reading GCP budget notifications");
+        let mut stream = client.subscribe(cfg.subscription.clone()).build();
+        loop {
+            let item = tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                i = stream.next() => i,
+            };
+            let (msg, handler) = match item {
+                Some(Ok(x)) => x,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "Pub/Sub stream error");
+                    break;
+                }
+                None => break,
+            };
+            backoff = std::time::Duration::from_secs(1);
+            match crate::billing::parse(&msg.data, &msg.attributes, &msg.message_id) {
+                Err(why) => {
+                    let headers = msg.attributes.iter().map(|(k, v)| (format!("pubsub-{k}"), v.clone())).collect();
+                    let m = costmesh_bus::Message {
+                        subject: format!("pubsub:{}", cfg.subscription),
+                        reply: None,
+                        headers,
+                        payload: msg.data.clone(),
+                    };
+                    ctx.events.dead_letter(&m, "malformed_notification", &why).await;
+                    handler.ack();
+                }
+                Ok(n) => {
+                    let spent =
+                        crate::billing::to_micros(n.cost_amount, &n.currency_code, &currency, &cfg.exchange_rates);
+                    let budget =
+                        crate::billing::to_micros(n.budget_amount, &n.currency_code, &currency, &cfg.exchange_rates);
+                    let (spent, budget) = match (spent, budget) {
+                        (Ok(s), Ok(b)) => (s, b),
+                        (Err(why), _) | (_, Err(why)) => {
+                            let m = costmesh_bus::Message {
+                                subject: format!("pubsub:{}", cfg.subscription),
+                                reply: None,
+                                headers: Default::default(),
+                                payload: msg.data.clone(),
+                            };
+                            ctx.events.dead_letter(&m, "unconvertible_currency", &why).await;
+                            handler.ack();
+                            continue;
+                        }
+                    };
+                    let start = n
+                        .cost_interval_start
+                        .as_ref()
+                        .and_then(costmesh_contracts::from_timestamp)
+                        .unwrap_or_else(|| ctx.clock.now());
+                    let period = ledger::period_of(start, tz);
+                    {
+                        let mut sh = shared.lock().expect("state lock");
+                        sh.state.cloud_total(&period, spent);
+                        let b = sh.state.gcp_budgets.entry(n.budget_id.clone()).or_default();
+                        if b.period != period || spent > b.spent_micros {
+                            *b = crate::ledger::GcpBudget {
+                                name: n.budget_display_name.clone(),
+                                period: period.clone(),
+                                spent_micros: spent,
+                                budget_micros: budget,
+                            };
+                        }
+                        sh.dirty = true;
+                    }
+                    let subject = ctx.subjects().billing_gcp(&n.budget_id);
+                    if let Err(e) =
+                        ctx.events.publish_durable_with_id(&subject, &n, &format!("gcp-{}", n.message_id)).await
+                    {
+                        tracing::warn!(error = %e, "relaying the budget notification failed");
+                    }
+                    handler.ack();
+                }
+            }
+        }
+        tokio::select! { _ = ctx.shutdown.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
+    }
 }

@@ -261,6 +261,7 @@ any_event!(
     StorageReport,
     CacheStats,
     Action,
+    CloudBudgetNotification,
 );
 
 /// Something a consumer can decode from headers and payload: one event type,

@@ -195,6 +195,10 @@ impl Subjects {
     pub fn node_power(&self, node: &str) -> String {
         self.join(&["node", &token(node), "power"])
     }
+    /// A GCP budget notification, relayed.
+    pub fn billing_gcp(&self, budget: &str) -> String {
+        self.join(&["billing", "gcp", &token(budget)])
+    }
     /// Every node's job assignments.
     pub fn node_assign_all(&self) -> String {
         self.join(&["node", "*", "assign"])
@@ -241,6 +245,7 @@ impl Subjects {
             self.join(&["node", "*", "power"]),
             self.join(&["storage", ">"]),
             self.join(&["actions", ">"]),
+            self.join(&["billing", ">"]),
             self.join(&["dlq", ">"]),
         ]
     }

@@ -14,6 +14,8 @@
 //! [`start`]: NatsServer::start
 #![forbid(unsafe_code)]
 
+pub mod pubsub;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
