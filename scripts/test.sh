@@ -6,3 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-test-deps.sh
 cargo test --workspace --locked "$@"
+# Alert rules: syntax and unit tests (Debian's prometheus package).
+promtool check rules compose/prometheus/alerts.yml
+promtool test rules compose/prometheus/alerts.test.yml

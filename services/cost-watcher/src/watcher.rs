@@ -37,6 +37,7 @@ struct Metrics {
     budget_state: Family<BudgetLabels, Gauge>,
     budget_ratio: Family<BudgetLabels, FloatGauge>,
     forecast: FloatGauge,
+    forecast_over_budget: FloatGauge,
     forecast_error: FloatGauge,
 }
 
@@ -118,6 +119,7 @@ fn evaluate(
     if let Some((start, end)) = ledger::period_bounds(&period, tz) {
         let f = ledger::forecast(spent, now, start, end);
         m.forecast.set(f as f64 / 1e6);
+        m.forecast_over_budget.set(f as f64 / (cfg.monthly_budget * 1e6).max(1.0));
         if now >= start + (end - start) / 2 && !s.mid_month_forecast.contains_key(&period) {
             s.mid_month_forecast.insert(period.clone(), f);
         }

@@ -89,6 +89,12 @@ pub const SUBJECTS: &[SubjectSpec] = &[
         publisher: "scheduler, storage-janitor",
     },
     SubjectSpec {
+        pattern: "billing.gcp.<budget>",
+        message: "costmesh.v1.CloudBudgetNotification",
+        durability: Durability::JetStream,
+        publisher: "cost-watcher",
+    },
+    SubjectSpec {
         pattern: "dlq.<service>",
         message: "*",
         durability: Durability::JetStream,
