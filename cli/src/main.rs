@@ -25,6 +25,16 @@ enum Command {
         #[command(subcommand)]
         command: janitor::JanitorCommand,
     },
+    /// This month's cost, budgets, forecast and KPIs, asked of the cost-watcher.
+    Cost {
+        /// NATS server (or COSTMESH__NATS__URL).
+        #[arg(long, env = "COSTMESH__NATS__URL")]
+        nats: String,
+        #[arg(long, default_value = "costmesh")]
+        prefix: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Owning GPUs against renting cloud GPUs, from `[cost_watcher.roi]`.
     Roi {
         #[arg(long, short)]
@@ -61,6 +71,49 @@ enum EventsCommand {
     },
 }
 
+async fn cost(url: &str, prefix: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let bus = costmesh_bus::Bus::Nats(costmesh_bus::NatsBus::connect(url, &Default::default()).await?);
+    let subject = costmesh_contracts::Subjects::new(prefix).map_err(anyhow::Error::msg)?.api("cost-watcher", "summary");
+    let reply = bus
+        .request(&subject, Default::default(), Default::default(), std::time::Duration::from_secs(5))
+        .await
+        .map_err(|e| anyhow::anyhow!("no answer from the cost-watcher on {subject}: {e}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let cur = v["currency"].as_str().unwrap_or("");
+    println!("{}  ({cur})", v["period"].as_str().unwrap_or("?"));
+    if let Some(costs) = v["cost"].as_object() {
+        for (scope, amount) in costs {
+            println!("  {scope:<10} {:>12.2}", amount.as_f64().unwrap_or(0.0));
+        }
+    }
+    println!(
+        "  {:<10} {:>12.2}  of {:.2}",
+        "total",
+        v["total"].as_f64().unwrap_or(0.0),
+        v["budget"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(f) = v["forecast_month_end"].as_f64() {
+        println!("  {:<10} {:>12.2}  (month end, linear)", "forecast", f);
+    }
+    for b in v["budgets"].as_array().into_iter().flatten() {
+        println!("  budget {:<20} {}", b["budget"].as_str().unwrap_or(""), b["state"].as_str().unwrap_or(""));
+    }
+    println!("KPIs");
+    if let Some(k) = v["kpis"].as_object() {
+        for (name, value) in k.iter().filter(|(n, _)| *n != "period") {
+            match value.as_f64() {
+                Some(x) => println!("  {name:<28} {x:>10.4}"),
+                None => println!("  {name:<28} {:>10}", "n/a"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn roi(path: Option<std::path::PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     let env = costmesh_runtime::config::process_env();
     let text = costmesh_runtime::config::read_file(path.as_deref(), &env)?;
@@ -89,6 +142,7 @@ fn main() -> ExitCode {
             Command::Up(args) => mesh::up(args).await,
             Command::Janitor { command } => janitor::run(command).await,
             Command::Roi { config, json } => roi(config, json),
+            Command::Cost { nats, prefix, json } => cost(&nats, &prefix, json).await,
             Command::Events { command: EventsCommand::Tail { subject, nats, prefix, json, count } } => {
                 view::tail(&nats, &prefix, subject.as_deref(), json, count).await
             }

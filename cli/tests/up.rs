@@ -162,3 +162,48 @@ async fn roi_with_the_seeds_inputs_prints_the_seeds_numbers() {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn cost_asks_the_running_cost_watcher() {
+    let nats = costmesh_testkit::NatsServer::start_new();
+    let prefix = costmesh_testkit::unique_prefix("cost");
+    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    up.args(["up", "--quiet", "--nats", &nats.url()])
+        .env("COSTMESH__MESH__SUBJECT_PREFIX", &prefix)
+        .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "200ms")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for s in ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"] {
+        up.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), "127.0.0.1:0");
+    }
+    let _up = up.spawn().unwrap();
+    let ask = || async {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+            .args(["cost", "--json", "--nats", &nats.url(), "--prefix", &prefix])
+            .output()
+            .await
+            .unwrap()
+    };
+    // Wait until the cost-watcher answers and has accounted some energy.
+    let last = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    costmesh_testkit::eventually(Duration::from_secs(20), "cost-watcher answers with energy", || {
+        let (fut, last) = (ask(), last.clone());
+        async move {
+            let out = fut.await;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let ok = out.status.success()
+                && serde_json::from_str::<serde_json::Value>(&text)
+                    .is_ok_and(|v| v["energy_kwh"].as_f64().is_some_and(|e| e > 0.0));
+            *last.lock().unwrap() = text;
+            ok
+        }
+    })
+    .await;
+    let last = last.lock().unwrap().clone();
+    let v: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(v["currency"], "TWD");
+    assert!(v["cost"]["local"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["kpis"].get("gpu_utilisation").is_some(), "{v}");
+    assert_eq!(v["budget"], 3000.0);
+}

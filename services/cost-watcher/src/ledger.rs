@@ -51,6 +51,14 @@ pub struct State {
     pub forecast_error: BTreeMap<String, f64>,
     /// GCP budgets seen in notifications: budget id -> latest figures.
     pub gcp_budgets: BTreeMap<String, GcpBudget>,
+    /// period -> KPI inputs gathered from telemetry and reports.
+    pub usage: BTreeMap<String, Usage>,
+    /// When each GPU ("node/gpu") was last sampled, to weigh samples by time.
+    pub last_sample: BTreeMap<String, DateTime<Utc>>,
+    /// Cache-gateway counters last seen: instance -> (started_at seconds, requests).
+    pub cache_seen: BTreeMap<String, (i64, u64)>,
+    /// The latest storage report: (used, provisioned) bytes, and when it came.
+    pub storage: Option<(u64, u64, DateTime<Utc>)>,
     /// The period the watcher last evaluated (for rollover).
     pub current_period: Option<String>,
 }
@@ -85,6 +93,18 @@ impl State {
             self.add(period, "cloud", growth);
         }
     }
+}
+
+/// What a month's KPIs are computed from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// GPU-seconds sampled, and of those, seconds at or above 10 % utilisation.
+    pub gpu_seconds: f64,
+    pub busy_gpu_seconds: f64,
+    /// Utilisation x seconds, for the time-weighted mean.
+    pub util_pct_seconds: f64,
+    /// Inference requests served (cache-gateway statistics).
+    pub inference_requests: u64,
 }
 
 /// A GCP budget as its latest notification described it (ledger micros).

@@ -4,6 +4,7 @@
 //! - [`config`]: the `[cost_watcher]` section (prices, budget).
 //! - [`energy`]: energy accounting from GPU telemetry, exact across lost and
 //!   repeated samples and agent restarts (deltas per boot id).
+//! - [`kpi`]: the seed's KPIs and their formulas.
 //! - [`roi`]: owning GPUs against renting cloud GPUs (`costmesh roi`).
 //! - [`ledger`]: money per month and scope (time-zone months), the durable state, forecasts.
 //! - [`billing`]: GCP budget notifications from Pub/Sub.
@@ -15,6 +16,7 @@ pub mod billing;
 pub mod budget;
 pub mod config;
 pub mod energy;
+pub mod kpi;
 pub mod ledger;
 pub mod roi;
 pub mod watcher;

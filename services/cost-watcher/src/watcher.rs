@@ -39,6 +39,12 @@ struct Metrics {
     forecast: FloatGauge,
     forecast_over_budget: FloatGauge,
     forecast_error: FloatGauge,
+    kpi: Family<KpiLabels, FloatGauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KpiLabels {
+    kpi: String,
 }
 
 /// The budget the config defines (scope: all spend).
@@ -129,6 +135,20 @@ fn evaluate(
         m.month_cost.get_or_create(&ScopeLabels { scope: scope.to_string() }).set(v as f64 / 1e6);
     }
     let budget_micros = (cfg.monthly_budget * 1e6).round() as i64;
+    let k = crate::kpi::compute(s, &period, price, budget_micros);
+    for (name, v) in [
+        ("cost_per_training_hour", k.cost_per_training_hour),
+        ("cost_per_inference_request", k.cost_per_inference_request),
+        ("gpu_utilisation", k.gpu_utilisation),
+        ("storage_utilisation", k.storage_utilisation),
+        ("network_share", k.network_share),
+        ("budget_execution", k.budget_execution),
+        ("forecast_accuracy", k.forecast_accuracy),
+    ] {
+        if let Some(v) = v {
+            m.kpi.get_or_create(&KpiLabels { kpi: name.into() }).set(v);
+        }
+    }
     let mut track = s.budgets.remove(MONTHLY);
     budget::evaluate(&mut track, &period, spent, budget_micros, cfg.warn_ratio);
     let t = track.expect("evaluate always leaves a track");
@@ -178,6 +198,40 @@ fn budget_event(scope: &str, name: &str, t: &budget::BudgetTrack, now: DateTime<
         ),
         time: Some(costmesh_contracts::timestamp(now)),
     }
+}
+
+/// The month so far, as `costmesh cost` prints it.
+pub fn summary(s: &State, cfg: &Config, now: DateTime<Utc>, tz: chrono_tz::Tz, currency: &str) -> serde_json::Value {
+    let period = ledger::period_of(now, tz);
+    let price = cfg.electricity_price_per_kwh;
+    let budget_micros = (cfg.monthly_budget * 1e6).round() as i64;
+    let scopes: serde_json::Map<String, serde_json::Value> = ledger::SCOPES
+        .iter()
+        .map(|sc| {
+            let v = if *sc == "local" { s.electricity(&period, price) } else { s.scope_total(&period, sc) };
+            (sc.to_string(), serde_json::json!(v as f64 / 1e6))
+        })
+        .collect();
+    let spent = s.period_total(&period, price);
+    let forecast = ledger::period_bounds(&period, tz).map(|(a, b)| ledger::forecast(spent, now, a, b) as f64 / 1e6);
+    let budgets: Vec<serde_json::Value> = s
+        .budgets
+        .iter()
+        .map(|(k, t)| {
+            serde_json::json!({"budget": k, "period": t.period, "state": t.state().as_str_name(), "spent": t.spent_micros as f64 / 1e6, "amount": t.budget_micros as f64 / 1e6})
+        })
+        .collect();
+    serde_json::json!({
+        "period": period,
+        "currency": currency,
+        "cost": scopes,
+        "total": spent as f64 / 1e6,
+        "budget": cfg.monthly_budget,
+        "forecast_month_end": forecast,
+        "budgets": budgets,
+        "kpis": crate::kpi::compute(s, &period, price, budget_micros),
+        "energy_kwh": s.energy.total_kwh(),
+    })
 }
 
 /// Runs the cost-watcher until shutdown.
@@ -233,6 +287,21 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                             .unwrap_or_else(|| clock.now());
                         let period = ledger::period_of(at, tz);
                         let mut sh = shared.lock().expect("state lock");
+                        let key = format!("{}/{}", s.node, s.gpu_index);
+                        let prev = sh.state.last_sample.insert(key.clone(), at);
+                        if let Some(prev) = prev.filter(|p| *p < at) {
+                            // Weigh by time since the GPU's last sample, capped
+                            // so an agent outage does not count as busy time.
+                            let dt = (at - prev).num_milliseconds().min(300_000) as f64 / 1000.0;
+                            let u = sh.state.usage.entry(period.clone()).or_default();
+                            u.gpu_seconds += dt;
+                            u.util_pct_seconds += s.utilization_gpu_pct as f64 * dt;
+                            if s.utilization_gpu_pct >= 10 {
+                                u.busy_gpu_seconds += dt;
+                            }
+                        } else if prev.is_some_and(|p| p > at) {
+                            sh.state.last_sample.insert(key, prev.unwrap_or(at));
+                        }
                         let added = sh.state.energy.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
                         if added > 0 {
                             *sh.state.energy_mj.entry(period.clone()).or_default() += added;
@@ -244,6 +313,100 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                     }
                 })
                 .await
+        });
+    }
+    // Storage reports book storage cost (the monthly rate, prorated to the
+    // time since the previous report); cache statistics count requests.
+    {
+        let (shared, tz2) = (shared.clone(), tz);
+        ctx.spawn_durable::<costmesh_contracts::AnyEvent, _, _>(
+            "reports",
+            vec![ctx.subjects().storage_report()],
+            move |_, meta, event| {
+                let shared = shared.clone();
+                async move {
+                    let costmesh_contracts::AnyEvent::StorageReport(r) = event else {
+                        return Err(HandlerError::Reject("not a StorageReport".into()));
+                    };
+                    let at = r
+                        .time
+                        .as_ref()
+                        .and_then(costmesh_contracts::from_timestamp)
+                        .or(meta.time)
+                        .unwrap_or_else(Utc::now);
+                    let monthly: i64 = r.usage.iter().filter_map(|u| u.monthly_cost.as_ref()).map(|c| c.micros).sum();
+                    let mut sh = shared.lock().expect("state lock");
+                    if let Some((_, _, prev)) = sh.state.storage {
+                        if at > prev {
+                            let period = ledger::period_of(at, tz2);
+                            if let Some((start, end)) = ledger::period_bounds(&period, tz2) {
+                                let share = (at - prev).num_seconds() as f64 / (end - start).num_seconds() as f64;
+                                sh.state.add(&period, "storage", (monthly as f64 * share).round() as i64);
+                            }
+                        }
+                    }
+                    if sh.state.storage.is_none_or(|(_, _, prev)| at >= prev) {
+                        sh.state.storage = Some((r.used_bytes, r.provisioned_bytes, at));
+                    }
+                    sh.dirty = true;
+                    Ok(())
+                }
+            },
+        )
+        .await?;
+    }
+    {
+        let sub = ctx.bus().queue_subscribe(&ctx.subjects().cache_stats(), "cost-watcher").await?;
+        let (events, shutdown, shared, clock) =
+            (ctx.events.clone(), ctx.shutdown.clone(), shared.clone(), ctx.clock.clone());
+        tokio::spawn(async move {
+            events
+                .consume_core::<costmesh_contracts::v1::CacheStats, _, _>(sub, shutdown, move |_, _, c| {
+                    let (shared, clock) = (shared.clone(), clock.clone());
+                    async move {
+                        let started = c.started_at.as_ref().map(|t| t.seconds).unwrap_or(0);
+                        let requests: u64 = c.routes.iter().map(|r| r.requests).sum();
+                        let period = ledger::period_of(clock.now(), tz);
+                        let mut sh = shared.lock().expect("state lock");
+                        let prev = sh.state.cache_seen.get(&c.instance).copied();
+                        let added = match prev {
+                            Some((s0, r0)) if s0 == started => requests.saturating_sub(r0),
+                            // A restarted gateway counts from zero again.
+                            Some(_) => requests,
+                            None => 0,
+                        };
+                        if prev.is_none_or(|(s0, r0)| s0 != started || requests > r0) {
+                            sh.state.cache_seen.insert(c.instance.clone(), (started, requests));
+                        }
+                        sh.state.usage.entry(period).or_default().inference_requests += added;
+                        sh.dirty = true;
+                        Ok(())
+                    }
+                })
+                .await
+        });
+    }
+    // `costmesh cost` asks here.
+    {
+        let sub = ctx.bus().subscribe(&ctx.subjects().api("cost-watcher", "summary")).await?;
+        let (bus, shared, clock, cfg2, currency2) =
+            (ctx.bus().clone(), shared.clone(), ctx.clock.clone(), cfg.clone(), currency.clone());
+        let shutdown = ctx.shutdown.clone();
+        tokio::spawn(async move {
+            let mut sub = sub;
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = sub.next() => match m { Some(m) => m, None => return },
+                };
+                let body = {
+                    let sh = shared.lock().expect("state lock");
+                    summary(&sh.state, &cfg2, clock.now(), tz, &currency2)
+                };
+                let mut h = costmesh_bus::Headers::new();
+                h.insert("content-type", "application/json");
+                let _ = bus.respond(&msg, h, Bytes::from(body.to_string())).await;
+            }
         });
     }
     if !cfg.billing.subscription.is_empty() {
