@@ -247,6 +247,8 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     ctx.register("costmesh_budget_state", "Budget state: 0 ok, 1 warning, 2 exceeded", m.budget_state.clone());
     ctx.register("costmesh_budget_spent_ratio", "Spend over budget this month", m.budget_ratio.clone());
     ctx.register("costmesh_forecast_month_end", "Forecast of this month's total spend", m.forecast.clone());
+    ctx.register("costmesh_forecast_over_budget_ratio", "Month-end forecast over the monthly budget", m.forecast_over_budget.clone());
+    ctx.register("costmesh_kpi", "The seed's KPIs this month (see docs/kpis.md); absent when undefined", m.kpi.clone());
     ctx.register(
         "costmesh_forecast_error_ratio",
         "Error of last month's mid-month forecast: |forecast - actual| / actual",
@@ -371,9 +373,9 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                         let prev = sh.state.cache_seen.get(&c.instance).copied();
                         let added = match prev {
                             Some((s0, r0)) if s0 == started => requests.saturating_sub(r0),
-                            // A restarted gateway counts from zero again.
-                            Some(_) => requests,
-                            None => 0,
+                            // A restarted gateway (or one seen for the first
+                            // time) counts from zero since its start.
+                            Some(_) | None => requests,
                         };
                         if prev.is_none_or(|(s0, r0)| s0 != started || requests > r0) {
                             sh.state.cache_seen.insert(c.instance.clone(), (started, requests));

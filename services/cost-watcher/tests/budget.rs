@@ -199,5 +199,60 @@ async fn budget_events_are_published_once_across_restarts_and_reset_with_the_mon
     // Mid-July forecast: 10.40 spent by July 16 projected to ~20; actual 10.40.
     let err = gauge(&w.registry, "costmesh_forecast_error_ratio");
     assert!(err > 0.5 && err < 1.5, "forecast error {err}");
+    // The KPIs are on /metrics: last month's forecast accuracy is 1 - error.
+    let acc = gauge(&w.registry, "costmesh_kpi{kpi=\"forecast_accuracy\"}");
+    assert!((acc - (1.0 - err)).abs() < 1e-9, "accuracy {acc} vs error {err}");
+    assert!(gauge(&w.registry, "costmesh_kpi{kpi=\"budget_execution\"}").is_finite());
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn storage_reports_and_cache_stats_reach_the_ledger_and_kpis() {
+    let rig = Rig::new("sources", "2026-07-10T04:00:00Z").await;
+    let w = rig.start_watcher().await;
+    let subjects = costmesh_contracts::Subjects::new(&rig.mesh.subject_prefix).unwrap();
+    let t0 = rig.clock.now();
+    let report = |at: DateTime<Utc>| v1::StorageReport {
+        time: Some(costmesh_contracts::timestamp(at)),
+        usage: vec![v1::StorageUsage { root: "/data".into(), bytes: 1, objects: 1, monthly_cost: Some(v1::Money { currency_code: "TWD".into(), micros: 31_000_000 }), ..Default::default() }],
+        used_bytes: 70,
+        provisioned_bytes: 100,
+        ..Default::default()
+    };
+    // Two reports a day apart: a 31-day month at 31/month costs 1.00 for that day.
+    for at in [t0, t0 + chrono::Duration::days(1)] {
+        let (h, p) = costmesh_contracts::encode(&report(at), &EventMeta::new::<v1::StorageReport>("storage-janitor", at, ContentType::Protobuf));
+        rig.producer.publish_durable(&subjects.storage_report(), h, p).await.unwrap();
+    }
+    let stats = |started: i64, requests: u64| v1::CacheStats {
+        instance: "gw-1".into(),
+        started_at: Some(costmesh_contracts::Timestamp { seconds: started, nanos: 0 }),
+        routes: vec![v1::RouteStats { route: "/v1/generate".into(), requests, ..Default::default() }],
+        ..Default::default()
+    };
+    // Cumulative counters: 100, then 250 (same start), then a restart at 30.
+    for (started, requests) in [(1, 100), (1, 250), (1, 250), (2, 30)] {
+        let (h, p) = costmesh_contracts::encode(&stats(started, requests), &EventMeta::new::<v1::CacheStats>("cache-gateway", t0, ContentType::Protobuf));
+        rig.producer.publish(&subjects.cache_stats(), h, p).await.unwrap();
+    }
+    rig.producer.flush().await.unwrap();
+    let ask = || async {
+        let r = rig
+            .producer
+            .request(&subjects.api("cost-watcher", "summary"), Default::default(), Default::default(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()
+    };
+    costmesh_testkit::eventually(Duration::from_secs(10), "both sources accounted", || async {
+        rig.handle.advance(Duration::from_secs(3600)).await;
+        let v = ask().await;
+        v["cost"]["storage"].as_f64() == Some(1.0) && v["kpis"]["storage_utilisation"].as_f64() == Some(0.7)
+    })
+    .await;
+    let v = ask().await;
+    assert_eq!(v["period"], "2026-07");
+    // 280 requests and no cloud cost yet: 0 per request (defined, not absent).
+    assert_eq!(v["kpis"]["cost_per_inference_request"].as_f64(), Some(0.0), "{v}");
     w.stop().await;
 }
