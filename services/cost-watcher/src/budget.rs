@@ -27,42 +27,52 @@ impl BudgetTrack {
 
     /// The event id of this change: the same after any restart.
     pub fn event_id(&self, name: &str) -> String {
-        format!(
-            "budget-{name}-{}-{}",
-            self.period,
-            self.state().as_str_name().trim_start_matches("BUDGET_STATE_").to_lowercase()
-        )
+        let state = self.state().as_str_name().trim_start_matches("BUDGET_STATE_").to_lowercase();
+        if self.state() == BudgetState::Warning {
+            // Each warning threshold is its own event.
+            format!("budget-{name}-{}-{state}-{}", self.period, self.threshold)
+        } else {
+            format!("budget-{name}-{}-{state}", self.period)
+        }
     }
 }
 
-/// The state `spent / budget` calls for.
-pub fn state_for(spent_micros: i64, budget_micros: i64, warn_ratio: f64) -> (BudgetState, f64) {
+/// The highest threshold `spent / budget` has reached (0 when none) and the
+/// state it means. `warn` holds the warning thresholds (fractions below 1);
+/// 1.0 is always the exceeded threshold.
+pub fn state_for(spent_micros: i64, budget_micros: i64, warn: &[f64]) -> (BudgetState, f64) {
     let ratio = spent_micros as f64 / budget_micros.max(1) as f64;
     if ratio >= 1.0 {
-        (BudgetState::Exceeded, 1.0)
-    } else if ratio >= warn_ratio {
-        (BudgetState::Warning, warn_ratio)
-    } else {
-        (BudgetState::Ok, 0.0)
+        return (BudgetState::Exceeded, 1.0);
+    }
+    match warn
+        .iter()
+        .copied()
+        .filter(|t| *t < 1.0 && ratio >= *t)
+        .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))))
+    {
+        Some(t) => (BudgetState::Warning, t),
+        None => (BudgetState::Ok, 0.0),
     }
 }
 
-/// Updates a budget for `period`; returns true when its state changed (a
-/// new period always starts at OK, and says so if the last one was not).
+/// Updates a budget for `period`; returns true when it crossed a new
+/// threshold (one event each) or a new period began (it starts at OK, and
+/// says so if the last period was not OK).
 pub fn evaluate(
     track: &mut Option<BudgetTrack>,
     period: &str,
     spent_micros: i64,
     budget_micros: i64,
-    warn_ratio: f64,
+    warn: &[f64],
 ) -> bool {
-    let (state, threshold) = state_for(spent_micros, budget_micros, warn_ratio);
+    let (state, threshold) = state_for(spent_micros, budget_micros, warn);
     match track {
         Some(t) if t.period == period => {
             t.spent_micros = spent_micros;
             t.budget_micros = budget_micros;
             // Spend only grows within a month: never step back down.
-            if (state as i32) > t.state {
+            if threshold > t.threshold {
                 t.previous = t.state;
                 t.state = state as i32;
                 t.threshold = threshold;
@@ -82,14 +92,14 @@ pub fn evaluate(
                 threshold,
                 pending: false,
             };
-            if state as i32 != was {
+            if state as i32 != was || threshold > 0.0 {
                 t.pending = true;
                 return true;
             }
             false
         }
         None => {
-            let changed = state != BudgetState::Ok;
+            let changed = threshold > 0.0;
             *track = Some(BudgetTrack {
                 period: period.into(),
                 state: state as i32,
@@ -111,16 +121,34 @@ mod tests {
     #[test]
     fn moves_up_once_per_threshold_and_resets_with_the_month() {
         let mut t = None;
-        assert!(!evaluate(&mut t, "2026-07", 100, 1000, 0.8));
-        assert!(evaluate(&mut t, "2026-07", 800, 1000, 0.8));
+        let w = [0.8];
+        assert!(!evaluate(&mut t, "2026-07", 100, 1000, &w));
+        assert!(evaluate(&mut t, "2026-07", 800, 1000, &w));
         assert_eq!(t.as_ref().unwrap().state(), BudgetState::Warning);
-        assert!(!evaluate(&mut t, "2026-07", 900, 1000, 0.8), "still warning: no new event");
-        assert!(evaluate(&mut t, "2026-07", 1000, 1000, 0.8));
+        assert!(!evaluate(&mut t, "2026-07", 900, 1000, &w), "still warning: no new event");
+        assert!(evaluate(&mut t, "2026-07", 1000, 1000, &w));
         assert_eq!(t.as_ref().unwrap().event_id("monthly"), "budget-monthly-2026-07-exceeded");
-        assert!(!evaluate(&mut t, "2026-07", 5000, 1000, 0.8));
-        assert!(evaluate(&mut t, "2026-08", 0, 1000, 0.8), "a new month resets to OK");
+        assert!(!evaluate(&mut t, "2026-07", 5000, 1000, &w));
+        assert!(evaluate(&mut t, "2026-08", 0, 1000, &w), "a new month resets to OK");
         let t = t.unwrap();
         assert_eq!(t.state(), BudgetState::Ok);
         assert_eq!(t.previous, BudgetState::Exceeded as i32);
+    }
+
+    #[test]
+    fn more_thresholds_each_raise_one_event() {
+        let mut t = None;
+        let w = [0.5, 0.8, 0.9];
+        let mut events = Vec::new();
+        for spent in [400, 500, 600, 850, 870, 950, 1200] {
+            if evaluate(&mut t, "2026-07", spent, 1000, &w) {
+                let tr = t.as_ref().unwrap();
+                events.push((tr.state(), tr.threshold, tr.event_id("m")));
+            }
+        }
+        let thresholds: Vec<f64> = events.iter().map(|e| e.1).collect();
+        assert_eq!(thresholds, vec![0.5, 0.8, 0.9, 1.0]);
+        assert_eq!(events[1].2, "budget-m-2026-07-warning-0.8");
+        assert_eq!(events[3].0, BudgetState::Exceeded);
     }
 }

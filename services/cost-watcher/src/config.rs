@@ -12,6 +12,9 @@ pub struct Config {
     pub monthly_budget: f64,
     /// Warn at this fraction of the budget (seed: 0.8).
     pub warn_ratio: f64,
+    /// More warning thresholds (fractions below 1), each raising its own
+    /// budget event; 100 % is always the exceeded threshold.
+    pub extra_thresholds: Vec<f64>,
     /// How often budgets and forecasts are evaluated (and state saved).
     #[serde(with = "humantime_serde")]
     pub evaluate_interval: std::time::Duration,
@@ -28,6 +31,7 @@ impl Default for Config {
             electricity_price_per_kwh: 2.6,
             monthly_budget: 3000.0,
             warn_ratio: 0.8,
+            extra_thresholds: Vec::new(),
             evaluate_interval: std::time::Duration::from_secs(60),
             billing: Default::default(),
             roi: Default::default(),
@@ -47,6 +51,15 @@ impl Validate for Config {
         }
         if !(self.monthly_budget.is_finite() && self.monthly_budget > 0.0) {
             return Err(ConfigError::new(key(p, "monthly_budget"), self.monthly_budget, "must be greater than zero"));
+        }
+        for (i, t) in self.extra_thresholds.iter().enumerate() {
+            if !(*t > 0.0 && *t < 1.0) {
+                return Err(ConfigError::new(
+                    key(p, &format!("extra_thresholds[{i}]")),
+                    t,
+                    "must be between 0 and 1 (exclusive)",
+                ));
+            }
         }
         if !(self.warn_ratio > 0.0 && self.warn_ratio < 1.0) {
             return Err(ConfigError::new(key(p, "warn_ratio"), self.warn_ratio, "must be between 0 and 1 (exclusive)"));
@@ -84,6 +97,17 @@ impl Validate for Config {
             }
         }
         self.admin.validate(&key(p, "admin"))
+    }
+}
+
+impl Config {
+    /// Every warning threshold.
+    pub fn warn_thresholds(&self) -> Vec<f64> {
+        let mut v = self.extra_thresholds.clone();
+        v.push(self.warn_ratio);
+        v.sort_by(f64::total_cmp);
+        v.dedup();
+        v
     }
 }
 

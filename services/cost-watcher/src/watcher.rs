@@ -150,7 +150,7 @@ fn evaluate(
         }
     }
     let mut track = s.budgets.remove(MONTHLY);
-    budget::evaluate(&mut track, &period, spent, budget_micros, cfg.warn_ratio);
+    budget::evaluate(&mut track, &period, spent, budget_micros, &cfg.warn_thresholds());
     let t = track.expect("evaluate always leaves a track");
     let labels = BudgetLabels { budget: MONTHLY.into() };
     m.budget_state.get_or_create(&labels).set(t.state as i64 - 1);
@@ -166,7 +166,7 @@ fn evaluate(
     for (id, b) in gcp {
         let key = format!("gcp:{id}");
         let mut track = s.budgets.remove(&key);
-        budget::evaluate(&mut track, &b.period, b.spent_micros, b.budget_micros, cfg.warn_ratio);
+        budget::evaluate(&mut track, &b.period, b.spent_micros, b.budget_micros, &cfg.warn_thresholds());
         let t = track.expect("evaluate always leaves a track");
         let labels = BudgetLabels { budget: b.name.clone() };
         m.budget_state.get_or_create(&labels).set(t.state as i64 - 1);
@@ -247,7 +247,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     ctx.register("costmesh_budget_state", "Budget state: 0 ok, 1 warning, 2 exceeded", m.budget_state.clone());
     ctx.register("costmesh_budget_spent_ratio", "Spend over budget this month", m.budget_ratio.clone());
     ctx.register("costmesh_forecast_month_end", "Forecast of this month's total spend", m.forecast.clone());
-    ctx.register("costmesh_forecast_over_budget_ratio", "Month-end forecast over the monthly budget", m.forecast_over_budget.clone());
+    ctx.register(
+        "costmesh_forecast_over_budget_ratio",
+        "Month-end forecast over the monthly budget",
+        m.forecast_over_budget.clone(),
+    );
     ctx.register("costmesh_kpi", "The seed's KPIs this month (see docs/kpis.md); absent when undefined", m.kpi.clone());
     ctx.register(
         "costmesh_forecast_error_ratio",

@@ -214,14 +214,23 @@ async fn storage_reports_and_cache_stats_reach_the_ledger_and_kpis() {
     let t0 = rig.clock.now();
     let report = |at: DateTime<Utc>| v1::StorageReport {
         time: Some(costmesh_contracts::timestamp(at)),
-        usage: vec![v1::StorageUsage { root: "/data".into(), bytes: 1, objects: 1, monthly_cost: Some(v1::Money { currency_code: "TWD".into(), micros: 31_000_000 }), ..Default::default() }],
+        usage: vec![v1::StorageUsage {
+            root: "/data".into(),
+            bytes: 1,
+            objects: 1,
+            monthly_cost: Some(v1::Money { currency_code: "TWD".into(), micros: 31_000_000 }),
+            ..Default::default()
+        }],
         used_bytes: 70,
         provisioned_bytes: 100,
         ..Default::default()
     };
     // Two reports a day apart: a 31-day month at 31/month costs 1.00 for that day.
     for at in [t0, t0 + chrono::Duration::days(1)] {
-        let (h, p) = costmesh_contracts::encode(&report(at), &EventMeta::new::<v1::StorageReport>("storage-janitor", at, ContentType::Protobuf));
+        let (h, p) = costmesh_contracts::encode(
+            &report(at),
+            &EventMeta::new::<v1::StorageReport>("storage-janitor", at, ContentType::Protobuf),
+        );
         rig.producer.publish_durable(&subjects.storage_report(), h, p).await.unwrap();
     }
     let stats = |started: i64, requests: u64| v1::CacheStats {
@@ -232,14 +241,22 @@ async fn storage_reports_and_cache_stats_reach_the_ledger_and_kpis() {
     };
     // Cumulative counters: 100, then 250 (same start), then a restart at 30.
     for (started, requests) in [(1, 100), (1, 250), (1, 250), (2, 30)] {
-        let (h, p) = costmesh_contracts::encode(&stats(started, requests), &EventMeta::new::<v1::CacheStats>("cache-gateway", t0, ContentType::Protobuf));
+        let (h, p) = costmesh_contracts::encode(
+            &stats(started, requests),
+            &EventMeta::new::<v1::CacheStats>("cache-gateway", t0, ContentType::Protobuf),
+        );
         rig.producer.publish(&subjects.cache_stats(), h, p).await.unwrap();
     }
     rig.producer.flush().await.unwrap();
     let ask = || async {
         let r = rig
             .producer
-            .request(&subjects.api("cost-watcher", "summary"), Default::default(), Default::default(), Duration::from_secs(5))
+            .request(
+                &subjects.api("cost-watcher", "summary"),
+                Default::default(),
+                Default::default(),
+                Duration::from_secs(5),
+            )
             .await
             .unwrap();
         serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()

@@ -35,12 +35,19 @@ fn metric_names(expr: &str) -> Vec<String> {
 #[test]
 fn dashboard_and_alerts_query_exported_metrics() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../compose");
-    let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{root}/grafana/dashboards/costmesh.json")).unwrap()).unwrap();
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{root}/grafana/dashboards/costmesh.json")).unwrap())
+            .unwrap();
     let panels = dash["panels"].as_array().unwrap();
     assert!(panels.len() >= 10);
-    let mut exprs: Vec<String> = panels.iter().flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string())).collect();
+    let mut exprs: Vec<String> = panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string()))
+        .collect();
     let rules = std::fs::read_to_string(format!("{root}/prometheus/alerts.yml")).unwrap();
-    exprs.extend(rules.lines().filter(|l| l.trim_start().starts_with("expr:") || l.contains("costmesh_")).map(str::to_string));
+    exprs.extend(
+        rules.lines().filter(|l| l.trim_start().starts_with("expr:") || l.contains("costmesh_")).map(str::to_string),
+    );
     for e in exprs {
         for m in metric_names(&e) {
             assert!(EXPORTED.contains(&m.as_str()), "{m} (in {e:?}) is not exported by any service");
