@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Flat electricity price (seed: 2.6 TWD/kWh).
     pub electricity_price_per_kwh: f64,
+    /// Time-of-use periods; empty (the default) means the flat price above.
+    pub tariff: costmesh_runtime::tariff::Tariff,
     /// Monthly budget (seed: 3,000 TWD).
     pub monthly_budget: f64,
     /// Warn at this fraction of the budget (seed: 0.8).
@@ -29,6 +31,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             electricity_price_per_kwh: 2.6,
+            tariff: Default::default(),
             monthly_budget: 3000.0,
             warn_ratio: 0.8,
             extra_thresholds: Vec::new(),
@@ -52,6 +55,7 @@ impl Validate for Config {
         if !(self.monthly_budget.is_finite() && self.monthly_budget > 0.0) {
             return Err(ConfigError::new(key(p, "monthly_budget"), self.monthly_budget, "must be greater than zero"));
         }
+        self.tariff.validate(&key(p, "tariff"))?;
         for (i, t) in self.extra_thresholds.iter().enumerate() {
             if !(*t > 0.0 && *t < 1.0) {
                 return Err(ConfigError::new(

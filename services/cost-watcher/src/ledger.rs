@@ -39,6 +39,10 @@ pub struct State {
     /// period -> GPU energy booked to it (mJ); priced when read, so the
     /// local electricity cost is exact to the micro.
     pub energy_mj: BTreeMap<String, u64>,
+    /// period -> electricity cost under a time-of-use tariff (micros, as
+    /// priced at the time of each delta); empty with a flat tariff.
+    #[serde(default)]
+    pub tou_cost_micros: BTreeMap<String, f64>,
     /// period -> scope -> micros.
     pub ledger: BTreeMap<String, BTreeMap<String, i64>>,
     /// Cloud spend is reported as a running total per billing interval;
@@ -72,11 +76,13 @@ impl State {
         self.ledger.get(period).and_then(|p| p.get(scope)).copied().unwrap_or(0)
     }
 
-    /// Electricity cost of `period` at a flat price per kWh, in micros.
+    /// Electricity cost of `period` in micros: energy booked at the flat
+    /// price, plus what a time-of-use tariff priced as it came.
     pub fn electricity(&self, period: &str, price_per_kwh: f64) -> i64 {
         let mj = self.energy_mj.get(period).copied().unwrap_or(0);
+        let tou = self.tou_cost_micros.get(period).copied().unwrap_or(0.0);
         // micros = mJ / 3.6e9 kWh/mJ * price * 1e6
-        (mj as f64 * price_per_kwh / 3_600.0).round() as i64
+        (mj as f64 * price_per_kwh / 3_600.0 + tou).round() as i64
     }
 
     /// Everything booked to `period`, electricity included.

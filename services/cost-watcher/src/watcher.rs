@@ -275,10 +275,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         let (events, shutdown, shared, m, price) =
             (ctx.events.clone(), ctx.shutdown.clone(), shared.clone(), m.clone(), cfg.electricity_price_per_kwh);
         let clock = ctx.clock.clone();
+        let tariff = Arc::new(cfg.tariff.clone());
         tokio::spawn(async move {
             events
                 .consume_core::<GpuSample, _, _>(sub, shutdown, move |_, meta, s| {
-                    let (shared, m, clock) = (shared.clone(), m.clone(), clock.clone());
+                    let (shared, m, clock, tariff) = (shared.clone(), m.clone(), clock.clone(), tariff.clone());
                     async move {
                         if s.boot_id.is_empty() {
                             return Err(HandlerError::Reject(
@@ -310,7 +311,13 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                         }
                         let added = sh.state.energy.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
                         if added > 0 {
-                            *sh.state.energy_mj.entry(period.clone()).or_default() += added;
+                            if tariff.is_flat() {
+                                *sh.state.energy_mj.entry(period.clone()).or_default() += added;
+                            } else {
+                                // Priced at the time the energy was reported.
+                                let micros = added as f64 * tariff.price_at(at, tz, price) / 3_600.0;
+                                *sh.state.tou_cost_micros.entry(period.clone()).or_default() += micros;
+                            }
                             sh.dirty = true;
                         }
                         m.energy_kwh.set(sh.state.energy.total_kwh());

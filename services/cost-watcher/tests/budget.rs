@@ -49,11 +49,15 @@ impl Rig {
     }
 
     async fn start_watcher(&self) -> Watcher {
+        self.start_watcher_with(config()).await
+    }
+
+    async fn start_watcher_with(&self, cfg: Config) -> Watcher {
         let bus = Bus::Nats(NatsBus::connect(&self.nats.url(), &Default::default()).await.unwrap());
         let shutdown = CancellationToken::new();
         let ctx = ServiceContext::new("cost-watcher", None, bus, &self.mesh, self.clock.clone(), shutdown.clone());
         let (registry, health) = (ctx.registry.clone(), ctx.health.clone());
-        let task = tokio::spawn(costmesh_cost_watcher::run(config(), ctx));
+        let task = tokio::spawn(costmesh_cost_watcher::run(cfg, ctx));
         costmesh_testkit::eventually(Duration::from_secs(10), "cost-watcher ready", || {
             let h = health.clone();
             async move { h.is_ready() }
@@ -271,5 +275,18 @@ async fn storage_reports_and_cache_stats_reach_the_ledger_and_kpis() {
     assert_eq!(v["period"], "2026-07");
     // 280 requests and no cloud cost yet: 0 per request (defined, not absent).
     assert_eq!(v["kpis"]["cost_per_inference_request"].as_f64(), Some(0.0), "{v}");
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn a_time_of_use_tariff_prices_energy_when_it_was_used() {
+    let rig = Rig::new("tou", "2026-07-15T00:00:00Z").await;
+    let cfg = Config { tariff: costmesh_runtime::tariff::Tariff::taipower_example(), ..config() };
+    let w = rig.start_watcher_with(cfg).await;
+    let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+    rig.sample(&w, "b", 0, at("2026-07-14T23:00:00Z")).await; // baseline, 07:00 Taipei
+    rig.sample(&w, "b", KWH_MJ, at("2026-07-15T00:00:00Z")).await; // 1 kWh by 08:00: off-peak 2.06
+    rig.sample(&w, "b", 2 * KWH_MJ, at("2026-07-15T02:00:00Z")).await; // 1 kWh by 10:00: peak 5.16
+    assert_eq!(gauge(&w.registry, "costmesh_electricity_cost"), 7.22);
     w.stop().await;
 }

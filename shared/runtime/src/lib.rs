@@ -8,6 +8,7 @@
 //! - [`metrics`]: the Prometheus registry and the event plumbing's counters.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`events`]: typed publish, consumer loops, dead letters, de-duplication.
+//! - [`tariff`]: flat and time-of-use electricity prices.
 //! - [`service`]: the context a service runs in, signals, bus connection.
 //! - [`host`]: runs one service as a process (the service binaries' `main`).
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod events;
 pub mod host;
 pub mod metrics;
 pub mod service;
+pub mod tariff;
 pub mod telemetry;
 
 pub use clock::Clock;
