@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 ./scripts/install-test-deps.sh
 cargo test --workspace --locked "$@"
 # Alert rules: syntax and unit tests (Debian's prometheus package).
+promtool check config compose/prometheus/prometheus.yml
 promtool check rules compose/prometheus/alerts.yml
 promtool test rules compose/prometheus/alerts.test.yml
