@@ -89,14 +89,22 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     binary: PathBuf,
+    /// Extra command-line arguments (authentication, say).
+    extra_args: Vec<String>,
 }
 
 impl NatsServer {
     /// Starts a server on a free port with its own store directory.
     pub fn start_new() -> Self {
+        Self::start_with_args(&[])
+    }
+
+    /// Starts a server with extra arguments, e.g. `["--user", "u", "--pass", "p"]`.
+    pub fn start_with_args(args: &[&str]) -> Self {
         let binary = find_binary("nats-server", "NATS_SERVER_BIN");
         let dir = tempfile::tempdir().expect("temp dir for nats-server");
-        let mut s = Self { port: free_port(), dir, child: None, binary };
+        let extra_args = args.iter().map(|a| a.to_string()).collect();
+        let mut s = Self { port: free_port(), dir, child: None, binary, extra_args };
         s.start();
         s
     }
@@ -122,6 +130,7 @@ impl NatsServer {
         let mut child = Command::new(&self.binary)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.dir.path().join("js"))
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
