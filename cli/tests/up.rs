@@ -207,3 +207,35 @@ async fn cost_asks_the_running_cost_watcher() {
     assert!(v["kpis"].get("gpu_utilisation").is_some(), "{v}");
     assert_eq!(v["budget"], 3000.0);
 }
+
+#[tokio::test]
+async fn up_exports_traces_over_otlp_when_asked() {
+    let receiver = costmesh_testkit::otlp::OtlpReceiver::start().await;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    cmd.args(["up", "--quiet"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "200ms")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for s in ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"] {
+        cmd.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), "127.0.0.1:0");
+    }
+    let mut child = cmd.spawn().unwrap();
+    // A consumer span whose parent is a producer span of the same trace.
+    costmesh_testkit::eventually(Duration::from_secs(20), "a linked publish/handle pair over OTLP", || {
+        let spans = receiver.spans();
+        async move {
+            spans.iter().any(|h| {
+                h.name == "handle"
+                    && spans
+                        .iter()
+                        .any(|p| p.name == "publish" && p.span_id == h.parent_span_id && p.trace_id == h.trace_id)
+            })
+        }
+    })
+    .await;
+    assert!(receiver.spans().iter().all(|s| s.service == "costmesh"), "service.name is the resource");
+    child.start_kill().unwrap();
+}

@@ -14,6 +14,7 @@
 //! [`start`]: NatsServer::start
 #![forbid(unsafe_code)]
 
+pub mod otlp;
 pub mod pubsub;
 
 use std::io::{BufRead, BufReader, Read, Write};
