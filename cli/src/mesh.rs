@@ -140,7 +140,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         ($name:literal, $section:expr, $run:path) => {{
             let section = $section.clone();
             let ctx =
-                ServiceContext::new($name, section.instance(), bus.clone(), mesh, clock.clone(), shutdown.clone());
+                ServiceContext::new($name, section.instance(), bus.clone(), mesh, clock.clone(), shutdown.clone())
+                    .with_redis(cfg.common.redis.url.clone());
             let listen = section.admin().listen.clone();
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await

@@ -23,6 +23,7 @@ async fn up_runs(nats: Option<String>) {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
     cmd.arg("up")
         .env_remove("COSTMESH__NATS__URL")
+        .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
         .env_remove("COSTMESH_CONFIG")
         .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "200ms")
         .stdout(Stdio::piped())
@@ -169,6 +170,7 @@ async fn cost_asks_the_running_cost_watcher() {
     let prefix = costmesh_testkit::unique_prefix("cost");
     let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
     up.args(["up", "--quiet", "--nats", &nats.url()])
+        .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
         .env("COSTMESH__MESH__SUBJECT_PREFIX", &prefix)
         .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "200ms")
         .stdout(Stdio::null())
@@ -213,6 +215,7 @@ async fn up_exports_traces_over_otlp_when_asked() {
     let receiver = costmesh_testkit::otlp::OtlpReceiver::start().await;
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
     cmd.args(["up", "--quiet"])
+        .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "200ms")

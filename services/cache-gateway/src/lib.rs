@@ -1,10 +1,20 @@
 //! cache-gateway: the inference front door.
 //!
-//! This crate currently holds the service's frame: its config (cache TTL
-//! from the seed) and a loop that follows preemption notices and budget
-//! events, which will drain backends and switch degradation modes. The proxy,
-//! Redis cache and backend pools are issue #7.
+//! # Layout
+//! - [`key`]: cache keys (canonical JSON, tenant, model, version).
+//! - [`store`]: the in-process tier in front of Redis; fails open.
+//! - [`proxy`]: routing, caching, coalescing, `Cache-Status`.
+//!
+//! Built so far: the proxy with the two-tier cache, RFC 9111 request
+//! directives, RFC 9211 `Cache-Status`, coalesced misses and clear 4xx/5xx.
+//! Still to come (issue #7): weighted regular/preemptible pools with health
+//! checks and preemption drain, stale serving, budget degradation, purge,
+//! cache statistics on NATS, the demo backend in `costmesh up`.
 #![forbid(unsafe_code)]
+
+pub mod key;
+pub mod proxy;
+pub mod store;
 
 use std::time::Duration;
 
@@ -15,13 +25,33 @@ use costmesh_runtime::host::ServiceConfig;
 use costmesh_runtime::ServiceContext;
 use serde::{Deserialize, Serialize};
 
+/// One route: requests to `/<name>/...` go to these backends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    pub backends: Vec<String>,
+    /// Overrides the gateway's TTL for this route.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+}
+
 /// The `[cache_gateway]` config section.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Where clients connect.
+    pub listen: String,
+    pub routes: Vec<RouteConfig>,
     /// Cached responses live this long (seed: 1 h).
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub backend_timeout: Duration,
+    /// Entries in the in-process tier.
+    pub l1_entries: u64,
     /// Hit-rate target (seed: 85 %).
     pub hit_rate_target: f64,
     pub admin: AdminConfig,
@@ -29,7 +59,16 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { ttl: Duration::from_secs(3600), hit_rate_target: 0.85, admin: AdminConfig::on_port(9105) }
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            routes: Vec::new(),
+            ttl: Duration::from_secs(3600),
+            max_body_bytes: 1 << 20,
+            backend_timeout: Duration::from_secs(30),
+            l1_entries: 10_000,
+            hit_rate_target: 0.85,
+            admin: AdminConfig::on_port(9105),
+        }
     }
 }
 
@@ -37,6 +76,27 @@ impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
         if self.ttl.is_zero() {
             return Err(ConfigError::new(key(p, "ttl"), "0s", "must be greater than zero"));
+        }
+        self.listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| ConfigError::new(key(p, "listen"), &self.listen, format!("not a socket address: {e}")))?;
+        for (i, r) in self.routes.iter().enumerate() {
+            if costmesh_contracts::subjects::validate_token(&r.name).is_err() || r.name.contains('/') {
+                return Err(ConfigError::new(
+                    key(p, &format!("routes[{i}].name")),
+                    &r.name,
+                    "must be one path segment without dots",
+                ));
+            }
+            for (j, b) in r.backends.iter().enumerate() {
+                if !(b.starts_with("http://") || b.starts_with("https://")) {
+                    return Err(ConfigError::new(
+                        key(p, &format!("routes[{i}].backends[{j}]")),
+                        b,
+                        "must be an http:// or https:// URL",
+                    ));
+                }
+            }
         }
         if !(0.0..=1.0).contains(&self.hit_rate_target) {
             return Err(ConfigError::new(key(p, "hit_rate_target"), self.hit_rate_target, "must be between 0 and 1"));
@@ -51,8 +111,39 @@ impl ServiceConfig for Config {
     }
 }
 
+/// Builds the proxy from the config (Redis from `redis_url` when set).
+pub async fn gateway(cfg: &Config, redis_url: Option<&str>, stats: proxy::Stats) -> anyhow::Result<proxy::Gateway> {
+    let store =
+        store::Store::new(redis_url, cfg.l1_entries, Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
+    let routes = cfg
+        .routes
+        .iter()
+        .map(|r| (r.name.clone(), proxy::Route::new(r.backends.clone(), r.ttl.unwrap_or(cfg.ttl))))
+        .collect();
+    Ok(proxy::Gateway::new(routes, store, cfg.backend_timeout, stats))
+}
+
 /// Runs the gateway until shutdown.
-pub async fn run(_cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
+    let stats = proxy::Stats::default();
+    ctx.register("costmesh_cache_requests", "Requests by route", stats.requests.clone());
+    ctx.register("costmesh_cache_hits", "Cache hits by route", stats.hits.clone());
+    ctx.register("costmesh_cache_misses", "Cache misses by route", stats.misses.clone());
+    ctx.register("costmesh_cache_coalesced", "Requests that waited for an identical miss", stats.coalesced.clone());
+    ctx.register("costmesh_cache_backend_ms", "Time spent in backends (ms)", stats.backend_ms.clone());
+    ctx.register("costmesh_cache_hit_bytes", "Bytes served from cache", stats.bytes.clone());
+    let redis_url = ctx.redis_url.as_ref().map(|u| u.expose().to_string());
+    let gw = gateway(&cfg, redis_url.as_deref(), stats).await?;
+    let listener =
+        tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, routes = cfg.routes.len(), redis = redis_url.is_some(), "cache-gateway serving");
+    let app = proxy::router(gw, cfg.max_body_bytes);
+    let shutdown = ctx.shutdown.clone();
+    let server =
+        tokio::spawn(
+            async move { axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await },
+        );
+
     let filters = vec![ctx.subjects().preemption_all(), ctx.subjects().budget_all()];
     let task = ctx
         .spawn_durable::<AnyEvent, _, _>("world", filters, |_, _, event| async move {
@@ -71,5 +162,6 @@ pub async fn run(_cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     ctx.health.set("bus", true);
     ctx.shutdown.cancelled().await;
     let _ = task.await;
+    let _ = server.await;
     Ok(())
 }

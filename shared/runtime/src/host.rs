@@ -130,7 +130,8 @@ where
     cancel_on_signal(shutdown.clone());
     let bus = connect_bus(&cfg.common.nats, service).await?;
     let ctx =
-        ServiceContext::new(service, cfg.service.instance(), bus, &cfg.common.mesh, Clock::system(), shutdown.clone());
+        ServiceContext::new(service, cfg.service.instance(), bus, &cfg.common.mesh, Clock::system(), shutdown.clone())
+            .with_redis(cfg.common.redis.url.clone());
     let listener = tokio::net::TcpListener::bind(&cfg.service.admin().listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding admin endpoint {}: {e}", cfg.service.admin().listen))?;

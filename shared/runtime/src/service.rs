@@ -23,6 +23,8 @@ pub struct ServiceContext {
     pub health: Health,
     pub shutdown: CancellationToken,
     pub mesh: MeshConfig,
+    /// `[redis]` url, for the services that cache (the gateway).
+    pub redis_url: Option<crate::config::SecretUrl>,
 }
 
 impl ServiceContext {
@@ -58,7 +60,14 @@ impl ServiceContext {
             health: Health::new(),
             shutdown,
             mesh: mesh.clone(),
+            redis_url: None,
         }
+    }
+
+    /// Hands over the `[redis]` URL.
+    pub fn with_redis(mut self, url: Option<crate::config::SecretUrl>) -> Self {
+        self.redis_url = url;
+        self
     }
 
     pub fn bus(&self) -> &Bus {

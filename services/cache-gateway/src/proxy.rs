@@ -1,0 +1,312 @@
+//! The proxy: routes requests to a route's backends, answers repeated
+//! requests from the cache, makes one backend call for concurrent identical
+//! misses, and says what happened in an RFC 9211 `Cache-Status` header.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::broadcast;
+
+use crate::key::{cache_key, KeyParts};
+use crate::store::{Cached, Lookup, Store};
+
+/// Name used in `Cache-Status`.
+const CACHE_NAME: &str = "costmesh";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+/// Per-route counters (cumulative).
+#[derive(Clone, Default)]
+pub struct Stats {
+    pub requests: Family<RouteLabels, Counter>,
+    pub hits: Family<RouteLabels, Counter>,
+    pub misses: Family<RouteLabels, Counter>,
+    pub coalesced: Family<RouteLabels, Counter>,
+    pub backend_ms: Family<RouteLabels, Counter>,
+    pub bytes: Family<RouteLabels, Counter>,
+}
+
+/// A route and its backends.
+pub struct Route {
+    pub backends: Vec<String>,
+    pub ttl: Duration,
+    next: AtomicUsize,
+}
+
+impl Route {
+    pub fn new(backends: Vec<String>, ttl: Duration) -> Self {
+        Self { backends, ttl, next: AtomicUsize::new(0) }
+    }
+
+    fn pick(&self) -> Option<&str> {
+        if self.backends.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.backends.len();
+        Some(&self.backends[i])
+    }
+}
+
+type Flight = broadcast::Sender<Result<Arc<Cached>, (StatusCode, String)>>;
+
+/// Everything the handler needs.
+#[derive(Clone)]
+pub struct Gateway {
+    pub routes: Arc<HashMap<String, Route>>,
+    pub store: Store,
+    pub client: reqwest::Client,
+    pub stats: Stats,
+    inflight: Arc<Mutex<HashMap<String, Flight>>>,
+}
+
+impl Gateway {
+    pub fn new(routes: HashMap<String, Route>, store: Store, backend_timeout: Duration, stats: Stats) -> Self {
+        let client = reqwest::Client::builder().timeout(backend_timeout).build().unwrap_or_default();
+        Self { routes: Arc::new(routes), store, client, stats, inflight: Default::default() }
+    }
+}
+
+/// The gateway's HTTP router.
+pub fn router(gw: Gateway, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/{route}", any(handle_root))
+        .route("/{route}/{*rest}", any(handle))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(gw)
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    let msg = msg.into();
+    let mut r = (status, axum::Json(serde_json::json!({ "error": msg }))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&msg.replace(['\r', '\n'], " ")) {
+        r.headers_mut().insert("costmesh-error", v);
+    }
+    r
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// RFC 9111 request directives the gateway honours.
+#[derive(Default)]
+struct Directives {
+    no_store: bool,
+    no_cache: bool,
+    max_age: Option<u64>,
+}
+
+fn directives(h: &HeaderMap) -> Directives {
+    let mut d = Directives::default();
+    for v in h.get_all("cache-control") {
+        for part in v.to_str().unwrap_or("").split(',') {
+            let p = part.trim().to_ascii_lowercase();
+            if p == "no-store" {
+                d.no_store = true;
+            } else if p == "no-cache" {
+                d.no_cache = true;
+            } else if let Some(n) = p.strip_prefix("max-age=") {
+                d.max_age = n.parse().ok();
+            }
+        }
+    }
+    d
+}
+
+fn respond(c: &Cached, cache_status: String, age: Option<u64>) -> Response {
+    let mut r = Response::builder().status(c.status);
+    if !c.content_type.is_empty() {
+        r = r.header("content-type", &c.content_type);
+    }
+    if let Some(a) = age {
+        r = r.header("age", a.to_string());
+    }
+    r.header("cache-status", cache_status)
+        .body(axum::body::Body::from(c.body.clone()))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn handle_root(
+    state: State<Gateway>,
+    Path(route): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    proxy(state.0, route, String::new(), method, headers, body).await
+}
+
+async fn handle(
+    state: State<Gateway>,
+    Path((route, rest)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    proxy(state.0, route, rest, method, headers, body).await
+}
+
+async fn proxy(
+    gw: Gateway,
+    route_name: String,
+    rest: String,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(route) = gw.routes.get(&route_name) else {
+        return error(StatusCode::NOT_FOUND, format!("unknown route {route_name:?}"));
+    };
+    let labels = RouteLabels { route: route_name.clone() };
+    gw.stats.requests.get_or_create(&labels).inc();
+    let path = format!("/{rest}");
+    let is_json =
+        headers.get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/json"));
+    let json = if is_json && !body.is_empty() {
+        match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(v) => Some(v),
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")),
+        }
+    } else {
+        None
+    };
+    let hv = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let (tenant, model, version) = (hv("x-tenant"), hv("x-model"), hv("x-model-version"));
+    let d = directives(&headers);
+    let cacheable_method = method == Method::GET || method == Method::POST;
+    let key = cache_key(&KeyParts {
+        method: method.as_str(),
+        route: &route_name,
+        path: &path,
+        model: &model,
+        model_version: &version,
+        tenant: &tenant,
+        body: &body,
+        json: json.as_ref(),
+    });
+    let now = now_s();
+
+    if cacheable_method && !d.no_store && !d.no_cache {
+        if let Lookup::Hit(c) = gw.store.get(&key, now).await {
+            let age = c.age(now);
+            if d.max_age.is_none_or(|m| age <= m) {
+                gw.stats.hits.get_or_create(&labels).inc();
+                gw.stats.bytes.get_or_create(&labels).inc_by(c.body.len() as u64);
+                return respond(&c, format!("{CACHE_NAME}; hit; ttl={}", c.ttl.saturating_sub(age)), Some(age));
+            }
+        }
+    }
+    gw.stats.misses.get_or_create(&labels).inc();
+    let store_it = cacheable_method && !d.no_store;
+
+    // Identical concurrent misses wait for one backend call.
+    let (leader, mut rx) = {
+        let mut inflight = gw.inflight.lock().expect("inflight lock");
+        match inflight.get(&key) {
+            Some(tx) if store_it => (false, Some(tx.subscribe())),
+            _ => {
+                if store_it {
+                    let (tx, _) = broadcast::channel(1);
+                    inflight.insert(key.clone(), tx);
+                }
+                (true, None)
+            }
+        }
+    };
+    if !leader {
+        gw.stats.coalesced.get_or_create(&labels).inc();
+        return match rx.as_mut().expect("follower has a receiver").recv().await {
+            Ok(Ok(c)) => respond(&c, format!("{CACHE_NAME}; fwd=miss; collapsed"), None),
+            Ok(Err((status, msg))) => error(status, msg),
+            Err(_) => error(StatusCode::BAD_GATEWAY, "the shared backend call was lost"),
+        };
+    }
+
+    let result = call_backend(&gw, route, &method, &path, &headers, body, &labels).await;
+    let outcome = result.map(|(c, cacheable)| (Arc::new(c), cacheable));
+    if store_it {
+        if let Some(tx) = gw.inflight.lock().expect("inflight lock").remove(&key) {
+            let _ = tx.send(outcome.as_ref().map(|(c, _)| c.clone()).map_err(|e| e.clone()));
+        }
+    }
+    match outcome {
+        Ok((c, cacheable)) => {
+            let stored = store_it && cacheable;
+            if stored {
+                let mut entry = (*c).clone();
+                entry.ttl = route.ttl.as_secs();
+                gw.store.put(&key, entry).await;
+            }
+            let status = if d.no_store {
+                format!("{CACHE_NAME}; fwd=bypass; fwd-status={}; detail=no-store", c.status)
+            } else if d.no_cache {
+                format!("{CACHE_NAME}; fwd=request; fwd-status={}{}", c.status, if stored { "; stored" } else { "" })
+            } else if !cacheable_method {
+                format!("{CACHE_NAME}; fwd=method; fwd-status={}", c.status)
+            } else {
+                format!("{CACHE_NAME}; fwd=miss; fwd-status={}{}", c.status, if stored { "; stored" } else { "" })
+            };
+            respond(&c, status, None)
+        }
+        Err((status, msg)) => error(status, msg),
+    }
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "host",
+    "content-length",
+];
+
+async fn call_backend(
+    gw: &Gateway,
+    route: &Route,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+    labels: &RouteLabels,
+) -> Result<(Cached, bool), (StatusCode, String)> {
+    let base = route.pick().ok_or((StatusCode::SERVICE_UNAVAILABLE, "route has no backend".to_string()))?;
+    let url = format!("{}{}", base.trim_end_matches('/'), path);
+    let mut req = gw.client.request(method.clone(), &url).body(body);
+    for (k, v) in headers {
+        if !HOP_BY_HOP.contains(&k.as_str()) {
+            req = req.header(k, v);
+        }
+    }
+    let started = Instant::now();
+    let resp = req.send().await.map_err(|e| {
+        if e.is_timeout() {
+            (StatusCode::GATEWAY_TIMEOUT, format!("backend {base} timed out"))
+        } else {
+            (StatusCode::BAD_GATEWAY, format!("backend {base} failed: {e}"))
+        }
+    })?;
+    let status = resp.status().as_u16();
+    let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let cc = resp.headers().get("cache-control").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let body = resp.bytes().await.map_err(|e| (StatusCode::BAD_GATEWAY, format!("backend {base} body: {e}")))?;
+    gw.stats.backend_ms.get_or_create(labels).inc_by(started.elapsed().as_millis() as u64);
+    let cacheable = (200..300).contains(&status) && !cc.contains("no-store") && !cc.contains("private");
+    Ok((Cached { status, content_type, stored_at: now_s(), ttl: 0, body }, cacheable))
+}

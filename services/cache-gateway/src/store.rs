@@ -1,0 +1,159 @@
+//! The two-tier response cache: a small in-process tier (moka) in front of
+//! Redis (shared by every gateway). Values are stored compressed. Redis
+//! failing or slow never fails a request: the cache then behaves as a miss
+//! (fail open), and the connection manager reconnects by itself.
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A stored response.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cached {
+    pub status: u16,
+    pub content_type: String,
+    /// Unix seconds when it was stored (for `Age`).
+    pub stored_at: i64,
+    /// Lifetime in seconds.
+    pub ttl: u64,
+    #[serde(skip)]
+    pub body: Bytes,
+}
+
+impl Cached {
+    fn encode(&self) -> Vec<u8> {
+        let meta = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(meta.len() + self.body.len() / 3 + 16);
+        out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        out.extend_from_slice(&meta);
+        let mut enc = flate2::write::DeflateEncoder::new(out, flate2::Compression::fast());
+        let _ = enc.write_all(&self.body);
+        enc.finish().unwrap_or_default()
+    }
+
+    fn decode(raw: &[u8]) -> Option<Self> {
+        let n = u32::from_be_bytes(raw.get(..4)?.try_into().ok()?) as usize;
+        let mut c: Cached = serde_json::from_slice(raw.get(4..4 + n)?).ok()?;
+        let mut body = Vec::new();
+        flate2::read::DeflateDecoder::new(raw.get(4 + n..)?).read_to_end(&mut body).ok()?;
+        c.body = Bytes::from(body);
+        Some(c)
+    }
+
+    /// Seconds since it was stored.
+    pub fn age(&self, now: i64) -> u64 {
+        (now - self.stored_at).max(0) as u64
+    }
+
+    pub fn fresh(&self, now: i64) -> bool {
+        self.age(now) < self.ttl
+    }
+}
+
+/// The cache.
+#[derive(Clone)]
+pub struct Store {
+    l1: moka::future::Cache<String, Arc<Cached>>,
+    redis: Option<redis::aio::ConnectionManager>,
+    /// How long a Redis call may take before the request goes on without it.
+    redis_timeout: Duration,
+}
+
+/// What a lookup found.
+pub enum Lookup {
+    Hit(Arc<Cached>),
+    Miss,
+}
+
+impl Store {
+    /// `redis_url` None: in-process tier only. A Redis that is down at start
+    /// is not fatal: the manager keeps trying.
+    pub async fn new(redis_url: Option<&str>, l1_entries: u64, l1_ttl: Duration) -> Result<Self, String> {
+        let redis = match redis_url {
+            None => None,
+            Some(url) => {
+                let client = redis::Client::open(url).map_err(|e| format!("redis URL: {e}"))?;
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Duration::from_millis(500))
+                    .set_response_timeout(Duration::from_millis(500))
+                    .set_number_of_retries(1);
+                match tokio::time::timeout(Duration::from_secs(2), client.get_connection_manager_with_config(cfg)).await
+                {
+                    Ok(Ok(m)) => Some(m),
+                    Ok(Err(e)) => return Err(format!("redis: {e}")),
+                    Err(_) => return Err("redis: connect timed out".into()),
+                }
+            }
+        };
+        let l1 = moka::future::Cache::builder().max_capacity(l1_entries).time_to_live(l1_ttl).build();
+        Ok(Self { l1, redis, redis_timeout: Duration::from_millis(200) })
+    }
+
+    pub async fn get(&self, key: &str, now: i64) -> Lookup {
+        if let Some(c) = self.l1.get(key).await {
+            if c.fresh(now) {
+                return Lookup::Hit(c);
+            }
+        }
+        let Some(mut r) = self.redis.clone() else { return Lookup::Miss };
+        let got: Result<Result<Option<Vec<u8>>, _>, _> =
+            tokio::time::timeout(self.redis_timeout, redis::cmd("GET").arg(key).query_async(&mut r)).await;
+        match got {
+            Ok(Ok(Some(raw))) => match Cached::decode(&raw) {
+                Some(c) if c.fresh(now) => {
+                    let c = Arc::new(c);
+                    self.l1.insert(key.to_string(), c.clone()).await;
+                    Lookup::Hit(c)
+                }
+                _ => Lookup::Miss,
+            },
+            Ok(Ok(None)) => Lookup::Miss,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "redis unavailable: serving without the shared cache");
+                Lookup::Miss
+            }
+            Err(_) => {
+                tracing::warn!("redis too slow: serving without the shared cache");
+                Lookup::Miss
+            }
+        }
+    }
+
+    pub async fn put(&self, key: &str, c: Cached) {
+        let ttl = c.ttl.max(1);
+        let raw = c.encode();
+        self.l1.insert(key.to_string(), Arc::new(c)).await;
+        if let Some(mut r) = self.redis.clone() {
+            let set: Result<Result<(), _>, _> = tokio::time::timeout(
+                self.redis_timeout,
+                redis::cmd("SET").arg(key).arg(raw).arg("EX").arg(ttl).query_async(&mut r),
+            )
+            .await;
+            if !matches!(set, Ok(Ok(()))) {
+                tracing::warn!("redis unavailable: response kept in the in-process tier only");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_compressed() {
+        let c = Cached {
+            status: 200,
+            content_type: "application/json".into(),
+            stored_at: 10,
+            ttl: 60,
+            body: Bytes::from("x".repeat(10_000)),
+        };
+        let raw = c.encode();
+        assert!(raw.len() < 500, "{} bytes", raw.len());
+        assert_eq!(Cached::decode(&raw).unwrap(), c);
+        assert!(c.fresh(69) && !c.fresh(70));
+    }
+}

@@ -1,0 +1,198 @@
+//! The gateway with a real redis-server and a real HTTP backend on loopback.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::Router;
+use costmesh_cache_gateway::proxy::{self, RouteLabels, Stats};
+use costmesh_cache_gateway::{Config, RouteConfig};
+use costmesh_testkit::RedisServer;
+use tokio::sync::Semaphore;
+
+/// A model backend that counts calls; `gate` holds answers until opened.
+#[derive(Clone)]
+struct Backend {
+    calls: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+    url: String,
+}
+
+async fn backend(open: bool) -> Backend {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(if open { Semaphore::MAX_PERMITS } else { 0 }));
+    let (c, g) = (calls.clone(), gate.clone());
+    let app = Router::new().route(
+        "/v1/generate",
+        post(move |body: String| {
+            let (c, g) = (c.clone(), g.clone());
+            async move {
+                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                let _permit = g.acquire().await.unwrap();
+                ([("content-type", "application/json")], format!(r#"{{"answer":"for {}","call":{n}}}"#, body.len()))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Backend { calls, gate, url }
+}
+
+async fn gateway(b: &Backend, redis: Option<&RedisServer>, stats: Stats) -> String {
+    let cfg = Config {
+        routes: vec![RouteConfig { name: "llm".into(), backends: vec![b.url.clone()], ttl: None }],
+        max_body_bytes: 4096,
+        ..Default::default()
+    };
+    let url = redis.map(|r| r.url());
+    let gw = costmesh_cache_gateway::gateway(&cfg, url.as_deref(), stats).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let app = proxy::router(gw, cfg.max_body_bytes);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+struct Reply {
+    status: u16,
+    cache_status: String,
+    age: Option<String>,
+    body: String,
+}
+
+async fn ask(gw: &str, tenant: &str, body: &str, extra: &[(&str, &str)]) -> Reply {
+    let mut req = reqwest::Client::new()
+        .post(format!("{gw}/llm/v1/generate"))
+        .header("content-type", "application/json")
+        .header("x-tenant", tenant)
+        .header("x-model", "llama")
+        .body(body.to_string());
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    let h = |n: &str| r.headers().get(n).map(|v| v.to_str().unwrap().to_string());
+    let (status, cache_status, age) = (r.status().as_u16(), h("cache-status").unwrap_or_default(), h("age"));
+    Reply { status, cache_status, age, body: r.text().await.unwrap() }
+}
+
+#[tokio::test]
+async fn repeats_hit_tenants_never_share_and_no_store_bypasses() {
+    let redis = RedisServer::start_new();
+    let b = backend(true).await;
+    let gw = gateway(&b, Some(&redis), Stats::default()).await;
+
+    let first = ask(&gw, "acme", r#"{"prompt":"hi","temperature":1}"#, &[]).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.cache_status, "costmesh; fwd=miss; fwd-status=200; stored");
+    assert_eq!(b.calls.load(Ordering::SeqCst), 1);
+
+    // The same request with keys reordered and 1 written as 1.0: a hit.
+    let again = ask(&gw, "acme", r#"{ "temperature": 1.0, "prompt": "hi" }"#, &[]).await;
+    assert!(again.cache_status.starts_with("costmesh; hit; ttl="), "{}", again.cache_status);
+    assert!(again.age.is_some());
+    assert_eq!(again.body, first.body);
+    assert_eq!(b.calls.load(Ordering::SeqCst), 1);
+
+    // Another tenant never sees acme's entry.
+    let other = ask(&gw, "globex", r#"{"prompt":"hi","temperature":1}"#, &[]).await;
+    assert!(other.cache_status.contains("fwd=miss"), "{}", other.cache_status);
+    assert_eq!(b.calls.load(Ordering::SeqCst), 2);
+
+    // no-store goes to the backend and stores nothing.
+    let ns = ask(&gw, "initech", r#"{"prompt":"x"}"#, &[("cache-control", "no-store")]).await;
+    assert_eq!(ns.cache_status, "costmesh; fwd=bypass; fwd-status=200; detail=no-store");
+    let ns2 = ask(&gw, "initech", r#"{"prompt":"x"}"#, &[]).await;
+    assert!(ns2.cache_status.contains("fwd=miss"), "{}", ns2.cache_status);
+    assert_eq!(b.calls.load(Ordering::SeqCst), 4);
+
+    // A second gateway (empty in-process tier) shares the entry through Redis.
+    let gw2 = gateway(&b, Some(&redis), Stats::default()).await;
+    let shared = ask(&gw2, "acme", r#"{"prompt":"hi","temperature":1}"#, &[]).await;
+    assert!(shared.cache_status.contains("hit"), "{}", shared.cache_status);
+    assert_eq!(b.calls.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_identical_misses_make_one_backend_call() {
+    let b = backend(false).await;
+    let stats = Stats::default();
+    let gw = gateway(&b, None, stats.clone()).await;
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let gw = gw.clone();
+            tokio::spawn(async move { ask(&gw, "acme", r#"{"prompt":"same"}"#, &[]).await })
+        })
+        .collect();
+    let labels = RouteLabels { route: "llm".into() };
+    costmesh_testkit::eventually(Duration::from_secs(10), "99 requests waiting on the first", || {
+        let n = stats.coalesced.get_or_create(&labels).get();
+        async move { n == 99 }
+    })
+    .await;
+    b.gate.add_permits(Semaphore::MAX_PERMITS / 2);
+    let mut collapsed = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        collapsed += r.cache_status.contains("collapsed") as usize;
+    }
+    assert_eq!(b.calls.load(Ordering::SeqCst), 1, "one backend call for 100 identical misses");
+    assert_eq!(collapsed, 99);
+}
+
+#[tokio::test]
+async fn redis_down_fails_open_and_caching_resumes_when_it_returns() {
+    let mut redis = RedisServer::start_new();
+    let b = backend(true).await;
+    let gw = gateway(&b, Some(&redis), Stats::default()).await;
+    ask(&gw, "acme", r#"{"q":1}"#, &[]).await;
+
+    redis.stop();
+    // Every request is still answered: the in-process tier, then the backend.
+    let cached = ask(&gw, "acme", r#"{"q":1}"#, &[]).await;
+    assert_eq!(cached.status, 200);
+    assert!(cached.cache_status.contains("hit"), "{}", cached.cache_status);
+    for i in 2..6 {
+        let r = ask(&gw, "acme", &format!(r#"{{"q":{i}}}"#), &[]).await;
+        assert_eq!(r.status, 200, "request {i} failed while Redis was down");
+        assert!(r.body.contains("answer"));
+    }
+
+    redis.start();
+    // The connection manager reconnects by itself; new entries reach Redis
+    // again, which a gateway with an empty in-process tier can see.
+    let gw2 = gateway(&b, Some(&redis), Stats::default()).await;
+    let mut n = 100;
+    costmesh_testkit::eventually(Duration::from_secs(20), "an entry stored after the restart is shared", || {
+        n += 1;
+        let (gw, gw2) = (gw.clone(), gw2.clone());
+        let body = format!(r#"{{"q":{n}}}"#);
+        async move {
+            ask(&gw, "acme", &body, &[]).await;
+            ask(&gw2, "acme", &body, &[]).await.cache_status.contains("hit")
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_clear_4xx_and_the_gateway_carries_on() {
+    let b = backend(true).await;
+    let gw = gateway(&b, None, Stats::default()).await;
+    let bad = ask(&gw, "acme", r#"{"prompt": "unterminated"#, &[]).await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("malformed JSON body"), "{}", bad.body);
+
+    let big = ask(&gw, "acme", &format!(r#"{{"p":"{}"}}"#, "x".repeat(10_000)), &[]).await;
+    assert_eq!(big.status, 413);
+
+    let r = reqwest::Client::new().post(format!("{gw}/nope/v1")).body("{}").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "unknown route \"nope\"");
+
+    assert_eq!(b.calls.load(Ordering::SeqCst), 0, "nothing bad reached the backend");
+    assert_eq!(ask(&gw, "acme", r#"{"ok":true}"#, &[]).await.status, 200);
+}
