@@ -119,6 +119,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let _telemetry = costmesh_runtime::telemetry::init("costmesh", &cfg.common.log, &env);
+    // A demo model behind the gateway when no route is configured, so a
+    // request can be sent right away and a miss seen turning into a hit.
+    let mut demo = None;
+    if cfg.cache_gateway.routes.is_empty() {
+        let url = costmesh_cache_gateway::demo::start(std::time::Duration::from_millis(150)).await?;
+        cfg.cache_gateway.routes.push(costmesh_cache_gateway::RouteConfig {
+            name: "demo".into(),
+            backends: vec![url],
+            ttl: None,
+        });
+        demo = Some(cfg.cache_gateway.listen.clone());
+    }
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let bus = connect_bus(&cfg.common.nats, "costmesh-up").await?;
@@ -169,6 +181,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     println!("costmesh up: bus={} prefix={}", bus.backend(), mesh.subject_prefix);
     for (name, addr) in &admins {
         println!("  {name:<16} admin http://{addr}/readyz");
+    }
+    if let Some(listen) = demo {
+        println!(
+            "  demo model       curl -si -H 'content-type: application/json' -d '{{\"prompt\":\"hi\"}}' http://{listen}/demo/v1/generate"
+        );
     }
     println!("events (Ctrl-C stops):");
 

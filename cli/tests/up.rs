@@ -242,3 +242,55 @@ async fn up_exports_traces_over_otlp_when_asked() {
     assert!(receiver.spans().iter().all(|s| s.service == "costmesh"), "service.name is the resource");
     child.start_kill().unwrap();
 }
+
+#[tokio::test]
+async fn up_serves_a_demo_model_whose_second_answer_is_a_cache_hit() {
+    let gw_port = free_port();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    cmd.arg("up")
+        .env_remove("COSTMESH__NATS__URL")
+        .env_remove("COSTMESH_CONFIG")
+        .env("COSTMESH__CACHE_GATEWAY__LISTEN", format!("127.0.0.1:{gw_port}"))
+        .env("COSTMESH__CACHE_GATEWAY__STATS_INTERVAL", "200ms")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for s in ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"] {
+        cmd.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), "127.0.0.1:0");
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = format!("127.0.0.1:{gw_port}");
+    let ask = || costmesh_testkit::http_post_json(&addr, "/demo/v1/generate", r#"{"prompt":"hi"}"#);
+    costmesh_testkit::eventually(Duration::from_secs(10), "the gateway answers", || async {
+        ask().await.is_ok_and(|r| r.0 == 200)
+    })
+    .await;
+    let (status, headers, first) = ask().await.unwrap();
+    assert_eq!(status, 200);
+    let cache_status = |h: &Vec<(String, String)>| {
+        h.iter().find(|(k, _)| k == "cache-status").map(|(_, v)| v.clone()).unwrap_or_default()
+    };
+    assert!(cache_status(&headers).contains("hit"), "the warm-up request stored it: {}", cache_status(&headers));
+    assert!(first.contains(r#""model":"demo""#), "{first}");
+    // A new prompt: a miss, then a hit with the same answer.
+    let other = || costmesh_testkit::http_post_json(&addr, "/demo/v1/generate", r#"{"prompt":"night training"}"#);
+    let (_, h1, a1) = other().await.unwrap();
+    let (_, h2, a2) = other().await.unwrap();
+    assert!(cache_status(&h1).contains("fwd=miss"), "{}", cache_status(&h1));
+    assert!(cache_status(&h2).contains("hit"), "{}", cache_status(&h2));
+    assert_eq!(a1, a2);
+    // The gateway's statistics reach the bus (and the live view).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .expect("cache stats printed")
+            .unwrap()
+            .unwrap();
+        if line.contains("CacheStats") && line.contains("hits=") && !line.contains("hits=0") {
+            break;
+        }
+    }
+    child.start_kill().unwrap();
+}

@@ -12,6 +12,7 @@
 //! cache statistics on NATS, the demo backend in `costmesh up`.
 #![forbid(unsafe_code)]
 
+pub mod demo;
 pub mod key;
 pub mod proxy;
 pub mod store;
@@ -52,6 +53,9 @@ pub struct Config {
     pub backend_timeout: Duration,
     /// Entries in the in-process tier.
     pub l1_entries: u64,
+    /// How often cumulative statistics go to `<prefix>.cache.stats`.
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Duration,
     /// Hit-rate target (seed: 85 %).
     pub hit_rate_target: f64,
     pub admin: AdminConfig,
@@ -66,6 +70,7 @@ impl Default for Config {
             max_body_bytes: 1 << 20,
             backend_timeout: Duration::from_secs(30),
             l1_entries: 10_000,
+            stats_interval: Duration::from_secs(10),
             hit_rate_target: 0.85,
             admin: AdminConfig::on_port(9105),
         }
@@ -134,6 +139,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     ctx.register("costmesh_cache_hit_bytes", "Bytes served from cache", stats.bytes.clone());
     let redis_url = ctx.redis_url.as_ref().map(|u| u.expose().to_string());
     let gw = gateway(&cfg, redis_url.as_deref(), stats).await?;
+    let gw_stats = gw.stats.clone();
     let listener =
         tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
     tracing::info!(listen = %listener.local_addr()?, routes = cfg.routes.len(), redis = redis_url.is_some(), "cache-gateway serving");
@@ -144,6 +150,31 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
             async move { axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await },
         );
 
+    // Cumulative counters for the cost-watcher (a lost report loses nothing).
+    {
+        let (ctx2, stats, routes) =
+            (ctx.clone(), gw_stats.clone(), cfg.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>());
+        let instance = format!("cache-gateway/{}", uuid::Uuid::new_v4().simple());
+        let started = costmesh_contracts::timestamp(ctx.clock.now());
+        let mut ticker = ctx.clock.ticker(cfg.stats_interval);
+        tokio::spawn(async move {
+            loop {
+                let now = tokio::select! {
+                    _ = ctx2.shutdown.cancelled() => return,
+                    t = ticker.tick() => t,
+                };
+                let report = costmesh_contracts::v1::CacheStats {
+                    instance: instance.clone(),
+                    started_at: Some(started),
+                    time: Some(costmesh_contracts::timestamp(now)),
+                    routes: routes.iter().map(|r| stats.route_stats(r)).collect(),
+                };
+                if let Err(e) = ctx2.events.publish(&ctx2.subjects().cache_stats(), &report).await {
+                    tracing::warn!(error = %e, "cache stats publish failed");
+                }
+            }
+        });
+    }
     let filters = vec![ctx.subjects().preemption_all(), ctx.subjects().budget_all()];
     let task = ctx
         .spawn_durable::<AnyEvent, _, _>("world", filters, |_, _, event| async move {

@@ -39,6 +39,23 @@ pub struct Stats {
     pub bytes: Family<RouteLabels, Counter>,
 }
 
+impl Stats {
+    /// One route's cumulative counters, as reported on NATS.
+    pub fn route_stats(&self, route: &str) -> costmesh_contracts::v1::RouteStats {
+        let l = RouteLabels { route: route.to_string() };
+        costmesh_contracts::v1::RouteStats {
+            route: route.to_string(),
+            requests: self.requests.get_or_create(&l).get(),
+            hits: self.hits.get_or_create(&l).get(),
+            misses: self.misses.get_or_create(&l).get(),
+            stale: 0,
+            coalesced: self.coalesced.get_or_create(&l).get(),
+            backend_time_ms: self.backend_ms.get_or_create(&l).get(),
+            bytes: self.bytes.get_or_create(&l).get(),
+        }
+    }
+}
+
 /// A route and its backends.
 pub struct Route {
     pub backends: Vec<String>,
