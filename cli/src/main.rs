@@ -25,6 +25,11 @@ enum Command {
         #[command(subcommand)]
         command: janitor::JanitorCommand,
     },
+    /// The inference cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// This month's cost, budgets, forecast and KPIs, asked of the cost-watcher.
     Cost {
         /// NATS server (or COSTMESH__NATS__URL).
@@ -51,6 +56,22 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// Remove cached responses of a route, a model version, or all.
+    Purge {
+        /// The gateway's client address.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        #[arg(long)]
+        route: Option<String>,
+        #[arg(long)]
+        model_version: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum EventsCommand {
     /// Print events as they arrive, decoded (protobuf or JSON).
     Tail {
@@ -69,6 +90,32 @@ enum EventsCommand {
         #[arg(long)]
         count: Option<u64>,
     },
+}
+
+async fn purge(
+    gateway: &str,
+    route: Option<String>,
+    model_version: Option<String>,
+    all: bool,
+) -> anyhow::Result<ExitCode> {
+    if !all && route.is_none() && model_version.is_none() {
+        anyhow::bail!("say what to purge: --route, --model-version, or --all");
+    }
+    let body = serde_json::json!({"route": route, "model_version": model_version, "all": all});
+    let r = reqwest::Client::new()
+        .post(format!("{}/_costmesh/purge", gateway.trim_end_matches('/')))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("gateway {gateway}: {e}"))?;
+    let status = r.status();
+    let text = r.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("gateway said {status}: {text}");
+    }
+    println!("{text}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn cost(url: &str, prefix: &str, json: bool) -> anyhow::Result<ExitCode> {
@@ -143,6 +190,9 @@ fn main() -> ExitCode {
             Command::Janitor { command } => janitor::run(command).await,
             Command::Roi { config, json } => roi(config, json),
             Command::Cost { nats, prefix, json } => cost(&nats, &prefix, json).await,
+            Command::Cache { command: CacheCommand::Purge { gateway, route, model_version, all } } => {
+                purge(&gateway, route, model_version, all).await
+            }
             Command::Events { command: EventsCommand::Tail { subject, nats, prefix, json, count } } => {
                 view::tail(&nats, &prefix, subject.as_deref(), json, count).await
             }

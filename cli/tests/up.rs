@@ -280,6 +280,15 @@ async fn up_serves_a_demo_model_whose_second_answer_is_a_cache_hit() {
     assert!(cache_status(&h1).contains("fwd=miss"), "{}", cache_status(&h1));
     assert!(cache_status(&h2).contains("hit"), "{}", cache_status(&h2));
     assert_eq!(a1, a2);
+    // `costmesh cache purge` empties the route: the next answer is a miss.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+        .args(["cache", "purge", "--route", "demo", "--gateway", &format!("http://{addr}")])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, h3, _) = other().await.unwrap();
+    assert!(cache_status(&h3).contains("fwd=miss"), "{}", cache_status(&h3));
     // The gateway's statistics reach the bus (and the live view).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {

@@ -47,7 +47,23 @@ pub fn cache_key(p: &KeyParts<'_>) -> String {
     }
     let digest = h.finalize();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("costmesh:v1:{}:{}:{}:{hex}", p.route, p.model, p.model_version)
+    format!("costmesh:v1:{}:{}:{}:{hex}", part(p.route), part(p.model), part(p.model_version))
+}
+
+/// A key part that cannot break the key's shape (or a purge pattern).
+pub fn part(s: &str) -> String {
+    s.chars()
+        .map(|c| if c == ':' || c == '*' || c == '?' || c == '[' || c == ']' || c.is_whitespace() { '_' } else { c })
+        .collect()
+}
+
+/// The Redis `SCAN MATCH` pattern for a purge.
+pub fn purge_pattern(route: Option<&str>, model_version: Option<&str>) -> String {
+    format!(
+        "costmesh:v1:{}:*:{}:*",
+        route.map(part).unwrap_or_else(|| "*".into()),
+        model_version.map(part).unwrap_or_else(|| "*".into())
+    )
 }
 
 #[cfg(test)]

@@ -99,6 +99,7 @@ impl Gateway {
 /// The gateway's HTTP router.
 pub fn router(gw: Gateway, max_body_bytes: usize) -> Router {
     Router::new()
+        .route("/_costmesh/purge", axum::routing::post(purge))
         .route("/{route}", any(handle_root))
         .route("/{route}/{*rest}", any(handle))
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -112,6 +113,36 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
         r.headers_mut().insert("costmesh-error", v);
     }
     r
+}
+
+/// `POST /_costmesh/purge` with `{"route": ..}`, `{"model_version": ..}`,
+/// both, or `{"all": true}`.
+async fn purge(State(gw): State<Gateway>, body: Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Purge {
+        route: Option<String>,
+        model_version: Option<String>,
+        #[serde(default)]
+        all: bool,
+    }
+    let p: Purge = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("purge body: {e} (expected {{\"route\"|\"model_version\"|\"all\": ...}})"),
+            )
+        }
+    };
+    if !p.all && p.route.is_none() && p.model_version.is_none() {
+        return error(StatusCode::BAD_REQUEST, "say what to purge: route, model_version, or all");
+    }
+    let pattern = crate::key::purge_pattern(p.route.as_deref(), p.model_version.as_deref());
+    match gw.store.purge(&pattern).await {
+        Ok(n) => axum::Json(serde_json::json!({"pattern": pattern, "redis_keys_removed": n})).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("purge failed: {e}")),
+    }
 }
 
 fn now_s() -> i64 {

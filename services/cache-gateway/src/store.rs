@@ -87,7 +87,11 @@ impl Store {
                 }
             }
         };
-        let l1 = moka::future::Cache::builder().max_capacity(l1_entries).time_to_live(l1_ttl).build();
+        let l1 = moka::future::Cache::builder()
+            .max_capacity(l1_entries)
+            .time_to_live(l1_ttl)
+            .support_invalidation_closures()
+            .build();
         Ok(Self { l1, redis, redis_timeout: Duration::from_millis(200) })
     }
 
@@ -118,6 +122,54 @@ impl Store {
                 tracing::warn!("redis too slow: serving without the shared cache");
                 Lookup::Miss
             }
+        }
+    }
+
+    /// Removes every entry whose key matches `pattern` (Redis glob, `*`
+    /// only) from both tiers; returns how many Redis keys went.
+    pub async fn purge(&self, pattern: &str) -> Result<u64, String> {
+        let re: Vec<String> = pattern.split('*').map(str::to_string).collect();
+        let matches = move |k: &str| {
+            let mut rest = k;
+            for (i, seg) in re.iter().enumerate() {
+                if i == 0 {
+                    match rest.strip_prefix(seg.as_str()) {
+                        Some(r) => rest = r,
+                        None => return false,
+                    }
+                } else if i == re.len() - 1 {
+                    return rest.ends_with(seg.as_str());
+                } else {
+                    match rest.find(seg.as_str()) {
+                        Some(p) => rest = &rest[p + seg.len()..],
+                        None => return false,
+                    }
+                }
+            }
+            rest.is_empty()
+        };
+        self.l1.invalidate_entries_if(move |k, _| matches(k)).map_err(|e| e.to_string())?;
+        let Some(mut r) = self.redis.clone() else { return Ok(0) };
+        let mut cursor: u64 = 0;
+        let mut removed = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut r)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !keys.is_empty() {
+                let n: u64 = redis::cmd("DEL").arg(&keys).query_async(&mut r).await.map_err(|e| e.to_string())?;
+                removed += n;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
         }
     }
 

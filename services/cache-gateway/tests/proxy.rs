@@ -196,3 +196,42 @@ async fn bad_requests_get_a_clear_4xx_and_the_gateway_carries_on() {
     assert_eq!(b.calls.load(Ordering::SeqCst), 0, "nothing bad reached the backend");
     assert_eq!(ask(&gw, "acme", r#"{"ok":true}"#, &[]).await.status, 200);
 }
+
+#[tokio::test]
+async fn purge_by_model_version_or_everything() {
+    let redis = RedisServer::start_new();
+    let b = backend(true).await;
+    let gw = gateway(&b, Some(&redis), Stats::default()).await;
+    let ask_v = |v: &'static str| {
+        let gw = gw.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .post(format!("{gw}/llm/v1/generate"))
+                .header("content-type", "application/json")
+                .header("x-tenant", "acme")
+                .header("x-model-version", v)
+                .body(r#"{"p":1}"#)
+                .send()
+                .await
+                .unwrap();
+            r.headers().get("cache-status").unwrap().to_str().unwrap().to_string()
+        }
+    };
+    ask_v("v1").await;
+    ask_v("v2").await;
+    assert!(ask_v("v1").await.contains("hit"));
+    let purge = |body: &'static str| {
+        let gw = gw.clone();
+        async move { reqwest::Client::new().post(format!("{gw}/_costmesh/purge")).body(body).send().await.unwrap() }
+    };
+    let r = purge(r#"{"model_version":"v1"}"#).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["redis_keys_removed"], 1);
+    assert!(ask_v("v1").await.contains("fwd=miss"), "v1 purged");
+    assert!(ask_v("v2").await.contains("hit"), "v2 kept");
+    assert_eq!(purge(r#"{"all":true}"#).await.status().as_u16(), 200);
+    assert!(ask_v("v2").await.contains("fwd=miss"), "everything purged");
+    assert_eq!(purge(r#"{}"#).await.status().as_u16(), 400);
+    assert_eq!(purge("not json").await.status().as_u16(), 400);
+}
