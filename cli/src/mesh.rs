@@ -128,6 +128,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             name: "demo".into(),
             backends: vec![url],
             ttl: None,
+            priority: Default::default(),
         });
         demo = Some(cfg.cache_gateway.listen.clone());
     }

@@ -35,6 +35,50 @@ pub struct RouteConfig {
     /// Overrides the gateway's TTL for this route.
     #[serde(default, with = "humantime_serde")]
     pub ttl: Option<Duration>,
+    /// `low` routes are shed first when the budget is exceeded.
+    #[serde(default)]
+    pub priority: Priority,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    #[default]
+    Normal,
+    Low,
+}
+
+/// What the gateway does when a budget is exceeded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExceeded {
+    /// Answer low-priority routes with 503 and `Retry-After`.
+    #[default]
+    ShedLowPriority,
+    /// Keep serving as usual.
+    Continue,
+}
+
+/// Budget-aware behaviour.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// On a budget warning, new entries live this many times longer.
+    pub warning_ttl_factor: f64,
+    pub on_exceeded: OnExceeded,
+    /// `Retry-After` on shed requests.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            warning_ttl_factor: 2.0,
+            on_exceeded: OnExceeded::ShedLowPriority,
+            retry_after: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// The `[cache_gateway]` config section.
@@ -53,6 +97,7 @@ pub struct Config {
     pub backend_timeout: Duration,
     /// Entries in the in-process tier.
     pub l1_entries: u64,
+    pub budget: BudgetConfig,
     /// How often cumulative statistics go to `<prefix>.cache.stats`.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
@@ -71,6 +116,7 @@ impl Default for Config {
             backend_timeout: Duration::from_secs(30),
             l1_entries: 10_000,
             stats_interval: Duration::from_secs(10),
+            budget: BudgetConfig::default(),
             hit_rate_target: 0.85,
             admin: AdminConfig::on_port(9105),
         }
@@ -103,6 +149,13 @@ impl Validate for Config {
                 }
             }
         }
+        if !(self.budget.warning_ttl_factor.is_finite() && self.budget.warning_ttl_factor >= 1.0) {
+            return Err(ConfigError::new(
+                key(p, "budget.warning_ttl_factor"),
+                self.budget.warning_ttl_factor,
+                "must be at least 1",
+            ));
+        }
         if !(0.0..=1.0).contains(&self.hit_rate_target) {
             return Err(ConfigError::new(key(p, "hit_rate_target"), self.hit_rate_target, "must be between 0 and 1"));
         }
@@ -123,9 +176,11 @@ pub async fn gateway(cfg: &Config, redis_url: Option<&str>, stats: proxy::Stats)
     let routes = cfg
         .routes
         .iter()
-        .map(|r| (r.name.clone(), proxy::Route::new(r.backends.clone(), r.ttl.unwrap_or(cfg.ttl))))
+        .map(|r| {
+            (r.name.clone(), proxy::Route::new(r.backends.clone(), r.ttl.unwrap_or(cfg.ttl)).with_priority(r.priority))
+        })
         .collect();
-    Ok(proxy::Gateway::new(routes, store, cfg.backend_timeout, stats))
+    Ok(proxy::Gateway::new(routes, store, cfg.backend_timeout, stats).with_budget(cfg.budget.clone()))
 }
 
 /// Runs the gateway until shutdown.
@@ -140,6 +195,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let redis_url = ctx.redis_url.as_ref().map(|u| u.expose().to_string());
     let gw = gateway(&cfg, redis_url.as_deref(), stats).await?;
     let gw_stats = gw.stats.clone();
+    let gw_budget = gw.budget_state.clone();
     let listener =
         tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
     tracing::info!(listen = %listener.local_addr()?, routes = cfg.routes.len(), redis = redis_url.is_some(), "cache-gateway serving");
@@ -176,18 +232,24 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         });
     }
     let filters = vec![ctx.subjects().preemption_all(), ctx.subjects().budget_all()];
+    let budget = gw_budget;
     let task = ctx
-        .spawn_durable::<AnyEvent, _, _>("world", filters, |_, _, event| async move {
-            match event {
-                AnyEvent::PreemptionNotice(n) => {
-                    tracing::info!(node = %n.node, "preemption notice: backends on this node are to drain")
+        .spawn_durable::<AnyEvent, _, _>("world", filters, move |_, _, event| {
+            let budget = budget.clone();
+            async move {
+                match event {
+                    AnyEvent::PreemptionNotice(n) => tracing::info!(node = %n.node, "preemption notice: backends on this node are to drain"),
+                    AnyEvent::BudgetEvent(b) => {
+                        let state = b.state();
+                        let was = budget.set(&b.scope, state);
+                        if was != state {
+                            tracing::warn!(scope = %b.scope, from = was.as_str_name(), to = state.as_str_name(), "budget state changed: cache behaviour follows");
+                        }
+                    }
+                    other => return Err(HandlerError::Reject(format!("{} does not belong on this subject", other.type_name()))),
                 }
-                AnyEvent::BudgetEvent(b) => tracing::info!(scope = %b.scope, state = b.state, "budget state noted"),
-                other => {
-                    return Err(HandlerError::Reject(format!("{} does not belong on this subject", other.type_name())))
-                }
+                Ok(())
             }
-            Ok(())
         })
         .await?;
     ctx.health.set("bus", true);

@@ -60,12 +60,18 @@ impl Stats {
 pub struct Route {
     pub backends: Vec<String>,
     pub ttl: Duration,
+    pub priority: crate::Priority,
     next: AtomicUsize,
 }
 
 impl Route {
     pub fn new(backends: Vec<String>, ttl: Duration) -> Self {
-        Self { backends, ttl, next: AtomicUsize::new(0) }
+        Self { backends, ttl, priority: crate::Priority::Normal, next: AtomicUsize::new(0) }
+    }
+
+    pub fn with_priority(mut self, p: crate::Priority) -> Self {
+        self.priority = p;
+        self
     }
 
     fn pick(&self) -> Option<&str> {
@@ -74,6 +80,33 @@ impl Route {
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.backends.len();
         Some(&self.backends[i])
+    }
+}
+
+/// The worst budget state across scopes, as budget events report it.
+#[derive(Clone, Default)]
+pub struct BudgetState {
+    scopes: Arc<Mutex<HashMap<String, costmesh_contracts::v1::BudgetState>>>,
+}
+
+impl BudgetState {
+    /// Records a scope's state; returns its previous one.
+    pub fn set(&self, scope: &str, s: costmesh_contracts::v1::BudgetState) -> costmesh_contracts::v1::BudgetState {
+        self.scopes
+            .lock()
+            .expect("budget lock")
+            .insert(scope.to_string(), s)
+            .unwrap_or(costmesh_contracts::v1::BudgetState::Ok)
+    }
+
+    pub fn worst(&self) -> costmesh_contracts::v1::BudgetState {
+        self.scopes
+            .lock()
+            .expect("budget lock")
+            .values()
+            .copied()
+            .max_by_key(|s| *s as i32)
+            .unwrap_or(costmesh_contracts::v1::BudgetState::Ok)
     }
 }
 
@@ -86,13 +119,28 @@ pub struct Gateway {
     pub store: Store,
     pub client: reqwest::Client,
     pub stats: Stats,
+    pub budget: crate::BudgetConfig,
+    pub budget_state: BudgetState,
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
 }
 
 impl Gateway {
     pub fn new(routes: HashMap<String, Route>, store: Store, backend_timeout: Duration, stats: Stats) -> Self {
         let client = reqwest::Client::builder().timeout(backend_timeout).build().unwrap_or_default();
-        Self { routes: Arc::new(routes), store, client, stats, inflight: Default::default() }
+        Self {
+            routes: Arc::new(routes),
+            store,
+            client,
+            stats,
+            budget: Default::default(),
+            budget_state: Default::default(),
+            inflight: Default::default(),
+        }
+    }
+
+    pub fn with_budget(mut self, b: crate::BudgetConfig) -> Self {
+        self.budget = b;
+        self
     }
 }
 
@@ -220,6 +268,20 @@ async fn proxy(
     };
     let labels = RouteLabels { route: route_name.clone() };
     gw.stats.requests.get_or_create(&labels).inc();
+    let budget = gw.budget_state.worst();
+    if budget == costmesh_contracts::v1::BudgetState::Exceeded
+        && gw.budget.on_exceeded == crate::OnExceeded::ShedLowPriority
+        && route.priority == crate::Priority::Low
+    {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("budget exceeded: low-priority route {route_name:?} is shed"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&gw.budget.retry_after.as_secs().to_string()) {
+            r.headers_mut().insert("retry-after", v);
+        }
+        return r;
+    }
     let path = format!("/{rest}");
     let is_json =
         headers.get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/json"));
@@ -295,7 +357,12 @@ async fn proxy(
             let stored = store_it && cacheable;
             if stored {
                 let mut entry = (*c).clone();
-                entry.ttl = route.ttl.as_secs();
+                let factor = if budget == costmesh_contracts::v1::BudgetState::Warning {
+                    gw.budget.warning_ttl_factor
+                } else {
+                    1.0
+                };
+                entry.ttl = (route.ttl.as_secs_f64() * factor) as u64;
                 gw.store.put(&key, entry).await;
             }
             let status = if d.no_store {

@@ -41,7 +41,12 @@ async fn backend(open: bool) -> Backend {
 
 async fn gateway(b: &Backend, redis: Option<&RedisServer>, stats: Stats) -> String {
     let cfg = Config {
-        routes: vec![RouteConfig { name: "llm".into(), backends: vec![b.url.clone()], ttl: None }],
+        routes: vec![RouteConfig {
+            name: "llm".into(),
+            backends: vec![b.url.clone()],
+            ttl: None,
+            priority: Default::default(),
+        }],
         max_body_bytes: 4096,
         ..Default::default()
     };

@@ -1,0 +1,118 @@
+//! Budget events over a real nats-server change what the gateway does:
+//! a warning lengthens TTLs, exceeded sheds low-priority routes with 503 and
+//! `Retry-After`, and OK restores service.
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::Router;
+use costmesh_bus::{Bus, NatsBus};
+use costmesh_cache_gateway::{Config, Priority, RouteConfig};
+use costmesh_contracts::v1::{BudgetEvent, BudgetState};
+use costmesh_contracts::{ContentType, EventMeta};
+use costmesh_runtime::clock::Clock;
+use costmesh_runtime::config::MeshConfig;
+use costmesh_runtime::ServiceContext;
+use costmesh_testkit::{free_port, http_post_json, NatsServer};
+use tokio_util::sync::CancellationToken;
+
+async fn model() -> String {
+    let app =
+        Router::new().route(
+            "/v1/generate",
+            post(|body: String| async move {
+                ([("content-type", "application/json")], format!(r#"{{"len":{}}}"#, body.len()))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test]
+async fn budget_states_switch_the_degradation() {
+    costmesh_runtime::telemetry::init_for_tests();
+    let nats = NatsServer::start_new();
+    let backend = model().await;
+    let port = free_port();
+    let cfg = Config {
+        listen: format!("127.0.0.1:{port}"),
+        routes: vec![
+            RouteConfig { name: "chat".into(), backends: vec![backend.clone()], ttl: None, priority: Priority::Normal },
+            RouteConfig { name: "batch".into(), backends: vec![backend], ttl: None, priority: Priority::Low },
+        ],
+        ..Default::default()
+    };
+    let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix("gwbudget"), ..Default::default() };
+    let bus = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());
+    let shutdown = CancellationToken::new();
+    let ctx = ServiceContext::new("cache-gateway", None, bus.clone(), &mesh, Clock::system(), shutdown.clone());
+    let (subjects, health) = (ctx.subjects().clone(), ctx.health.clone());
+    ctx.events.ensure_stream().await.unwrap();
+    tokio::spawn(costmesh_cache_gateway::run(cfg, ctx));
+    costmesh_testkit::eventually(Duration::from_secs(10), "gateway ready", || {
+        let h = health.clone();
+        async move { h.is_ready() }
+    })
+    .await;
+    let addr = format!("127.0.0.1:{port}");
+    let post = |route: &str, body: &str| {
+        let (addr, path, body) = (addr.clone(), format!("/{route}/v1/generate"), body.to_string());
+        async move { http_post_json(&addr, &path, &body).await }
+    };
+    let header =
+        |h: &Vec<(String, String)>, n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).unwrap_or_default();
+    let send = |state: BudgetState| {
+        let (bus, subjects) = (bus.clone(), subjects.clone());
+        async move {
+            let e = BudgetEvent {
+                scope: "cloud".into(),
+                state: state as i32,
+                period: "2026-07".into(),
+                ..Default::default()
+            };
+            let (h, p) = costmesh_contracts::encode(
+                &e,
+                &EventMeta::new::<BudgetEvent>("cost-watcher", chrono::Utc::now(), ContentType::Protobuf),
+            );
+            bus.publish_durable(&subjects.budget("cloud", state), h, p).await.unwrap();
+        }
+    };
+
+    assert_eq!(post("batch", "{}").await.unwrap().0, 200);
+
+    // Warning: new entries live twice as long.
+    send(BudgetState::Warning).await;
+    costmesh_testkit::eventually(Duration::from_secs(10), "a TTL above the normal hour", || async {
+        let body = format!(r#"{{"n":{}}}"#, uuid_like());
+        post("chat", &body).await.unwrap();
+        let (_, h, _) = post("chat", &body).await.unwrap();
+        let cs = header(&h, "cache-status");
+        cs.split("ttl=").nth(1).and_then(|t| t.parse::<u64>().ok()).is_some_and(|t| t > 3600)
+    })
+    .await;
+
+    // Exceeded: the low-priority route is shed, the normal one still served.
+    send(BudgetState::Exceeded).await;
+    costmesh_testkit::eventually(Duration::from_secs(10), "batch shed", || async {
+        post("batch", r#"{"x":1}"#).await.unwrap().0 == 503
+    })
+    .await;
+    let (status, h, body) = post("batch", r#"{"x":2}"#).await.unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(header(&h, "retry-after"), "3600");
+    assert!(body.contains("budget exceeded"), "{body}");
+    assert_eq!(post("chat", r#"{"x":3}"#).await.unwrap().0, 200);
+
+    // A new month: OK again.
+    send(BudgetState::Ok).await;
+    costmesh_testkit::eventually(Duration::from_secs(10), "batch back", || async {
+        post("batch", r#"{"x":4}"#).await.unwrap().0 == 200
+    })
+    .await;
+    shutdown.cancel();
+}
+
+fn uuid_like() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
