@@ -126,7 +126,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         let url = costmesh_cache_gateway::demo::start(std::time::Duration::from_millis(150)).await?;
         cfg.cache_gateway.routes.push(costmesh_cache_gateway::RouteConfig {
             name: "demo".into(),
-            backends: vec![url],
+            backends: vec![url.into()],
             ttl: None,
             priority: Default::default(),
         });

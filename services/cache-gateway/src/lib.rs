@@ -26,12 +26,50 @@ use costmesh_runtime::host::ServiceConfig;
 use costmesh_runtime::ServiceContext;
 use serde::{Deserialize, Serialize};
 
+/// Which pool a backend is in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    #[default]
+    Regular,
+    Preemptible,
+}
+
+/// A backend: a URL, or a table naming its pool and the node it runs on
+/// (preemption notices for that node drain it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BackendSpec {
+    Url(String),
+    Full {
+        url: String,
+        #[serde(default)]
+        pool: Pool,
+        #[serde(default)]
+        node: Option<String>,
+    },
+}
+
+impl BackendSpec {
+    pub fn url(&self) -> &str {
+        match self {
+            BackendSpec::Url(u) | BackendSpec::Full { url: u, .. } => u,
+        }
+    }
+}
+
+impl From<String> for BackendSpec {
+    fn from(u: String) -> Self {
+        BackendSpec::Url(u)
+    }
+}
+
 /// One route: requests to `/<name>/...` go to these backends.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: String,
-    pub backends: Vec<String>,
+    pub backends: Vec<BackendSpec>,
     /// Overrides the gateway's TTL for this route.
     #[serde(default, with = "humantime_serde")]
     pub ttl: Option<Duration>,
@@ -98,6 +136,11 @@ pub struct Config {
     /// Entries in the in-process tier.
     pub l1_entries: u64,
     pub budget: BudgetConfig,
+    /// Share of requests sent to the preemptible pool (seed: 80 %).
+    pub preemptible_share: f64,
+    /// How often drained or failed backends are checked for a return.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
     /// How often cumulative statistics go to `<prefix>.cache.stats`.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
@@ -117,6 +160,8 @@ impl Default for Config {
             l1_entries: 10_000,
             stats_interval: Duration::from_secs(10),
             budget: BudgetConfig::default(),
+            preemptible_share: 0.8,
+            health_interval: Duration::from_secs(2),
             hit_rate_target: 0.85,
             admin: AdminConfig::on_port(9105),
         }
@@ -139,7 +184,7 @@ impl Validate for Config {
                     "must be one path segment without dots",
                 ));
             }
-            for (j, b) in r.backends.iter().enumerate() {
+            for (j, b) in r.backends.iter().map(BackendSpec::url).enumerate() {
                 if !(b.starts_with("http://") || b.starts_with("https://")) {
                     return Err(ConfigError::new(
                         key(p, &format!("routes[{i}].backends[{j}]")),
@@ -154,6 +199,13 @@ impl Validate for Config {
                 key(p, "budget.warning_ttl_factor"),
                 self.budget.warning_ttl_factor,
                 "must be at least 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.preemptible_share) {
+            return Err(ConfigError::new(
+                key(p, "preemptible_share"),
+                self.preemptible_share,
+                "must be between 0 and 1",
             ));
         }
         if !(0.0..=1.0).contains(&self.hit_rate_target) {
@@ -177,7 +229,17 @@ pub async fn gateway(cfg: &Config, redis_url: Option<&str>, stats: proxy::Stats)
         .routes
         .iter()
         .map(|r| {
-            (r.name.clone(), proxy::Route::new(r.backends.clone(), r.ttl.unwrap_or(cfg.ttl)).with_priority(r.priority))
+            let backends = r
+                .backends
+                .iter()
+                .map(|b| match b {
+                    BackendSpec::Url(u) => proxy::Backend::new(u.clone(), Pool::Regular, None),
+                    BackendSpec::Full { url, pool, node } => proxy::Backend::new(url.clone(), *pool, node.clone()),
+                })
+                .collect();
+            let route = proxy::Route::with_backends(backends, r.ttl.unwrap_or(cfg.ttl), cfg.preemptible_share)
+                .with_priority(r.priority);
+            (r.name.clone(), route)
         })
         .collect();
     Ok(proxy::Gateway::new(routes, store, cfg.backend_timeout, stats).with_budget(cfg.budget.clone()))
@@ -196,6 +258,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let gw = gateway(&cfg, redis_url.as_deref(), stats).await?;
     let gw_stats = gw.stats.clone();
     let gw_budget = gw.budget_state.clone();
+    let gw_routes = proxy::Routes(gw.routes.clone());
     let listener =
         tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
     tracing::info!(listen = %listener.local_addr()?, routes = cfg.routes.len(), redis = redis_url.is_some(), "cache-gateway serving");
@@ -233,12 +296,34 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     }
     let filters = vec![ctx.subjects().preemption_all(), ctx.subjects().budget_all()];
     let budget = gw_budget;
+    let routes = gw_routes.clone();
+    // Drained or failed backends come back once they accept connections again.
+    {
+        let (routes, shutdown, every) = (gw_routes, ctx.shutdown.clone(), cfg.health_interval);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(every) => routes.check_returns().await,
+                }
+            }
+        });
+    }
     let task = ctx
         .spawn_durable::<AnyEvent, _, _>("world", filters, move |_, _, event| {
-            let budget = budget.clone();
+            let (budget, routes) = (budget.clone(), routes.clone());
             async move {
                 match event {
-                    AnyEvent::PreemptionNotice(n) => tracing::info!(node = %n.node, "preemption notice: backends on this node are to drain"),
+                    AnyEvent::PreemptionNotice(n) => {
+                        let until = n
+                            .deadline
+                            .as_ref()
+                            .and_then(costmesh_contracts::from_timestamp)
+                            .map(|d| (d - chrono::Utc::now()).to_std().unwrap_or_default())
+                            .unwrap_or(Duration::from_secs(30));
+                        let drained = routes.drain_node(&n.node, until);
+                        tracing::warn!(node = %n.node, drained, "preemption notice: backends on this node drained");
+                    }
                     AnyEvent::BudgetEvent(b) => {
                         let state = b.state();
                         let was = budget.set(&b.scope, state);

@@ -56,17 +56,52 @@ impl Stats {
     }
 }
 
+/// One backend of a route.
+pub struct Backend {
+    pub url: String,
+    pub pool: crate::Pool,
+    pub node: Option<String>,
+    /// Drained by a preemption notice until at least this instant.
+    drained_until: Mutex<Option<Instant>>,
+    /// Failed a connection; out until it accepts connections again.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Backend {
+    pub fn new(url: String, pool: crate::Pool, node: Option<String>) -> Self {
+        Self { url, pool, node, drained_until: Mutex::new(None), failed: Default::default() }
+    }
+
+    fn available(&self) -> bool {
+        self.drained_until.lock().expect("backend lock").is_none() && !self.failed.load(Ordering::Relaxed)
+    }
+
+    /// host:port, for the return check.
+    fn authority(&self) -> Option<String> {
+        let rest = self.url.split_once("://")?.1;
+        Some(rest.split('/').next()?.to_string())
+    }
+}
+
 /// A route and its backends.
 pub struct Route {
-    pub backends: Vec<String>,
+    pub backends: Vec<Backend>,
     pub ttl: Duration,
     pub priority: crate::Priority,
+    /// Share of requests for the preemptible pool.
+    pub preemptible_share: f64,
     next: AtomicUsize,
 }
 
 impl Route {
+    /// Regular backends only (tests and simple configs).
     pub fn new(backends: Vec<String>, ttl: Duration) -> Self {
-        Self { backends, ttl, priority: crate::Priority::Normal, next: AtomicUsize::new(0) }
+        let backends = backends.into_iter().map(|u| Backend::new(u, crate::Pool::Regular, None)).collect();
+        Self::with_backends(backends, ttl, 0.0)
+    }
+
+    pub fn with_backends(backends: Vec<Backend>, ttl: Duration, preemptible_share: f64) -> Self {
+        Self { backends, ttl, priority: crate::Priority::Normal, preemptible_share, next: AtomicUsize::new(0) }
     }
 
     pub fn with_priority(mut self, p: crate::Priority) -> Self {
@@ -74,12 +109,70 @@ impl Route {
         self
     }
 
-    fn pick(&self) -> Option<&str> {
-        if self.backends.is_empty() {
-            return None;
+    /// Picks an available backend: the preemptible pool for its share of
+    /// requests, the regular pool for the rest; a pool with nothing
+    /// available hands its share to the other. `avoid` skips one backend
+    /// (the one that just failed).
+    fn pick(&self, avoid: Option<usize>) -> Option<usize> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let want = if ((n % 100) as f64) < self.preemptible_share * 100.0 {
+            crate::Pool::Preemptible
+        } else {
+            crate::Pool::Regular
+        };
+        let avail = |pool: crate::Pool| -> Vec<usize> {
+            (0..self.backends.len())
+                .filter(|i| Some(*i) != avoid && self.backends[*i].pool == pool && self.backends[*i].available())
+                .collect()
+        };
+        let mut c = avail(want);
+        if c.is_empty() {
+            c = avail(if want == crate::Pool::Regular { crate::Pool::Preemptible } else { crate::Pool::Regular });
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.backends.len();
-        Some(&self.backends[i])
+        (!c.is_empty()).then(|| c[(n / 100 + n) % c.len()])
+    }
+}
+
+/// Every route, for preemption drains and return checks.
+#[derive(Clone)]
+pub struct Routes(pub Arc<HashMap<String, Route>>);
+
+impl Routes {
+    /// Drains every backend on `node` for at least `for_at_least`; returns how many.
+    pub fn drain_node(&self, node: &str, for_at_least: Duration) -> usize {
+        let until = Instant::now() + for_at_least;
+        let mut n = 0;
+        for r in self.0.values() {
+            for b in r.backends.iter().filter(|b| b.node.as_deref() == Some(node)) {
+                *b.drained_until.lock().expect("backend lock") = Some(until);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Brings back drained backends whose drain time is over, and failed
+    /// ones, once they accept a connection.
+    pub async fn check_returns(&self) {
+        for r in self.0.values() {
+            for b in &r.backends {
+                let drained = *b.drained_until.lock().expect("backend lock");
+                let waiting = drained.is_some_and(|u| Instant::now() >= u)
+                    || (drained.is_none() && b.failed.load(Ordering::Relaxed));
+                if !waiting {
+                    continue;
+                }
+                let Some(addr) = b.authority() else { continue };
+                let up = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(&addr))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if up {
+                    *b.drained_until.lock().expect("backend lock") = None;
+                    b.failed.store(false, Ordering::Relaxed);
+                    tracing::info!(backend = %b.url, "backend back in rotation");
+                }
+            }
+        }
     }
 }
 
@@ -401,22 +494,39 @@ async fn call_backend(
     body: Bytes,
     labels: &RouteLabels,
 ) -> Result<(Cached, bool), (StatusCode, String)> {
-    let base = route.pick().ok_or((StatusCode::SERVICE_UNAVAILABLE, "route has no backend".to_string()))?;
-    let url = format!("{}{}", base.trim_end_matches('/'), path);
-    let mut req = gw.client.request(method.clone(), &url).body(body);
-    for (k, v) in headers {
-        if !HOP_BY_HOP.contains(&k.as_str()) {
-            req = req.header(k, v);
-        }
-    }
     let started = Instant::now();
-    let resp = req.send().await.map_err(|e| {
-        if e.is_timeout() {
-            (StatusCode::GATEWAY_TIMEOUT, format!("backend {base} timed out"))
-        } else {
-            (StatusCode::BAD_GATEWAY, format!("backend {base} failed: {e}"))
+    let mut avoid = None;
+    let (resp, base) = loop {
+        let i = route
+            .pick(avoid)
+            .ok_or((StatusCode::SERVICE_UNAVAILABLE, "no backend of this route is available".to_string()))?;
+        let b = &route.backends[i];
+        let url = format!("{}{}", b.url.trim_end_matches('/'), path);
+        let mut req = gw.client.request(method.clone(), &url).body(body.clone());
+        for (k, v) in headers {
+            if !HOP_BY_HOP.contains(&k.as_str()) {
+                req = req.header(k, v);
+            }
         }
-    })?;
+        match req.send().await {
+            Ok(r) => break (r, b.url.as_str()),
+            // Nothing reached the backend: safe to try another one.
+            Err(e) if e.is_connect() && avoid.is_none() => {
+                tracing::warn!(backend = %b.url, error = %e, "backend unreachable; out of rotation, retrying elsewhere");
+                b.failed.store(true, Ordering::Relaxed);
+                avoid = Some(i);
+            }
+            Err(e) if e.is_timeout() => {
+                return Err((StatusCode::GATEWAY_TIMEOUT, format!("backend {} timed out", b.url)))
+            }
+            Err(e) => {
+                if e.is_connect() {
+                    b.failed.store(true, Ordering::Relaxed);
+                }
+                return Err((StatusCode::BAD_GATEWAY, format!("backend {} failed: {e}", b.url)));
+            }
+        }
+    };
     let status = resp.status().as_u16();
     let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let cc = resp.headers().get("cache-control").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();

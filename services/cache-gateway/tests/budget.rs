@@ -38,8 +38,13 @@ async fn budget_states_switch_the_degradation() {
     let cfg = Config {
         listen: format!("127.0.0.1:{port}"),
         routes: vec![
-            RouteConfig { name: "chat".into(), backends: vec![backend.clone()], ttl: None, priority: Priority::Normal },
-            RouteConfig { name: "batch".into(), backends: vec![backend], ttl: None, priority: Priority::Low },
+            RouteConfig {
+                name: "chat".into(),
+                backends: vec![backend.clone().into()],
+                ttl: None,
+                priority: Priority::Normal,
+            },
+            RouteConfig { name: "batch".into(), backends: vec![backend.into()], ttl: None, priority: Priority::Low },
         ],
         ..Default::default()
     };

@@ -43,7 +43,7 @@ async fn gateway(b: &Backend, redis: Option<&RedisServer>, stats: Stats) -> Stri
     let cfg = Config {
         routes: vec![RouteConfig {
             name: "llm".into(),
-            backends: vec![b.url.clone()],
+            backends: vec![b.url.clone().into()],
             ttl: None,
             priority: Default::default(),
         }],

@@ -1,0 +1,138 @@
+//! Regular and preemptible pools: traffic splits by the configured share, a
+//! preemption notice over NATS drains the preemptible node's backend within
+//! a second, and no client request fails while it goes away.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use axum::Router;
+use costmesh_bus::{Bus, NatsBus};
+use costmesh_cache_gateway::{BackendSpec, Config, Pool, RouteConfig};
+use costmesh_contracts::v1::PreemptionNotice;
+use costmesh_contracts::{ContentType, EventMeta};
+use costmesh_runtime::clock::Clock;
+use costmesh_runtime::config::MeshConfig;
+use costmesh_runtime::ServiceContext;
+use costmesh_testkit::{free_port, NatsServer};
+use tokio_util::sync::CancellationToken;
+
+async fn model(calls: Arc<AtomicUsize>, stop: CancellationToken) -> String {
+    let app = Router::new().route(
+        "/v1/generate",
+        post(move || {
+            let c = calls.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                ([("content-type", "application/json")], "{}")
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        async move { axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await.unwrap() },
+    );
+    url
+}
+
+#[tokio::test]
+async fn preemption_drains_the_spot_backend_without_failing_a_request() {
+    costmesh_runtime::telemetry::init_for_tests();
+    let nats = NatsServer::start_new();
+    let (regular, spot) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let spot_stop = CancellationToken::new();
+    let r_url = model(regular.clone(), CancellationToken::new()).await;
+    let s_url = model(spot.clone(), spot_stop.clone()).await;
+    let port = free_port();
+    let cfg = Config {
+        listen: format!("127.0.0.1:{port}"),
+        routes: vec![RouteConfig {
+            name: "llm".into(),
+            backends: vec![
+                BackendSpec::Full { url: r_url, pool: Pool::Regular, node: Some("gpu-1".into()) },
+                BackendSpec::Full { url: s_url, pool: Pool::Preemptible, node: Some("spot-1".into()) },
+            ],
+            ttl: None,
+            priority: Default::default(),
+        }],
+        health_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix("pools"), ..Default::default() };
+    let bus = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());
+    let shutdown = CancellationToken::new();
+    let ctx = ServiceContext::new("cache-gateway", None, bus.clone(), &mesh, Clock::system(), shutdown.clone());
+    let (subjects, health) = (ctx.subjects().clone(), ctx.health.clone());
+    ctx.events.ensure_stream().await.unwrap();
+    tokio::spawn(costmesh_cache_gateway::run(cfg, ctx));
+    costmesh_testkit::eventually(Duration::from_secs(10), "gateway ready", || {
+        let h = health.clone();
+        async move { h.is_ready() }
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/llm/v1/generate");
+    let send = || {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            // no-store: every request goes to a backend.
+            let r = client
+                .post(&url)
+                .header("cache-control", "no-store")
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    };
+
+    for _ in 0..100 {
+        assert_eq!(send().await, 200);
+    }
+    let (r0, s0) = (regular.load(Ordering::SeqCst), spot.load(Ordering::SeqCst));
+    assert_eq!(r0 + s0, 100);
+    assert_eq!(s0, 80, "80 % to the preemptible pool (seed mix 20/80), got {s0}");
+
+    // The spot VM is told it will be preempted.
+    let notice = PreemptionNotice {
+        node: "spot-1".into(),
+        deadline: Some(costmesh_contracts::timestamp(chrono::Utc::now() + chrono::Duration::seconds(30))),
+        source: "gce-metadata".into(),
+        ..Default::default()
+    };
+    let (h, p) = costmesh_contracts::encode(
+        &notice,
+        &EventMeta::new::<PreemptionNotice>("gpu-agent/spot-1", chrono::Utc::now(), ContentType::Protobuf),
+    );
+    let t0 = Instant::now();
+    bus.publish_durable(&subjects.preemption("spot-1"), h, p).await.unwrap();
+    // Requests keep succeeding; once 20 in a row skip the spot backend, it is drained.
+    let mut streak = 0;
+    let mut drained_after = None;
+    while drained_after.is_none() {
+        let before = spot.load(Ordering::SeqCst);
+        assert_eq!(send().await, 200, "a request failed during the drain");
+        if spot.load(Ordering::SeqCst) == before {
+            streak += 1;
+            if streak == 20 {
+                drained_after = Some(t0.elapsed());
+            }
+        } else {
+            streak = 0;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "never drained");
+    }
+    let drained_after = drained_after.unwrap();
+    eprintln!("spot backend drained {drained_after:?} after the notice");
+    assert!(drained_after < Duration::from_secs(1), "drained after {drained_after:?}");
+
+    // The VM goes away: still no failed request.
+    spot_stop.cancel();
+    for _ in 0..30 {
+        assert_eq!(send().await, 200);
+    }
+    shutdown.cancel();
+}
