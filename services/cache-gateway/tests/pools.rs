@@ -136,3 +136,63 @@ async fn preemption_drains_the_spot_backend_without_failing_a_request() {
     }
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_backend_that_dies_without_notice_leaves_rotation_and_comes_back() {
+    let (a, b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let a_stop = CancellationToken::new();
+    let a_url = model(a.clone(), a_stop.clone()).await;
+    let b_url = model(b.clone(), CancellationToken::new()).await;
+    let cfg = Config {
+        routes: vec![RouteConfig {
+            name: "llm".into(),
+            backends: vec![a_url.clone().into(), b_url.into()],
+            ttl: None,
+            priority: Default::default(),
+        }],
+        ..Default::default()
+    };
+    let gw = costmesh_cache_gateway::gateway(&cfg, None, Default::default()).await.unwrap();
+    let routes = costmesh_cache_gateway::proxy::Routes(gw.routes.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/llm/v1/generate", listener.local_addr().unwrap());
+    tokio::spawn(
+        async move { axum::serve(listener, costmesh_cache_gateway::proxy::router(gw, 1 << 20)).await.unwrap() },
+    );
+    let client = reqwest::Client::new();
+    let send = || async {
+        client.post(&url).header("cache-control", "no-store").body("{}").send().await.unwrap().status().as_u16()
+    };
+    for _ in 0..10 {
+        assert_eq!(send().await, 200);
+    }
+    assert!(a.load(Ordering::SeqCst) > 0 && b.load(Ordering::SeqCst) > 0, "both served");
+    // A dies: no request fails, B takes them all.
+    a_stop.cancel();
+    let b_before = b.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(send().await, 200, "a request failed when a backend died");
+    }
+    assert_eq!(b.load(Ordering::SeqCst) - b_before, 20);
+    // A comes back on its old address: the return check puts it back.
+    let addr = a_url.trim_start_matches("http://").to_string();
+    let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    let a2 = a.clone();
+    let app = Router::new().route(
+        "/v1/generate",
+        post(move || {
+            let c = a2.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                "{}"
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    routes.check_returns().await;
+    let a_before = a.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        assert_eq!(send().await, 200);
+    }
+    assert!(a.load(Ordering::SeqCst) > a_before, "the backend is back in rotation");
+}
