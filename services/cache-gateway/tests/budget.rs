@@ -5,15 +5,12 @@ use std::time::Duration;
 
 use axum::routing::post;
 use axum::Router;
-use costmesh_bus::{Bus, NatsBus};
 use costmesh_cache_gateway::{Config, Priority, RouteConfig};
 use costmesh_contracts::v1::{BudgetEvent, BudgetState};
 use costmesh_contracts::{ContentType, EventMeta};
-use costmesh_runtime::clock::Clock;
-use costmesh_runtime::config::MeshConfig;
-use costmesh_runtime::ServiceContext;
 use costmesh_testkit::{free_port, http_post_json, NatsServer};
-use tokio_util::sync::CancellationToken;
+
+mod common;
 
 async fn model() -> String {
     let app =
@@ -31,7 +28,6 @@ async fn model() -> String {
 
 #[tokio::test]
 async fn budget_states_switch_the_degradation() {
-    costmesh_runtime::telemetry::init_for_tests();
     let nats = NatsServer::start_new();
     let backend = model().await;
     let port = free_port();
@@ -48,18 +44,7 @@ async fn budget_states_switch_the_degradation() {
         ],
         ..Default::default()
     };
-    let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix("gwbudget"), ..Default::default() };
-    let bus = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());
-    let shutdown = CancellationToken::new();
-    let ctx = ServiceContext::new("cache-gateway", None, bus.clone(), &mesh, Clock::system(), shutdown.clone());
-    let (subjects, health) = (ctx.subjects().clone(), ctx.health.clone());
-    ctx.events.ensure_stream().await.unwrap();
-    tokio::spawn(costmesh_cache_gateway::run(cfg, ctx));
-    costmesh_testkit::eventually(Duration::from_secs(10), "gateway ready", || {
-        let h = health.clone();
-        async move { h.is_ready() }
-    })
-    .await;
+    let common::Running { bus, subjects, shutdown } = common::start(&nats, "gwbudget", cfg).await;
     let addr = format!("127.0.0.1:{port}");
     let post = |route: &str, body: &str| {
         let (addr, path, body) = (addr.clone(), format!("/{route}/v1/generate"), body.to_string());

@@ -7,15 +7,13 @@ use std::time::{Duration, Instant};
 
 use axum::routing::post;
 use axum::Router;
-use costmesh_bus::{Bus, NatsBus};
 use costmesh_cache_gateway::{BackendSpec, Config, Pool, RouteConfig};
 use costmesh_contracts::v1::PreemptionNotice;
 use costmesh_contracts::{ContentType, EventMeta};
-use costmesh_runtime::clock::Clock;
-use costmesh_runtime::config::MeshConfig;
-use costmesh_runtime::ServiceContext;
 use costmesh_testkit::{free_port, NatsServer};
 use tokio_util::sync::CancellationToken;
+
+mod common;
 
 async fn model(calls: Arc<AtomicUsize>, stop: CancellationToken) -> String {
     let app = Router::new().route(
@@ -38,7 +36,6 @@ async fn model(calls: Arc<AtomicUsize>, stop: CancellationToken) -> String {
 
 #[tokio::test]
 async fn preemption_drains_the_spot_backend_without_failing_a_request() {
-    costmesh_runtime::telemetry::init_for_tests();
     let nats = NatsServer::start_new();
     let (regular, spot) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let spot_stop = CancellationToken::new();
@@ -59,18 +56,7 @@ async fn preemption_drains_the_spot_backend_without_failing_a_request() {
         health_interval: Duration::from_millis(100),
         ..Default::default()
     };
-    let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix("pools"), ..Default::default() };
-    let bus = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());
-    let shutdown = CancellationToken::new();
-    let ctx = ServiceContext::new("cache-gateway", None, bus.clone(), &mesh, Clock::system(), shutdown.clone());
-    let (subjects, health) = (ctx.subjects().clone(), ctx.health.clone());
-    ctx.events.ensure_stream().await.unwrap();
-    tokio::spawn(costmesh_cache_gateway::run(cfg, ctx));
-    costmesh_testkit::eventually(Duration::from_secs(10), "gateway ready", || {
-        let h = health.clone();
-        async move { h.is_ready() }
-    })
-    .await;
+    let common::Running { bus, subjects, shutdown } = common::start(&nats, "pools", cfg).await;
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/llm/v1/generate");
     let send = || {
