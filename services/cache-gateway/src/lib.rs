@@ -255,7 +255,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     ctx.register("costmesh_cache_backend_ms", "Time spent in backends (ms)", stats.backend_ms.clone());
     ctx.register("costmesh_cache_hit_bytes", "Bytes served from cache", stats.bytes.clone());
     let redis_url = ctx.redis_url.as_ref().map(|u| u.expose().to_string());
-    let gw = gateway(&cfg, redis_url.as_deref(), stats).await?;
+    let gw = gateway(&cfg, redis_url.as_deref(), stats).await?.with_clock(ctx.clock.clone());
     let gw_stats = gw.stats.clone();
     let gw_budget = gw.budget_state.clone();
     let gw_routes = proxy::Routes(gw.routes.clone());

@@ -214,6 +214,8 @@ pub struct Gateway {
     pub stats: Stats,
     pub budget: crate::BudgetConfig,
     pub budget_state: BudgetState,
+    /// Ages and TTLs are read from the injectable clock.
+    pub clock: costmesh_runtime::Clock,
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
 }
 
@@ -227,8 +229,18 @@ impl Gateway {
             stats,
             budget: Default::default(),
             budget_state: Default::default(),
+            clock: costmesh_runtime::Clock::system(),
             inflight: Default::default(),
         }
+    }
+
+    pub fn with_clock(mut self, clock: costmesh_runtime::Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn now_s(&self) -> i64 {
+        self.clock.now().timestamp()
     }
 
     pub fn with_budget(mut self, b: crate::BudgetConfig) -> Self {
@@ -284,10 +296,6 @@ async fn purge(State(gw): State<Gateway>, body: Bytes) -> Response {
         Ok(n) => axum::Json(serde_json::json!({"pattern": pattern, "redis_keys_removed": n})).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("purge failed: {e}")),
     }
-}
-
-fn now_s() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// RFC 9111 request directives the gateway honours.
@@ -400,7 +408,7 @@ async fn proxy(
         body: &body,
         json: json.as_ref(),
     });
-    let now = now_s();
+    let now = gw.now_s();
 
     if cacheable_method && !d.no_store && !d.no_cache {
         if let Lookup::Hit(c) = gw.store.get(&key, now).await {
@@ -533,5 +541,5 @@ async fn call_backend(
     let body = resp.bytes().await.map_err(|e| (StatusCode::BAD_GATEWAY, format!("backend {base} body: {e}")))?;
     gw.stats.backend_ms.get_or_create(labels).inc_by(started.elapsed().as_millis() as u64);
     let cacheable = (200..300).contains(&status) && !cc.contains("no-store") && !cc.contains("private");
-    Ok((Cached { status, content_type, stored_at: now_s(), ttl: 0, body }, cacheable))
+    Ok((Cached { status, content_type, stored_at: gw.now_s(), ttl: 0, body }, cacheable))
 }

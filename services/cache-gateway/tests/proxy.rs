@@ -240,3 +240,32 @@ async fn purge_by_model_version_or_everything() {
     assert_eq!(purge(r#"{}"#).await.status().as_u16(), 400);
     assert_eq!(purge("not json").await.status().as_u16(), 400);
 }
+
+#[tokio::test]
+async fn entries_expire_after_their_ttl_on_the_injectable_clock() {
+    let b = backend(true).await;
+    let cfg = Config {
+        routes: vec![RouteConfig {
+            name: "llm".into(),
+            backends: vec![b.url.clone().into()],
+            ttl: None,
+            priority: Default::default(),
+        }],
+        ..Default::default()
+    };
+    let (clock, handle) = costmesh_runtime::Clock::manual("2026-07-01T00:00:00Z".parse().unwrap());
+    let gw = costmesh_cache_gateway::gateway(&cfg, None, Stats::default()).await.unwrap().with_clock(clock);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, proxy::router(gw, 4096)).await.unwrap() });
+
+    ask(&addr, "acme", r#"{"q":"ttl"}"#, &[]).await;
+    handle.advance(Duration::from_secs(3599)).await;
+    let hit = ask(&addr, "acme", r#"{"q":"ttl"}"#, &[]).await;
+    assert_eq!(hit.cache_status, "costmesh; hit; ttl=1");
+    assert_eq!(hit.age.as_deref(), Some("3599"));
+    handle.advance(Duration::from_secs(1)).await;
+    let expired = ask(&addr, "acme", r#"{"q":"ttl"}"#, &[]).await;
+    assert!(expired.cache_status.contains("fwd=miss"), "{}", expired.cache_status);
+    assert_eq!(b.calls.load(Ordering::SeqCst), 2);
+}
