@@ -40,6 +40,10 @@ async fn backend(open: bool) -> Backend {
 }
 
 async fn gateway(b: &Backend, redis: Option<&RedisServer>, stats: Stats) -> String {
+    gateway_on(b, redis, stats, costmesh_runtime::Clock::system()).await
+}
+
+async fn gateway_on(b: &Backend, redis: Option<&RedisServer>, stats: Stats, clock: costmesh_runtime::Clock) -> String {
     let cfg = Config {
         routes: vec![RouteConfig {
             name: "llm".into(),
@@ -51,7 +55,7 @@ async fn gateway(b: &Backend, redis: Option<&RedisServer>, stats: Stats) -> Stri
         ..Default::default()
     };
     let url = redis.map(|r| r.url());
-    let gw = costmesh_cache_gateway::gateway(&cfg, url.as_deref(), stats).await.unwrap();
+    let gw = costmesh_cache_gateway::gateway(&cfg, url.as_deref(), stats).await.unwrap().with_clock(clock);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let app = proxy::router(gw, cfg.max_body_bytes);
@@ -244,20 +248,8 @@ async fn purge_by_model_version_or_everything() {
 #[tokio::test]
 async fn entries_expire_after_their_ttl_on_the_injectable_clock() {
     let b = backend(true).await;
-    let cfg = Config {
-        routes: vec![RouteConfig {
-            name: "llm".into(),
-            backends: vec![b.url.clone().into()],
-            ttl: None,
-            priority: Default::default(),
-        }],
-        ..Default::default()
-    };
     let (clock, handle) = costmesh_runtime::Clock::manual("2026-07-01T00:00:00Z".parse().unwrap());
-    let gw = costmesh_cache_gateway::gateway(&cfg, None, Stats::default()).await.unwrap().with_clock(clock);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, proxy::router(gw, 4096)).await.unwrap() });
+    let addr = gateway_on(&b, None, Stats::default(), clock).await;
 
     ask(&addr, "acme", r#"{"q":"ttl"}"#, &[]).await;
     handle.advance(Duration::from_secs(3599)).await;

@@ -262,11 +262,6 @@ impl SimBackend {
             boot_id: format!("sim-{}", uuid::Uuid::new_v4()),
         }
     }
-
-    /// The simulated GPU itself (tests inspect it).
-    pub fn gpu(&self, index: u32) -> Option<&SimGpu> {
-        self.gpus.get(index as usize)
-    }
 }
 
 /// Deterministic demo load: each GPU follows its own slow wave.

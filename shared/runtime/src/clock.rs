@@ -105,10 +105,6 @@ impl Ticker {
         }
         due
     }
-
-    pub fn next_due(&self) -> DateTime<Utc> {
-        self.next
-    }
 }
 
 struct State {

@@ -89,14 +89,6 @@ impl FakePubSub {
         again.len()
     }
 
-    /// Delivers every message ever published again, acked or not (what a
-    /// subscription seek to an earlier time does).
-    pub fn replay_all(&self, messages: Vec<(Vec<u8>, HashMap<String, String>)>) {
-        for (d, a) in messages {
-            self.publish(d, a);
-        }
-    }
-
     pub fn acked(&self) -> Vec<String> {
         self.state.lock().expect("fake pubsub lock").acked.clone()
     }
