@@ -133,16 +133,7 @@ impl EventBus {
 
     /// Publishes to JetStream; the event id doubles as `Nats-Msg-Id`.
     pub async fn publish_durable<E: Event>(&self, subject: &str, event: &E) -> Result<(EventMeta, PubAck), BusError> {
-        let span =
-            tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
-        async {
-            let (meta, headers, payload) = self.stamp(event);
-            let ack = self.bus.publish_durable(subject, headers, payload).await?;
-            self.count_published::<E>();
-            Ok((meta, ack))
-        }
-        .instrument(span)
-        .await
+        self.send_durable(subject, event, None).await
     }
 
     /// Publishes durably with a caller-chosen event id, so a retried
@@ -153,15 +144,27 @@ impl EventBus {
         event: &E,
         id: &str,
     ) -> Result<PubAck, BusError> {
+        self.send_durable(subject, event, Some(id)).await.map(|(_, ack)| ack)
+    }
+
+    async fn send_durable<E: Event>(
+        &self,
+        subject: &str,
+        event: &E,
+        id: Option<&str>,
+    ) -> Result<(EventMeta, PubAck), BusError> {
         let span =
             tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
         async {
-            let (_, mut headers, payload) = self.stamp(event);
-            headers.insert(names::EVENT_ID, id);
-            headers.insert(names::NATS_MSG_ID, id);
+            let (mut meta, mut headers, payload) = self.stamp(event);
+            if let Some(id) = id {
+                meta.id = id.to_string();
+                headers.insert(names::EVENT_ID, id);
+                headers.insert(names::NATS_MSG_ID, id);
+            }
             let ack = self.bus.publish_durable(subject, headers, payload).await?;
             self.count_published::<E>();
-            Ok(ack)
+            Ok((meta, ack))
         }
         .instrument(span)
         .await
