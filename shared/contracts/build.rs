@@ -3,7 +3,7 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let proto_root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let file = proto_root.join("costmesh/v1/events.proto");
     println!("cargo:rerun-if-changed={}", proto_root.display());
 

@@ -5,11 +5,12 @@
 //! - [`store`]: the in-process tier in front of Redis; fails open.
 //! - [`proxy`]: routing, caching, coalescing, `Cache-Status`.
 //!
-//! Built so far: the proxy with the two-tier cache, RFC 9111 request
-//! directives, RFC 9211 `Cache-Status`, coalesced misses and clear 4xx/5xx.
-//! Still to come (issue #7): weighted regular/preemptible pools with health
-//! checks and preemption drain, stale serving, budget degradation, purge,
-//! cache statistics on NATS, the demo backend in `costmesh up`.
+//! The proxy has a two-tier cache (moka in front of Redis, fail-open),
+//! RFC 9111 request directives, RFC 9211 `Cache-Status`, coalesced misses,
+//! stale-while-revalidate and stale-if-error graces, weighted regular and
+//! preemptible pools with preemption drain, return checks and outlier
+//! ejection, budget-aware TTLs and degradation, purge, and cumulative
+//! statistics on NATS.
 #![forbid(unsafe_code)]
 
 pub mod demo;
@@ -93,6 +94,9 @@ pub enum OnExceeded {
     /// Answer low-priority routes with 503 and `Retry-After`.
     #[default]
     ShedLowPriority,
+    /// Serve expired entries (up to `budget.exceeded_stale` past their TTL)
+    /// instead of calling a backend; only true misses reach backends.
+    ServeStale,
     /// Keep serving as usual.
     Continue,
 }
@@ -103,7 +107,13 @@ pub enum OnExceeded {
 pub struct BudgetConfig {
     /// On a budget warning, new entries live this many times longer.
     pub warning_ttl_factor: f64,
+    /// On a budget warning, the stale graces are this many times longer.
+    pub warning_grace_factor: f64,
     pub on_exceeded: OnExceeded,
+    /// With `on_exceeded = "serve_stale"`: how long past its TTL an entry
+    /// may still be served (entries are kept this long).
+    #[serde(with = "humantime_serde")]
+    pub exceeded_stale: Duration,
     /// `Retry-After` on shed requests.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
@@ -113,9 +123,30 @@ impl Default for BudgetConfig {
     fn default() -> Self {
         Self {
             warning_ttl_factor: 2.0,
+            warning_grace_factor: 2.0,
             on_exceeded: OnExceeded::ShedLowPriority,
+            exceeded_stale: Duration::from_secs(24 * 3600),
             retry_after: Duration::from_secs(3600),
         }
+    }
+}
+
+/// Passive health: a backend that fails this many requests in a row
+/// (5xx or timeout) is ejected for a while, as long as enough of its route
+/// stays in rotation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierConfig {
+    pub consecutive_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub ejection_time: Duration,
+    /// At most this share of a route's backends is ejected at once.
+    pub max_ejected_share: f64,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self { consecutive_failures: 5, ejection_time: Duration::from_secs(30), max_ejected_share: 0.5 }
     }
 }
 
@@ -129,6 +160,15 @@ pub struct Config {
     /// Cached responses live this long (seed: 1 h).
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// An expired entry is served while it is refreshed in the background,
+    /// up to this long past its TTL (0 turns it off).
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+    /// An expired entry is served when the backends fail, up to this long
+    /// past its TTL (0 turns it off).
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    pub outlier: OutlierConfig,
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
     #[serde(with = "humantime_serde")]
@@ -155,6 +195,9 @@ impl Default for Config {
             listen: "127.0.0.1:8080".into(),
             routes: Vec::new(),
             ttl: Duration::from_secs(3600),
+            stale_while_revalidate: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(600),
+            outlier: OutlierConfig::default(),
             max_body_bytes: 1 << 20,
             backend_timeout: Duration::from_secs(30),
             l1_entries: 10_000,
@@ -201,6 +244,23 @@ impl Validate for Config {
                 "must be at least 1",
             ));
         }
+        if !(self.budget.warning_grace_factor.is_finite() && self.budget.warning_grace_factor >= 1.0) {
+            return Err(ConfigError::new(
+                key(p, "budget.warning_grace_factor"),
+                self.budget.warning_grace_factor,
+                "must be at least 1",
+            ));
+        }
+        if self.outlier.consecutive_failures == 0 {
+            return Err(ConfigError::new(key(p, "outlier.consecutive_failures"), 0, "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.outlier.max_ejected_share) {
+            return Err(ConfigError::new(
+                key(p, "outlier.max_ejected_share"),
+                self.outlier.max_ejected_share,
+                "must be between 0 and 1",
+            ));
+        }
         if !(0.0..=1.0).contains(&self.preemptible_share) {
             return Err(ConfigError::new(
                 key(p, "preemptible_share"),
@@ -242,7 +302,10 @@ pub async fn gateway(cfg: &Config, redis_url: Option<&str>, stats: proxy::Stats)
             (r.name.clone(), route)
         })
         .collect();
-    Ok(proxy::Gateway::new(routes, store, cfg.backend_timeout, stats).with_budget(cfg.budget.clone()))
+    Ok(proxy::Gateway::new(routes, store, cfg.backend_timeout, stats)
+        .with_budget(cfg.budget.clone())
+        .with_grace(cfg.stale_while_revalidate, cfg.stale_if_error)
+        .with_outlier(cfg.outlier.clone()))
 }
 
 /// Runs the gateway until shutdown.
@@ -254,6 +317,17 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     ctx.register("costmesh_cache_coalesced", "Requests that waited for an identical miss", stats.coalesced.clone());
     ctx.register("costmesh_cache_backend_ms", "Time spent in backends (ms)", stats.backend_ms.clone());
     ctx.register("costmesh_cache_hit_bytes", "Bytes served from cache", stats.bytes.clone());
+    ctx.register(
+        "costmesh_cache_stale",
+        "Expired entries served (revalidating, on error, or by budget)",
+        stats.stale.clone(),
+    );
+    ctx.register("costmesh_cache_backend_ejections", "Backends ejected as outliers", stats.ejections.clone());
+    ctx.register(
+        "costmesh_cache_budget_changes",
+        "Budget state changes the gateway followed",
+        stats.budget_changes.clone(),
+    );
     let redis_url = ctx.redis_url.as_ref().map(|u| u.expose().to_string());
     let gw = gateway(&cfg, redis_url.as_deref(), stats).await?.with_clock(ctx.clock.clone());
     let gw_stats = gw.stats.clone();
@@ -297,6 +371,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let filters = vec![ctx.subjects().preemption_all(), ctx.subjects().budget_all()];
     let budget = gw_budget;
     let routes = gw_routes.clone();
+    let budget_changes = gw_stats.budget_changes.clone();
     // Drained or failed backends come back once they accept connections again.
     {
         let (routes, shutdown, every) = (gw_routes, ctx.shutdown.clone(), cfg.health_interval);
@@ -311,7 +386,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     }
     let task = ctx
         .spawn_durable::<AnyEvent, _, _>("world", filters, move |_, _, event| {
-            let (budget, routes) = (budget.clone(), routes.clone());
+            let (budget, routes, budget_changes) = (budget.clone(), routes.clone(), budget_changes.clone());
             async move {
                 match event {
                     AnyEvent::PreemptionNotice(n) => {
@@ -328,6 +403,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                         let state = b.state();
                         let was = budget.set(&b.scope, state);
                         if was != state {
+                            budget_changes.get_or_create(&proxy::StateLabels { state: state.as_str_name().to_string() }).inc();
                             tracing::warn!(scope = %b.scope, from = was.as_str_name(), to = state.as_str_name(), "budget state changed: cache behaviour follows");
                         }
                     }

@@ -2,7 +2,7 @@
 //! requests from the cache, makes one backend call for concurrent identical
 //! misses, and says what happened in an RFC 9211 `Cache-Status` header.
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,15 +28,30 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub route: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
 /// Per-route counters (cumulative).
 #[derive(Clone, Default)]
 pub struct Stats {
     pub requests: Family<RouteLabels, Counter>,
     pub hits: Family<RouteLabels, Counter>,
     pub misses: Family<RouteLabels, Counter>,
+    /// Expired entries served (while revalidating, on backend errors, or by budget).
+    pub stale: Family<RouteLabels, Counter>,
     pub coalesced: Family<RouteLabels, Counter>,
     pub backend_ms: Family<RouteLabels, Counter>,
     pub bytes: Family<RouteLabels, Counter>,
+    pub ejections: Family<BackendLabels, Counter>,
+    pub budget_changes: Family<StateLabels, Counter>,
 }
 
 impl Stats {
@@ -48,7 +63,7 @@ impl Stats {
             requests: self.requests.get_or_create(&l).get(),
             hits: self.hits.get_or_create(&l).get(),
             misses: self.misses.get_or_create(&l).get(),
-            stale: 0,
+            stale: self.stale.get_or_create(&l).get(),
             coalesced: self.coalesced.get_or_create(&l).get(),
             backend_time_ms: self.backend_ms.get_or_create(&l).get(),
             bytes: self.bytes.get_or_create(&l).get(),
@@ -65,15 +80,29 @@ pub struct Backend {
     drained_until: Mutex<Option<Instant>>,
     /// Failed a connection; out until it accepts connections again.
     failed: std::sync::atomic::AtomicBool,
+    /// 5xx answers or timeouts in a row.
+    consecutive_failures: AtomicU32,
+    /// Ejected as an outlier until this time (unix ms on the gateway clock; 0: not ejected).
+    ejected_until_ms: AtomicI64,
 }
 
 impl Backend {
     pub fn new(url: String, pool: crate::Pool, node: Option<String>) -> Self {
-        Self { url, pool, node, drained_until: Mutex::new(None), failed: Default::default() }
+        Self {
+            url,
+            pool,
+            node,
+            drained_until: Mutex::new(None),
+            failed: Default::default(),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicI64::new(0),
+        }
     }
 
-    fn available(&self) -> bool {
-        self.drained_until.lock().expect("backend lock").is_none() && !self.failed.load(Ordering::Relaxed)
+    fn available(&self, now_ms: i64) -> bool {
+        self.drained_until.lock().expect("backend lock").is_none()
+            && !self.failed.load(Ordering::Relaxed)
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
     /// host:port, for the return check.
@@ -113,7 +142,7 @@ impl Route {
     /// requests, the regular pool for the rest; a pool with nothing
     /// available hands its share to the other. `avoid` skips one backend
     /// (the one that just failed).
-    fn pick(&self, avoid: Option<usize>) -> Option<usize> {
+    fn pick(&self, avoid: Option<usize>, now_ms: i64) -> Option<usize> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let want = if ((n % 100) as f64) < self.preemptible_share * 100.0 {
             crate::Pool::Preemptible
@@ -122,7 +151,7 @@ impl Route {
         };
         let avail = |pool: crate::Pool| -> Vec<usize> {
             (0..self.backends.len())
-                .filter(|i| Some(*i) != avoid && self.backends[*i].pool == pool && self.backends[*i].available())
+                .filter(|i| Some(*i) != avoid && self.backends[*i].pool == pool && self.backends[*i].available(now_ms))
                 .collect()
         };
         let mut c = avail(want);
@@ -130,6 +159,30 @@ impl Route {
             c = avail(if want == crate::Pool::Regular { crate::Pool::Preemptible } else { crate::Pool::Regular });
         }
         (!c.is_empty()).then(|| c[(n / 100 + n) % c.len()])
+    }
+
+    /// A backend answered well: its failure streak ends.
+    fn record_success(&self, i: usize) {
+        self.backends[i].consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// A backend answered 5xx or timed out; ejects it after a streak of
+    /// failures unless that would take out more than the allowed share of
+    /// the route. Returns whether it was ejected.
+    fn record_failure(&self, i: usize, o: &crate::OutlierConfig, now_ms: i64) -> bool {
+        let b = &self.backends[i];
+        let streak = b.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak < o.consecutive_failures {
+            return false;
+        }
+        let ejected = self.backends.iter().filter(|b| b.ejected_until_ms.load(Ordering::Relaxed) > now_ms).count();
+        let allowed = (o.max_ejected_share * self.backends.len() as f64).floor() as usize;
+        if ejected + 1 > allowed {
+            return false;
+        }
+        b.consecutive_failures.store(0, Ordering::Relaxed);
+        b.ejected_until_ms.store(now_ms + o.ejection_time.as_millis() as i64, Ordering::Relaxed);
+        true
     }
 }
 
@@ -216,6 +269,10 @@ pub struct Gateway {
     pub budget_state: BudgetState,
     /// Ages and TTLs are read from the injectable clock.
     pub clock: costmesh_runtime::Clock,
+    /// Graces past the TTL (seconds): while refreshing, and on backend errors.
+    pub stale_while_revalidate: u64,
+    pub stale_if_error: u64,
+    pub outlier: crate::OutlierConfig,
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
 }
 
@@ -230,8 +287,22 @@ impl Gateway {
             budget: Default::default(),
             budget_state: Default::default(),
             clock: costmesh_runtime::Clock::system(),
+            stale_while_revalidate: 0,
+            stale_if_error: 0,
+            outlier: Default::default(),
             inflight: Default::default(),
         }
+    }
+
+    pub fn with_grace(mut self, while_revalidate: Duration, if_error: Duration) -> Self {
+        self.stale_while_revalidate = while_revalidate.as_secs();
+        self.stale_if_error = if_error.as_secs();
+        self
+    }
+
+    pub fn with_outlier(mut self, o: crate::OutlierConfig) -> Self {
+        self.outlier = o;
+        self
     }
 
     pub fn with_clock(mut self, clock: costmesh_runtime::Clock) -> Self {
@@ -247,6 +318,79 @@ impl Gateway {
         self.budget = b;
         self
     }
+
+    /// The two graces under a budget state (longer on a warning).
+    fn graces(&self, budget: BudgetLevel) -> (u64, u64) {
+        let f = if budget == BudgetLevel::Warning { self.budget.warning_grace_factor } else { 1.0 };
+        ((self.stale_while_revalidate as f64 * f) as u64, (self.stale_if_error as f64 * f) as u64)
+    }
+
+    /// Stores a fresh response with the TTL and grace the budget state calls for.
+    async fn store_entry(&self, key: &str, route: &Route, mut entry: Cached, budget: BudgetLevel) {
+        let factor = if budget == BudgetLevel::Warning { self.budget.warning_ttl_factor } else { 1.0 };
+        entry.ttl = (route.ttl.as_secs_f64() * factor) as u64;
+        let (swr, sie) = self.graces(budget);
+        let by_budget = if self.budget.on_exceeded == crate::OnExceeded::ServeStale {
+            self.budget.exceeded_stale.as_secs()
+        } else {
+            0
+        };
+        entry.grace = swr.max(sie).max(by_budget);
+        self.store.put(key, entry).await;
+    }
+
+    /// Takes the in-flight slot for `key`; false when a call is already out.
+    fn lead(&self, key: &str) -> bool {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        if inflight.contains_key(key) {
+            return false;
+        }
+        inflight.insert(key.to_string(), broadcast::channel(1).0);
+        true
+    }
+
+    /// Releases the in-flight slot, handing the outcome to whoever waits.
+    fn finish(&self, key: &str, outcome: Result<Arc<Cached>, (StatusCode, String)>) {
+        if let Some(tx) = self.inflight.lock().expect("inflight lock").remove(key) {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+type BudgetLevel = costmesh_contracts::v1::BudgetState;
+
+/// What a backend call needs, owned (a background refresh outlives the request).
+#[derive(Clone)]
+struct Forward {
+    route: String,
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// Refreshes a stale entry in the background (one refresh per key).
+fn revalidate(gw: &Gateway, key: &str, fwd: Forward, budget: BudgetLevel) {
+    if !gw.lead(key) {
+        return;
+    }
+    let (gw, key) = (gw.clone(), key.to_string());
+    tokio::spawn(async move {
+        let Some(route) = gw.routes.get(&fwd.route) else {
+            return gw.finish(&key, Err((StatusCode::NOT_FOUND, "route gone".into())));
+        };
+        let outcome = call_backend(&gw, route, &fwd).await;
+        gw.finish(&key, outcome.as_ref().map(|(c, _)| Arc::new(c.clone())).map_err(|e| e.clone()));
+        match outcome {
+            Ok((c, true)) => gw.store_entry(&key, route, c, budget).await,
+            Ok((c, false)) => {
+                tracing::warn!(route = %fwd.route, status = c.status, "background refresh not cacheable; stale entry kept")
+            }
+            Err((_, e)) => {
+                tracing::warn!(route = %fwd.route, error = %e, "background refresh failed; stale entry kept")
+            }
+        }
+    });
 }
 
 /// The gateway's HTTP router.
@@ -409,62 +553,86 @@ async fn proxy(
         json: json.as_ref(),
     });
     let now = gw.now_s();
+    let fwd = Forward { route: route_name.clone(), method: method.clone(), path, headers, body };
+    let (swr, sie) = gw.graces(budget);
 
+    // An expired entry kept for stale-if-error when it is not served at once.
+    let mut fallback: Option<Arc<Cached>> = None;
     if cacheable_method && !d.no_store && !d.no_cache {
-        if let Lookup::Hit(c) = gw.store.get(&key, now).await {
-            let age = c.age(now);
-            if d.max_age.is_none_or(|m| age <= m) {
+        match gw.store.get(&key, now).await {
+            Lookup::Fresh(c) if d.max_age.is_none_or(|m| c.age(now) <= m) => {
+                let age = c.age(now);
                 gw.stats.hits.get_or_create(&labels).inc();
                 gw.stats.bytes.get_or_create(&labels).inc_by(c.body.len() as u64);
                 return respond(&c, format!("{CACHE_NAME}; hit; ttl={}", c.ttl.saturating_sub(age)), Some(age));
             }
+            Lookup::Stale(c) => {
+                let late = c.stale_for(now);
+                let by_budget = budget == BudgetLevel::Exceeded
+                    && gw.budget.on_exceeded == crate::OnExceeded::ServeStale
+                    && late <= gw.budget.exceeded_stale.as_secs();
+                if by_budget || (d.max_age.is_none() && late < swr) {
+                    gw.stats.stale.get_or_create(&labels).inc();
+                    gw.stats.bytes.get_or_create(&labels).inc_by(c.body.len() as u64);
+                    let detail = if by_budget {
+                        "budget-exceeded"
+                    } else {
+                        revalidate(&gw, &key, fwd, budget);
+                        "stale-while-revalidate"
+                    };
+                    return respond(&c, format!("{CACHE_NAME}; hit; ttl=-{late}; detail={detail}"), Some(c.age(now)));
+                }
+                fallback = Some(c);
+            }
+            _ => {}
         }
     }
     gw.stats.misses.get_or_create(&labels).inc();
     let store_it = cacheable_method && !d.no_store;
 
     // Identical concurrent misses wait for one backend call.
-    let (leader, mut rx) = {
-        let mut inflight = gw.inflight.lock().expect("inflight lock");
-        match inflight.get(&key) {
-            Some(tx) if store_it => (false, Some(tx.subscribe())),
-            _ => {
-                if store_it {
-                    let (tx, _) = broadcast::channel(1);
-                    inflight.insert(key.clone(), tx);
-                }
-                (true, None)
-            }
-        }
+    let follow = if store_it {
+        let inflight = gw.inflight.lock().expect("inflight lock");
+        inflight.get(&key).map(|tx| tx.subscribe())
+    } else {
+        None
     };
-    if !leader {
+    if let Some(mut rx) = follow {
         gw.stats.coalesced.get_or_create(&labels).inc();
-        return match rx.as_mut().expect("follower has a receiver").recv().await {
+        return match rx.recv().await {
             Ok(Ok(c)) => respond(&c, format!("{CACHE_NAME}; fwd=miss; collapsed"), None),
             Ok(Err((status, msg))) => error(status, msg),
             Err(_) => error(StatusCode::BAD_GATEWAY, "the shared backend call was lost"),
         };
     }
+    let leader = store_it && gw.lead(&key);
 
-    let result = call_backend(&gw, route, &method, &path, &headers, body, &labels).await;
-    let outcome = result.map(|(c, cacheable)| (Arc::new(c), cacheable));
-    if store_it {
-        if let Some(tx) = gw.inflight.lock().expect("inflight lock").remove(&key) {
-            let _ = tx.send(outcome.as_ref().map(|(c, _)| c.clone()).map_err(|e| e.clone()));
+    let outcome = call_backend(&gw, route, &fwd).await.map(|(c, cacheable)| (Arc::new(c), cacheable));
+    if leader {
+        gw.finish(&key, outcome.as_ref().map(|(c, _)| c.clone()).map_err(|e| e.clone()));
+    }
+
+    // stale-if-error: the backends failed, an expired entry within its grace answers.
+    let failed_status = match &outcome {
+        Ok((c, _)) if c.status >= 500 => Some(c.status.to_string()),
+        Err((status, _)) => Some(status.as_u16().to_string()),
+        Ok(_) => None,
+    };
+    if let (Some(fs), Some(c)) = (failed_status, fallback.as_ref()) {
+        let late = c.stale_for(now);
+        if late < sie {
+            gw.stats.stale.get_or_create(&labels).inc();
+            gw.stats.bytes.get_or_create(&labels).inc_by(c.body.len() as u64);
+            let status = format!("{CACHE_NAME}; fwd=stale; fwd-status={fs}; ttl=-{late}; detail=stale-if-error");
+            return respond(c, status, Some(c.age(now)));
         }
     }
+    let fwd_why = if fallback.is_some() { "stale" } else { "miss" };
     match outcome {
         Ok((c, cacheable)) => {
             let stored = store_it && cacheable;
             if stored {
-                let mut entry = (*c).clone();
-                let factor = if budget == costmesh_contracts::v1::BudgetState::Warning {
-                    gw.budget.warning_ttl_factor
-                } else {
-                    1.0
-                };
-                entry.ttl = (route.ttl.as_secs_f64() * factor) as u64;
-                gw.store.put(&key, entry).await;
+                gw.store_entry(&key, route, (*c).clone(), budget).await;
             }
             let status = if d.no_store {
                 format!("{CACHE_NAME}; fwd=bypass; fwd-status={}; detail=no-store", c.status)
@@ -473,7 +641,7 @@ async fn proxy(
             } else if !cacheable_method {
                 format!("{CACHE_NAME}; fwd=method; fwd-status={}", c.status)
             } else {
-                format!("{CACHE_NAME}; fwd=miss; fwd-status={}{}", c.status, if stored { "; stored" } else { "" })
+                format!("{CACHE_NAME}; fwd={fwd_why}; fwd-status={}{}", c.status, if stored { "; stored" } else { "" })
             };
             respond(&c, status, None)
         }
@@ -493,31 +661,28 @@ const HOP_BY_HOP: &[&str] = &[
     "content-length",
 ];
 
-async fn call_backend(
-    gw: &Gateway,
-    route: &Route,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-    body: Bytes,
-    labels: &RouteLabels,
-) -> Result<(Cached, bool), (StatusCode, String)> {
+/// Calls one of the route's backends. Only a request that never reached a
+/// backend (connection refused) is retried, on another backend; 5xx answers
+/// and timeouts count towards the backend's outlier ejection.
+async fn call_backend(gw: &Gateway, route: &Route, fwd: &Forward) -> Result<(Cached, bool), (StatusCode, String)> {
     let started = Instant::now();
+    let labels = RouteLabels { route: fwd.route.clone() };
     let mut avoid = None;
-    let (resp, base) = loop {
+    let (resp, i) = loop {
+        let now_ms = gw.clock.now().timestamp_millis();
         let i = route
-            .pick(avoid)
+            .pick(avoid, now_ms)
             .ok_or((StatusCode::SERVICE_UNAVAILABLE, "no backend of this route is available".to_string()))?;
         let b = &route.backends[i];
-        let url = format!("{}{}", b.url.trim_end_matches('/'), path);
-        let mut req = gw.client.request(method.clone(), &url).body(body.clone());
-        for (k, v) in headers {
+        let url = format!("{}{}", b.url.trim_end_matches('/'), fwd.path);
+        let mut req = gw.client.request(fwd.method.clone(), &url).body(fwd.body.clone());
+        for (k, v) in &fwd.headers {
             if !HOP_BY_HOP.contains(&k.as_str()) {
                 req = req.header(k, v);
             }
         }
         match req.send().await {
-            Ok(r) => break (r, b.url.as_str()),
+            Ok(r) => break (r, i),
             // Nothing reached the backend: safe to try another one.
             Err(e) if e.is_connect() && avoid.is_none() => {
                 tracing::warn!(backend = %b.url, error = %e, "backend unreachable; out of rotation, retrying elsewhere");
@@ -525,7 +690,8 @@ async fn call_backend(
                 avoid = Some(i);
             }
             Err(e) if e.is_timeout() => {
-                return Err((StatusCode::GATEWAY_TIMEOUT, format!("backend {} timed out", b.url)))
+                note_failure(gw, route, i, &fwd.route);
+                return Err((StatusCode::GATEWAY_TIMEOUT, format!("backend {} timed out", b.url)));
             }
             Err(e) => {
                 if e.is_connect() {
@@ -535,11 +701,26 @@ async fn call_backend(
             }
         }
     };
+    let base = &route.backends[i].url;
     let status = resp.status().as_u16();
+    if status >= 500 {
+        note_failure(gw, route, i, &fwd.route);
+    } else {
+        route.record_success(i);
+    }
     let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let cc = resp.headers().get("cache-control").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let body = resp.bytes().await.map_err(|e| (StatusCode::BAD_GATEWAY, format!("backend {base} body: {e}")))?;
-    gw.stats.backend_ms.get_or_create(labels).inc_by(started.elapsed().as_millis() as u64);
+    gw.stats.backend_ms.get_or_create(&labels).inc_by(started.elapsed().as_millis() as u64);
     let cacheable = (200..300).contains(&status) && !cc.contains("no-store") && !cc.contains("private");
-    Ok((Cached { status, content_type, stored_at: gw.now_s(), ttl: 0, body }, cacheable))
+    Ok((Cached { status, content_type, stored_at: gw.now_s(), ttl: 0, grace: 0, body }, cacheable))
+}
+
+fn note_failure(gw: &Gateway, route: &Route, i: usize, route_name: &str) {
+    if route.record_failure(i, &gw.outlier, gw.clock.now().timestamp_millis()) {
+        let url = &route.backends[i].url;
+        tracing::warn!(backend = %url, route = %route_name, failures = gw.outlier.consecutive_failures,
+            ejected_for = ?gw.outlier.ejection_time, "backend ejected as an outlier");
+        gw.stats.ejections.get_or_create(&BackendLabels { route: route_name.to_string(), backend: url.clone() }).inc();
+    }
 }

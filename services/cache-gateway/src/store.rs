@@ -18,6 +18,10 @@ pub struct Cached {
     pub stored_at: i64,
     /// Lifetime in seconds.
     pub ttl: u64,
+    /// Seconds it is kept after `ttl` to be served stale (while it is
+    /// refreshed, while backends fail, or while the budget says so).
+    #[serde(default)]
+    pub grace: u64,
     #[serde(skip)]
     pub body: Bytes,
 }
@@ -50,6 +54,16 @@ impl Cached {
     pub fn fresh(&self, now: i64) -> bool {
         self.age(now) < self.ttl
     }
+
+    /// Seconds past its lifetime (0 while fresh).
+    pub fn stale_for(&self, now: i64) -> u64 {
+        self.age(now).saturating_sub(self.ttl)
+    }
+
+    /// Still kept: fresh, or stale within its grace.
+    pub fn usable(&self, now: i64) -> bool {
+        self.age(now) < self.ttl + self.grace
+    }
 }
 
 /// The cache.
@@ -63,8 +77,22 @@ pub struct Store {
 
 /// What a lookup found.
 pub enum Lookup {
-    Hit(Arc<Cached>),
+    Fresh(Arc<Cached>),
+    /// Past its TTL but within its grace.
+    Stale(Arc<Cached>),
     Miss,
+}
+
+impl Lookup {
+    fn of(c: Arc<Cached>, now: i64) -> Self {
+        if c.fresh(now) {
+            Lookup::Fresh(c)
+        } else if c.usable(now) {
+            Lookup::Stale(c)
+        } else {
+            Lookup::Miss
+        }
+    }
 }
 
 impl Store {
@@ -96,31 +124,34 @@ impl Store {
     }
 
     pub async fn get(&self, key: &str, now: i64) -> Lookup {
-        if let Some(c) = self.l1.get(key).await {
-            if c.fresh(now) {
-                return Lookup::Hit(c);
-            }
+        let l1 = self.l1.get(key).await;
+        if let Some(c) = l1.as_ref().filter(|c| c.fresh(now)) {
+            return Lookup::Fresh(c.clone());
         }
-        let Some(mut r) = self.redis.clone() else { return Lookup::Miss };
+        // A stale first-tier copy, for when Redis cannot answer.
+        let l1_stale = l1.map_or(Lookup::Miss, |c| Lookup::of(c, now));
+        let Some(mut r) = self.redis.clone() else { return l1_stale };
         let got: Result<Result<Option<Vec<u8>>, _>, _> =
             tokio::time::timeout(self.redis_timeout, redis::cmd("GET").arg(key).query_async(&mut r)).await;
         match got {
             Ok(Ok(Some(raw))) => match Cached::decode(&raw) {
-                Some(c) if c.fresh(now) => {
+                Some(c) if c.usable(now) => {
                     let c = Arc::new(c);
-                    self.l1.insert(key.to_string(), c.clone()).await;
-                    Lookup::Hit(c)
+                    if c.fresh(now) {
+                        self.l1.insert(key.to_string(), c.clone()).await;
+                    }
+                    Lookup::of(c, now)
                 }
                 _ => Lookup::Miss,
             },
             Ok(Ok(None)) => Lookup::Miss,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "redis unavailable: serving without the shared cache");
-                Lookup::Miss
+                l1_stale
             }
             Err(_) => {
                 tracing::warn!("redis too slow: serving without the shared cache");
-                Lookup::Miss
+                l1_stale
             }
         }
     }
@@ -174,7 +205,7 @@ impl Store {
     }
 
     pub async fn put(&self, key: &str, c: Cached) {
-        let ttl = c.ttl.max(1);
+        let ttl = (c.ttl + c.grace).max(1);
         let raw = c.encode();
         self.l1.insert(key.to_string(), Arc::new(c)).await;
         if let Some(mut r) = self.redis.clone() {
@@ -201,11 +232,13 @@ mod tests {
             content_type: "application/json".into(),
             stored_at: 10,
             ttl: 60,
+            grace: 30,
             body: Bytes::from("x".repeat(10_000)),
         };
         let raw = c.encode();
         assert!(raw.len() < 500, "{} bytes", raw.len());
         assert_eq!(Cached::decode(&raw).unwrap(), c);
         assert!(c.fresh(69) && !c.fresh(70));
+        assert!(c.usable(99) && !c.usable(100) && c.stale_for(95) == 25);
     }
 }

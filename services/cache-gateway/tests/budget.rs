@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::routing::post;
 use axum::Router;
-use costmesh_cache_gateway::{Config, Priority, RouteConfig};
+use costmesh_cache_gateway::{Config, OnExceeded, Priority, RouteConfig};
 use costmesh_contracts::v1::{BudgetEvent, BudgetState};
 use costmesh_contracts::{ContentType, EventMeta};
 use costmesh_testkit::{free_port, http_post_json, NatsServer};
@@ -54,19 +54,7 @@ async fn budget_states_switch_the_degradation() {
         |h: &Vec<(String, String)>, n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).unwrap_or_default();
     let send = |state: BudgetState| {
         let (bus, subjects) = (bus.clone(), subjects.clone());
-        async move {
-            let e = BudgetEvent {
-                scope: "cloud".into(),
-                state: state as i32,
-                period: "2026-07".into(),
-                ..Default::default()
-            };
-            let (h, p) = costmesh_contracts::encode(
-                &e,
-                &EventMeta::new::<BudgetEvent>("cost-watcher", chrono::Utc::now(), ContentType::Protobuf),
-            );
-            bus.publish_durable(&subjects.budget("cloud", state), h, p).await.unwrap();
-        }
+        async move { publish_budget(&bus, &subjects, state).await }
     };
 
     assert_eq!(post("batch", "{}").await.unwrap().0, 200);
@@ -101,6 +89,75 @@ async fn budget_states_switch_the_degradation() {
     })
     .await;
     shutdown.cancel();
+}
+
+/// `on_exceeded = "serve_stale"`: expired entries answer without a backend
+/// call while the budget is exceeded; back to normal on OK.
+#[tokio::test]
+async fn serve_stale_degradation_answers_expired_entries_without_backends() {
+    let nats = NatsServer::start_new();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    let app = Router::new().route(
+        "/v1/generate",
+        post(move || {
+            let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            async move { ([("content-type", "application/json")], format!(r#"{{"call":{n}}}"#)) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let port = free_port();
+    let mut cfg = Config {
+        listen: format!("127.0.0.1:{port}"),
+        routes: vec![RouteConfig {
+            name: "chat".into(),
+            backends: vec![backend.into()],
+            ttl: None,
+            priority: Priority::Normal,
+        }],
+        stats_interval: Duration::from_secs(24 * 3600),
+        ..Default::default()
+    };
+    cfg.budget.on_exceeded = OnExceeded::ServeStale;
+    let (clock, handle) = costmesh_runtime::Clock::manual("2026-07-01T00:00:00Z".parse().unwrap());
+    let common::Running { bus, subjects, shutdown } = common::start_on(&nats, "gwstale", cfg, clock).await;
+    let addr = format!("127.0.0.1:{port}");
+    let post = |body: &'static str| {
+        let addr = addr.clone();
+        async move { http_post_json(&addr, "/chat/v1/generate", body).await.unwrap() }
+    };
+    let status_of = |h: &Vec<(String, String)>| {
+        h.iter().find(|(k, _)| k == "cache-status").map(|(_, v)| v.clone()).unwrap_or_default()
+    };
+    assert_eq!(post(r#"{"q":1}"#).await.2, r#"{"call":1}"#);
+    handle.advance(Duration::from_secs(5 * 3600)).await;
+
+    publish_budget(&bus, &subjects, BudgetState::Exceeded).await;
+    costmesh_testkit::eventually(Duration::from_secs(10), "a budget-stale answer", || async {
+        status_of(&post(r#"{"q":1}"#).await.1) == "costmesh; hit; ttl=-14400; detail=budget-exceeded"
+    })
+    .await;
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "no backend call for an expired entry");
+    // A true miss still reaches the backend.
+    assert_eq!(post(r#"{"q":2}"#).await.2, r#"{"call":2}"#);
+
+    publish_budget(&bus, &subjects, BudgetState::Ok).await;
+    costmesh_testkit::eventually(Duration::from_secs(10), "refreshed once the budget is OK", || async {
+        status_of(&post(r#"{"q":1}"#).await.1).contains("fwd=stale; fwd-status=200; stored")
+    })
+    .await;
+    shutdown.cancel();
+}
+
+async fn publish_budget(bus: &costmesh_bus::Bus, subjects: &costmesh_contracts::Subjects, state: BudgetState) {
+    let e = BudgetEvent { scope: "cloud".into(), state: state as i32, period: "2026-07".into(), ..Default::default() };
+    let (h, p) = costmesh_contracts::encode(
+        &e,
+        &EventMeta::new::<BudgetEvent>("cost-watcher", chrono::Utc::now(), ContentType::Protobuf),
+    );
+    bus.publish_durable(&subjects.budget("cloud", state), h, p).await.unwrap();
 }
 
 fn uuid_like() -> u128 {

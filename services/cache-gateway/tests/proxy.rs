@@ -1,8 +1,9 @@
 //! The gateway with a real redis-server and a real HTTP backend on loopback.
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
 use costmesh_cache_gateway::proxy::{self, RouteLabels, Stats};
@@ -10,33 +11,38 @@ use costmesh_cache_gateway::{Config, RouteConfig};
 use costmesh_testkit::RedisServer;
 use tokio::sync::Semaphore;
 
-/// A model backend that counts calls; `gate` holds answers until opened.
+/// A model backend that counts calls; `gate` holds answers until opened;
+/// `fail` makes it answer 500.
 #[derive(Clone)]
 struct Backend {
     calls: Arc<AtomicUsize>,
     gate: Arc<Semaphore>,
+    fail: Arc<AtomicBool>,
     url: String,
 }
 
 async fn backend(open: bool) -> Backend {
     let calls = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Semaphore::new(if open { Semaphore::MAX_PERMITS } else { 0 }));
-    let (c, g) = (calls.clone(), gate.clone());
+    let fail = Arc::new(AtomicBool::new(false));
+    let (c, g, f) = (calls.clone(), gate.clone(), fail.clone());
     let app = Router::new().route(
         "/v1/generate",
         post(move |body: String| {
-            let (c, g) = (c.clone(), g.clone());
+            let (c, g, f) = (c.clone(), g.clone(), f.clone());
             async move {
                 let n = c.fetch_add(1, Ordering::SeqCst) + 1;
                 let _permit = g.acquire().await.unwrap();
-                ([("content-type", "application/json")], format!(r#"{{"answer":"for {}","call":{n}}}"#, body.len()))
+                let status = if f.load(Ordering::SeqCst) { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK };
+                let body = format!(r#"{{"answer":"for {}","call":{n}}}"#, body.len());
+                (status, [("content-type", "application/json")], body)
             }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Backend { calls, gate, url }
+    Backend { calls, gate, fail, url }
 }
 
 async fn gateway(b: &Backend, redis: Option<&RedisServer>, stats: Stats) -> String {
@@ -44,16 +50,28 @@ async fn gateway(b: &Backend, redis: Option<&RedisServer>, stats: Stats) -> Stri
 }
 
 async fn gateway_on(b: &Backend, redis: Option<&RedisServer>, stats: Stats, clock: costmesh_runtime::Clock) -> String {
-    let cfg = Config {
+    gateway_with(&[b], redis, stats, clock, |_| ()).await
+}
+
+/// The gateway on one route `llm` over `backends`, with `tune` applied to its config.
+async fn gateway_with(
+    backends: &[&Backend],
+    redis: Option<&RedisServer>,
+    stats: Stats,
+    clock: costmesh_runtime::Clock,
+    tune: impl FnOnce(&mut Config),
+) -> String {
+    let mut cfg = Config {
         routes: vec![RouteConfig {
             name: "llm".into(),
-            backends: vec![b.url.clone().into()],
+            backends: backends.iter().map(|b| b.url.clone().into()).collect(),
             ttl: None,
             priority: Default::default(),
         }],
         max_body_bytes: 4096,
         ..Default::default()
     };
+    tune(&mut cfg);
     let url = redis.map(|r| r.url());
     let gw = costmesh_cache_gateway::gateway(&cfg, url.as_deref(), stats).await.unwrap().with_clock(clock);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -257,7 +275,96 @@ async fn entries_expire_after_their_ttl_on_the_injectable_clock() {
     assert_eq!(hit.cache_status, "costmesh; hit; ttl=1");
     assert_eq!(hit.age.as_deref(), Some("3599"));
     handle.advance(Duration::from_secs(1)).await;
-    let expired = ask(&addr, "acme", r#"{"q":"ttl"}"#, &[]).await;
-    assert!(expired.cache_status.contains("fwd=miss"), "{}", expired.cache_status);
+    // Expired: served stale at once while one background call refreshes it.
+    let stale = ask(&addr, "acme", r#"{"q":"ttl"}"#, &[]).await;
+    assert_eq!(stale.cache_status, "costmesh; hit; ttl=-0; detail=stale-while-revalidate");
+    assert!(stale.body.contains(r#""call":1"#), "{}", stale.body);
+    costmesh_testkit::eventually(Duration::from_secs(5), "the background refresh", || async {
+        ask(&addr, "acme", r#"{"q":"ttl"}"#, &[]).await.cache_status == "costmesh; hit; ttl=3600"
+    })
+    .await;
     assert_eq!(b.calls.load(Ordering::SeqCst), 2);
+    // Past the 60 s revalidation grace: the client waits for the backend.
+    handle.advance(Duration::from_secs(3660)).await;
+    let late = ask(&addr, "acme", r#"{"q":"ttl"}"#, &[]).await;
+    assert_eq!(late.cache_status, "costmesh; fwd=stale; fwd-status=200; stored");
+    assert!(late.body.contains(r#""call":3"#), "{}", late.body);
+}
+
+#[tokio::test]
+async fn stale_if_error_answers_from_an_expired_entry_within_its_grace() {
+    let b = backend(true).await;
+    let (clock, handle) = costmesh_runtime::Clock::manual("2026-07-01T00:00:00Z".parse().unwrap());
+    let stats = Stats::default();
+    let addr = gateway_with(&[&b], None, stats.clone(), clock, |c| c.outlier.consecutive_failures = 100).await;
+    let first = ask(&addr, "acme", r#"{"q":"sie"}"#, &[]).await;
+    assert!(first.cache_status.contains("stored"), "{}", first.cache_status);
+
+    b.fail.store(true, Ordering::SeqCst);
+    handle.advance(Duration::from_secs(3600 + 120)).await;
+    let stale = ask(&addr, "acme", r#"{"q":"sie"}"#, &[]).await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.cache_status, "costmesh; fwd=stale; fwd-status=500; ttl=-120; detail=stale-if-error");
+    assert_eq!(stale.body, first.body);
+    assert_eq!(stale.age.as_deref(), Some("3720"));
+    assert_eq!(stats.route_stats("llm").stale, 1);
+
+    // Past the 10 min grace the backend's error goes through.
+    handle.advance(Duration::from_secs(480)).await;
+    assert_eq!(ask(&addr, "acme", r#"{"q":"sie"}"#, &[]).await.status, 500);
+    assert_eq!(b.calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_backend_answering_5xx_is_ejected_then_returns_after_the_ejection_time() {
+    let (bad, good) = (backend(true).await, backend(true).await);
+    bad.fail.store(true, Ordering::SeqCst);
+    let (clock, handle) = costmesh_runtime::Clock::manual("2026-07-01T00:00:00Z".parse().unwrap());
+    let stats = Stats::default();
+    let addr = gateway_with(&[&bad, &good], None, stats.clone(), clock, |c| {
+        c.outlier.consecutive_failures = 3;
+        c.outlier.ejection_time = Duration::from_secs(30);
+    })
+    .await;
+    let mut failed = 0;
+    for i in 0..20 {
+        let r = ask(&addr, "acme", &format!(r#"{{"i":{i}}}"#), &[("cache-control", "no-store")]).await;
+        failed += usize::from(r.status == 500);
+    }
+    assert_eq!(bad.calls.load(Ordering::SeqCst), 3, "ejected after three 5xx in a row");
+    assert_eq!((failed, good.calls.load(Ordering::SeqCst)), (3, 17));
+    let ejections =
+        stats.ejections.get_or_create(&proxy::BackendLabels { route: "llm".into(), backend: bad.url.clone() });
+    assert_eq!(ejections.get(), 1);
+
+    // Healthy again; after the ejection time it is back in rotation.
+    bad.fail.store(false, Ordering::SeqCst);
+    handle.advance(Duration::from_secs(30)).await;
+    for i in 0..4 {
+        let r = ask(&addr, "acme", &format!(r#"{{"j":{i}}}"#), &[("cache-control", "no-store")]).await;
+        assert_eq!(r.status, 200);
+    }
+    assert!(bad.calls.load(Ordering::SeqCst) > 3, "back in rotation");
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_and_hit_the_cache() {
+    let b = backend(true).await;
+    let addr = gateway(&b, None, Stats::default()).await;
+    let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let r = client
+            .post(format!("{addr}/llm/v1/generate"))
+            .header("content-type", "application/json")
+            .header("x-tenant", "acme")
+            .body(r#"{"q":"h2"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        seen.push(r.headers()["cache-status"].to_str().unwrap().to_string());
+    }
+    assert!(seen[0].contains("fwd=miss") && seen[1].starts_with("costmesh; hit"), "{seen:?}");
+    assert_eq!(b.calls.load(Ordering::SeqCst), 1);
 }

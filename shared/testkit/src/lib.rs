@@ -31,8 +31,13 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port on 127.0.0.1")
 }
 
+/// The checkout this test runs in: the nearest directory above the current
+/// one (cargo runs tests in their package directory) that has `Cargo.lock`.
+/// Found at run time, so a target directory shared between clones never
+/// points a test at another clone.
 fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let here = std::env::current_dir().expect("current directory");
+    here.ancestors().find(|d| d.join("Cargo.lock").is_file()).map(PathBuf::from).unwrap_or(here)
 }
 
 /// Finds a server binary or panics with instructions to install it.

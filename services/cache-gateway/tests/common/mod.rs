@@ -18,12 +18,18 @@ pub struct Running {
 }
 
 /// Starts `run(cfg)` on its own prefix and waits until it is ready.
+#[allow(dead_code)] // not every test binary uses both
 pub async fn start(nats: &NatsServer, test: &str, cfg: Config) -> Running {
+    start_on(nats, test, cfg, Clock::system()).await
+}
+
+/// The same, on the given clock.
+pub async fn start_on(nats: &NatsServer, test: &str, cfg: Config, clock: Clock) -> Running {
     costmesh_runtime::telemetry::init_for_tests();
     let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix(test), ..Default::default() };
     let bus = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());
     let shutdown = CancellationToken::new();
-    let ctx = ServiceContext::new("cache-gateway", None, bus.clone(), &mesh, Clock::system(), shutdown.clone());
+    let ctx = ServiceContext::new("cache-gateway", None, bus.clone(), &mesh, clock, shutdown.clone());
     let (subjects, health) = (ctx.subjects().clone(), ctx.health.clone());
     ctx.events.ensure_stream().await.unwrap();
     tokio::spawn(costmesh_cache_gateway::run(cfg, ctx));
