@@ -57,6 +57,15 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum CacheCommand {
+    /// Serve the demo inference model on its own (what `costmesh up` puts
+    /// behind the `demo` route): deterministic answers after a set latency.
+    DemoModel {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: String,
+        /// Simulated model time per answer.
+        #[arg(long, default_value_t = 150)]
+        latency_ms: u64,
+    },
     /// Remove cached responses of a route, a model version, or all.
     Purge {
         /// The gateway's client address.
@@ -192,6 +201,13 @@ fn main() -> ExitCode {
             Command::Cost { nats, prefix, json } => cost(&nats, &prefix, json).await,
             Command::Cache { command: CacheCommand::Purge { gateway, route, model_version, all } } => {
                 purge(&gateway, route, model_version, all).await
+            }
+            Command::Cache { command: CacheCommand::DemoModel { listen, latency_ms } } => {
+                let url =
+                    costmesh_cache_gateway::demo::start_on(&listen, std::time::Duration::from_millis(latency_ms)).await?;
+                println!("demo model at {url}/v1/generate ({latency_ms} ms per answer); Ctrl-C stops it");
+                tokio::signal::ctrl_c().await?;
+                Ok(ExitCode::SUCCESS)
             }
             Command::Events { command: EventsCommand::Tail { subject, nats, prefix, json, count } } => {
                 view::tail(&nats, &prefix, subject.as_deref(), json, count).await

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -483,21 +483,31 @@ fn respond(c: &Cached, cache_status: String, age: Option<u64>) -> Response {
 async fn handle_root(
     state: State<Gateway>,
     Path(route): Path<String>,
+    RawQuery(query): RawQuery,
     method: Method,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    proxy(state.0, route, String::new(), method, headers, body).await
+    proxy(state.0, route, with_query(String::new(), query), method, headers, body).await
 }
 
 async fn handle(
     state: State<Gateway>,
     Path((route, rest)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     method: Method,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    proxy(state.0, route, rest, method, headers, body).await
+    proxy(state.0, route, with_query(rest, query), method, headers, body).await
+}
+
+/// The path after the route, with the query string (part of the key and forwarded).
+fn with_query(rest: String, query: Option<String>) -> String {
+    match query {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest,
+    }
 }
 
 async fn proxy(

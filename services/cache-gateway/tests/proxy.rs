@@ -368,3 +368,24 @@ async fn http2_clients_are_served_and_hit_the_cache() {
     assert!(seen[0].contains("fwd=miss") && seen[1].starts_with("costmesh; hit"), "{seen:?}");
     assert_eq!(b.calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn get_requests_cache_per_query_string() {
+    let demo = costmesh_cache_gateway::demo::start(Duration::ZERO).await.unwrap();
+    let b = Backend { calls: Default::default(), gate: Arc::new(Semaphore::new(0)), fail: Default::default(), url: demo };
+    let addr = gateway(&b, None, Stats::default()).await;
+    let get = |q: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let r = reqwest::get(format!("{addr}/llm/v1/generate?{q}")).await.unwrap();
+            let cs = r.headers()["cache-status"].to_str().unwrap().to_string();
+            (cs, r.text().await.unwrap())
+        }
+    };
+    let (a1, b1) = (get("prompt=a").await, get("prompt=b").await);
+    assert!(a1.0.contains("fwd=miss") && b1.0.contains("fwd=miss"), "{a1:?} {b1:?}");
+    assert_ne!(a1.1, b1.1, "the backend saw the query");
+    let a2 = get("prompt=a").await;
+    assert!(a2.0.starts_with("costmesh; hit"), "{a2:?}");
+    assert_eq!(a2.1, a1.1);
+}
