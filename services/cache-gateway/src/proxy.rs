@@ -54,7 +54,32 @@ pub struct Stats {
     pub budget_changes: Family<StateLabels, Counter>,
 }
 
+/// One route's counters, looked up once (the hot path only increments).
+#[derive(Clone, Default)]
+pub struct RouteCounters {
+    requests: Counter,
+    hits: Counter,
+    misses: Counter,
+    stale: Counter,
+    coalesced: Counter,
+    backend_ms: Counter,
+    bytes: Counter,
+}
+
 impl Stats {
+    fn for_route(&self, route: &str) -> RouteCounters {
+        let l = RouteLabels { route: route.to_string() };
+        RouteCounters {
+            requests: self.requests.get_or_create(&l).clone(),
+            hits: self.hits.get_or_create(&l).clone(),
+            misses: self.misses.get_or_create(&l).clone(),
+            stale: self.stale.get_or_create(&l).clone(),
+            coalesced: self.coalesced.get_or_create(&l).clone(),
+            backend_ms: self.backend_ms.get_or_create(&l).clone(),
+            bytes: self.bytes.get_or_create(&l).clone(),
+        }
+    }
+
     /// One route's cumulative counters, as reported on NATS.
     pub fn route_stats(&self, route: &str) -> costmesh_contracts::v1::RouteStats {
         let l = RouteLabels { route: route.to_string() };
@@ -120,6 +145,7 @@ pub struct Route {
     /// Share of requests for the preemptible pool.
     pub preemptible_share: f64,
     next: AtomicUsize,
+    counters: RouteCounters,
 }
 
 impl Route {
@@ -130,7 +156,14 @@ impl Route {
     }
 
     pub fn with_backends(backends: Vec<Backend>, ttl: Duration, preemptible_share: f64) -> Self {
-        Self { backends, ttl, priority: crate::Priority::Normal, preemptible_share, next: AtomicUsize::new(0) }
+        Self {
+            backends,
+            ttl,
+            priority: crate::Priority::Normal,
+            preemptible_share,
+            next: AtomicUsize::new(0),
+            counters: RouteCounters::default(),
+        }
     }
 
     pub fn with_priority(mut self, p: crate::Priority) -> Self {
@@ -233,25 +266,22 @@ impl Routes {
 #[derive(Clone, Default)]
 pub struct BudgetState {
     scopes: Arc<Mutex<HashMap<String, costmesh_contracts::v1::BudgetState>>>,
+    /// The worst state, kept for the hot path (read on every request).
+    worst: Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl BudgetState {
     /// Records a scope's state; returns its previous one.
     pub fn set(&self, scope: &str, s: costmesh_contracts::v1::BudgetState) -> costmesh_contracts::v1::BudgetState {
-        self.scopes
-            .lock()
-            .expect("budget lock")
-            .insert(scope.to_string(), s)
-            .unwrap_or(costmesh_contracts::v1::BudgetState::Ok)
+        let mut scopes = self.scopes.lock().expect("budget lock");
+        let was = scopes.insert(scope.to_string(), s).unwrap_or(costmesh_contracts::v1::BudgetState::Ok);
+        let worst = scopes.values().map(|s| *s as i32).max().unwrap_or(0);
+        self.worst.store(worst, Ordering::Relaxed);
+        was
     }
 
     pub fn worst(&self) -> costmesh_contracts::v1::BudgetState {
-        self.scopes
-            .lock()
-            .expect("budget lock")
-            .values()
-            .copied()
-            .max_by_key(|s| *s as i32)
+        costmesh_contracts::v1::BudgetState::try_from(self.worst.load(Ordering::Relaxed))
             .unwrap_or(costmesh_contracts::v1::BudgetState::Ok)
     }
 }
@@ -277,7 +307,10 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(routes: HashMap<String, Route>, store: Store, backend_timeout: Duration, stats: Stats) -> Self {
+    pub fn new(mut routes: HashMap<String, Route>, store: Store, backend_timeout: Duration, stats: Stats) -> Self {
+        for (name, r) in routes.iter_mut() {
+            r.counters = stats.for_route(name);
+        }
         let client = reqwest::Client::builder().timeout(backend_timeout).build().unwrap_or_default();
         Self {
             routes: Arc::new(routes),
@@ -521,8 +554,8 @@ async fn proxy(
     let Some(route) = gw.routes.get(&route_name) else {
         return error(StatusCode::NOT_FOUND, format!("unknown route {route_name:?}"));
     };
-    let labels = RouteLabels { route: route_name.clone() };
-    gw.stats.requests.get_or_create(&labels).inc();
+    let m = &route.counters;
+    m.requests.inc();
     let budget = gw.budget_state.worst();
     if budget == costmesh_contracts::v1::BudgetState::Exceeded
         && gw.budget.on_exceeded == crate::OnExceeded::ShedLowPriority
@@ -572,8 +605,8 @@ async fn proxy(
         match gw.store.get(&key, now).await {
             Lookup::Fresh(c) if d.max_age.is_none_or(|m| c.age(now) <= m) => {
                 let age = c.age(now);
-                gw.stats.hits.get_or_create(&labels).inc();
-                gw.stats.bytes.get_or_create(&labels).inc_by(c.body.len() as u64);
+                m.hits.inc();
+                m.bytes.inc_by(c.body.len() as u64);
                 return respond(&c, format!("{CACHE_NAME}; hit; ttl={}", c.ttl.saturating_sub(age)), Some(age));
             }
             Lookup::Stale(c) => {
@@ -582,8 +615,8 @@ async fn proxy(
                     && gw.budget.on_exceeded == crate::OnExceeded::ServeStale
                     && late <= gw.budget.exceeded_stale.as_secs();
                 if by_budget || (d.max_age.is_none() && late < swr) {
-                    gw.stats.stale.get_or_create(&labels).inc();
-                    gw.stats.bytes.get_or_create(&labels).inc_by(c.body.len() as u64);
+                    m.stale.inc();
+                    m.bytes.inc_by(c.body.len() as u64);
                     let detail = if by_budget {
                         "budget-exceeded"
                     } else {
@@ -597,7 +630,7 @@ async fn proxy(
             _ => {}
         }
     }
-    gw.stats.misses.get_or_create(&labels).inc();
+    m.misses.inc();
     let store_it = cacheable_method && !d.no_store;
 
     // Identical concurrent misses wait for one backend call.
@@ -608,7 +641,7 @@ async fn proxy(
         None
     };
     if let Some(mut rx) = follow {
-        gw.stats.coalesced.get_or_create(&labels).inc();
+        m.coalesced.inc();
         return match rx.recv().await {
             Ok(Ok(c)) => respond(&c, format!("{CACHE_NAME}; fwd=miss; collapsed"), None),
             Ok(Err((status, msg))) => error(status, msg),
@@ -631,8 +664,8 @@ async fn proxy(
     if let (Some(fs), Some(c)) = (failed_status, fallback.as_ref()) {
         let late = c.stale_for(now);
         if late < sie {
-            gw.stats.stale.get_or_create(&labels).inc();
-            gw.stats.bytes.get_or_create(&labels).inc_by(c.body.len() as u64);
+            m.stale.inc();
+            m.bytes.inc_by(c.body.len() as u64);
             let status = format!("{CACHE_NAME}; fwd=stale; fwd-status={fs}; ttl=-{late}; detail=stale-if-error");
             return respond(c, status, Some(c.age(now)));
         }
@@ -676,7 +709,6 @@ const HOP_BY_HOP: &[&str] = &[
 /// and timeouts count towards the backend's outlier ejection.
 async fn call_backend(gw: &Gateway, route: &Route, fwd: &Forward) -> Result<(Cached, bool), (StatusCode, String)> {
     let started = Instant::now();
-    let labels = RouteLabels { route: fwd.route.clone() };
     let mut avoid = None;
     let (resp, i) = loop {
         let now_ms = gw.clock.now().timestamp_millis();
@@ -721,7 +753,7 @@ async fn call_backend(gw: &Gateway, route: &Route, fwd: &Forward) -> Result<(Cac
     let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let cc = resp.headers().get("cache-control").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let body = resp.bytes().await.map_err(|e| (StatusCode::BAD_GATEWAY, format!("backend {base} body: {e}")))?;
-    gw.stats.backend_ms.get_or_create(&labels).inc_by(started.elapsed().as_millis() as u64);
+    route.counters.backend_ms.inc_by(started.elapsed().as_millis() as u64);
     let cacheable = (200..300).contains(&status) && !cc.contains("no-store") && !cc.contains("private");
     Ok((Cached { status, content_type, stored_at: gw.now_s(), ttl: 0, grace: 0, body }, cacheable))
 }
