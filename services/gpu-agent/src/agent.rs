@@ -376,6 +376,8 @@ impl Agent {
                     .map(|(pid, mem)| GpuProcess { pid: *pid, memory_used_bytes: *mem, job_id: String::new() })
                     .collect(),
                 backend: self.backend.kind().to_string(),
+                cloud: self.cfg.cloud,
+                preemptible: self.cfg.preemptible,
             });
         }
     }
@@ -485,6 +487,7 @@ pub async fn run_with_backend(
             ctx.shutdown.clone(),
         ));
     }
+    crate::jobs::Runner::start(&cfg.node, cfg.jobs.clone(), ctx.clone(), Some(AgentHandle(agent.clone()))).await?;
     // Armed before anyone learns the agent is up, so no tick is missed.
     let mut ticker = ctx.clock.ticker(cfg.sample_interval);
     ctx.health.set("bus", true);

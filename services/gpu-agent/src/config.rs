@@ -152,7 +152,38 @@ pub struct Config {
     pub preemption: PreemptionConfig,
     pub maintenance: MaintenanceConfig,
     pub sim: SimConfig,
+    /// This node is a cloud VM (the scheduler gates cloud work by budget).
+    pub cloud: bool,
+    /// This node may be preempted (spot / preemptible VM).
+    pub preemptible: bool,
+    pub jobs: JobsConfig,
     pub admin: AdminConfig,
+}
+
+/// Running the jobs the scheduler places on this node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Run assigned jobs (off: assignments are refused with a reason).
+    pub enabled: bool,
+    /// Each attempt writes stdout and stderr to `<logs_root>/<job>/<attempt>.log`.
+    pub logs_root: std::path::PathBuf,
+    /// After "stop" (SIGTERM), how long until SIGKILL.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// The signal that asks a job to checkpoint now.
+    pub checkpoint_signal: String,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            logs_root: "/var/log/costmesh/jobs".into(),
+            stop_grace: Duration::from_secs(30),
+            checkpoint_signal: "SIGUSR1".into(),
+        }
+    }
 }
 
 fn host_name() -> String {
@@ -176,6 +207,9 @@ impl Default for Config {
             preemption: PreemptionConfig::default(),
             maintenance: MaintenanceConfig::default(),
             sim: SimConfig::default(),
+            cloud: false,
+            preemptible: false,
+            jobs: JobsConfig::default(),
             admin: AdminConfig::on_port(9101),
         }
     }
@@ -185,6 +219,19 @@ impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
         costmesh_contracts::subjects::validate_token(&self.node)
             .map_err(|e| ConfigError::new(key(p, "node"), &self.node, e))?;
+        if self.preemptible && !self.cloud {
+            return Err(ConfigError::new(key(p, "preemptible"), true, "only a cloud node (cloud = true) can be preemptible"));
+        }
+        if crate::jobs::parse_signal(&self.jobs.checkpoint_signal).is_none() {
+            return Err(ConfigError::new(
+                key(p, "jobs.checkpoint_signal"),
+                &self.jobs.checkpoint_signal,
+                "not a signal name (e.g. SIGUSR1, SIGUSR2, SIGHUP)",
+            ));
+        }
+        if !self.jobs.logs_root.is_absolute() {
+            return Err(ConfigError::new(key(p, "jobs.logs_root"), self.jobs.logs_root.display(), "must be an absolute path"));
+        }
         if self.sample_interval < Duration::from_millis(100) || self.sample_interval > Duration::from_secs(3600) {
             return Err(ConfigError::new(
                 key(p, "sample_interval"),

@@ -11,6 +11,8 @@
 //! - [`drift`]: cooler drift (temperature at a given power over days).
 //! - [`preemption`]: the GCE metadata watcher.
 //! - [`agent`]: the sampling loop, profiles and command handlers.
+//! - [`jobs`]: runs the jobs the scheduler places here (child processes,
+//!   logs, checkpoint and stop signals, job events through an outbox).
 //!
 //! **Invariant:** the agent changes no GPU setting unless `mode = "enforce"`.
 #![forbid(unsafe_code)]
@@ -20,6 +22,7 @@ pub mod backend;
 pub mod config;
 pub mod drift;
 pub mod guard;
+pub mod jobs;
 pub mod nvml;
 pub mod preemption;
 pub mod sim;

@@ -1,23 +1,70 @@
 //! scheduler: decides when and where training jobs run.
 //!
-//! This crate currently holds the service's frame: its config with the
-//! seed's scheduling numbers, and a loop that follows the events the
-//! scheduler reacts to (preemption notices, budget state) and keeps the
-//! current view of them. The job queue, placement, checkpoint cadence and
-//! recovery are issue #4.
+//! # Layout
+//! - [`model`]: jobs as kept in the KV bucket, job-spec validation.
+//! - [`plan`]: pure decisions: start time (off-peak, tariff, deadline) and
+//!   placement (free GPUs, node kind, budget).
+//! - [`service`]: the service: job API over request-reply, durable job
+//!   state with compare-and-set, assignments, checkpoints, preemption
+//!   recovery, budget gating, idle actions.
+//! - [`actuator`]: where idle actions go (dry run shipped).
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+pub mod actuator;
+pub mod model;
+pub mod plan;
+pub mod service;
+
 use std::time::Duration;
 
-use costmesh_contracts::v1::{BudgetEvent, PreemptionNotice};
-use costmesh_contracts::AnyEvent;
 use costmesh_runtime::config::{key, AdminConfig, ConfigError, Validate};
-use costmesh_runtime::events::HandlerError;
 use costmesh_runtime::host::ServiceConfig;
-use costmesh_runtime::ServiceContext;
+use costmesh_runtime::tariff::{Days, Tariff};
 use serde::{Deserialize, Serialize};
+
+pub use service::{run, run_with_actuator};
+
+/// Idle resources: a node whose GPUs all stay below `below_pct` for
+/// `after` gets an action: scale down in business hours, stop outside them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdleConfig {
+    pub below_pct: u32,
+    #[serde(with = "humantime_serde")]
+    pub after: Duration,
+    pub business_start: String,
+    pub business_end: String,
+    pub business_days: Days,
+}
+
+impl Default for IdleConfig {
+    fn default() -> Self {
+        Self {
+            below_pct: 10,
+            after: Duration::from_secs(30 * 60),
+            business_start: "09:00".into(),
+            business_end: "18:00".into(),
+            business_days: Days::Weekdays,
+        }
+    }
+}
+
+/// Budget gating.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BudgetGating {
+    /// Budget scopes that gate cloud work; empty: every scope.
+    pub scopes: Vec<String>,
+    /// On exceeded, checkpoint and stop running cloud jobs (they wait in
+    /// the queue); off: they run to the end.
+    pub stop_cloud_on_exceeded: bool,
+}
+
+impl Default for BudgetGating {
+    fn default() -> Self {
+        Self { scopes: Vec::new(), stop_cloud_on_exceeded: true }
+    }
+}
 
 /// The `[scheduler]` config section.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -26,9 +73,37 @@ pub struct Config {
     /// Off-peak window for large training runs (seed: 23:00-07:00, local time).
     pub off_peak_start: String,
     pub off_peak_end: String,
+    /// Training jobs at least this long are "large" and wait for off-peak.
+    #[serde(with = "humantime_serde")]
+    pub large_job_min_duration: Duration,
+    /// Time-of-use tariff; with periods, jobs start at the cheapest time
+    /// that still meets their deadline (instead of the off-peak rule).
+    pub tariff: Tariff,
+    /// How far ahead a cheaper start is looked for.
+    #[serde(with = "humantime_serde")]
+    pub planning_horizon: Duration,
+    /// A job whose latest start is this close is not deferred for the budget.
+    #[serde(with = "humantime_serde")]
+    pub cannot_wait: Duration,
     /// How often running jobs are asked to checkpoint (seed: 15 min).
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
+    /// How often the queue is looked at (also after every event).
+    #[serde(with = "humantime_serde")]
+    pub decide_interval: Duration,
+    /// A node with no telemetry for this long gets no new work.
+    #[serde(with = "humantime_serde")]
+    pub node_timeout: Duration,
+    /// First retry delay after a failure or interruption (doubles each time).
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// A preempted node gets no work until this long after its notice's deadline.
+    #[serde(with = "humantime_serde")]
+    pub preempted_hold: Duration,
+    pub budget: BudgetGating,
+    pub idle: IdleConfig,
     pub admin: AdminConfig,
 }
 
@@ -37,25 +112,54 @@ impl Default for Config {
         Self {
             off_peak_start: "23:00".into(),
             off_peak_end: "07:00".into(),
+            large_job_min_duration: Duration::from_secs(2 * 3600),
+            tariff: Tariff::default(),
+            planning_horizon: Duration::from_secs(24 * 3600),
+            cannot_wait: Duration::from_secs(3600),
             checkpoint_interval: Duration::from_secs(15 * 60),
+            decide_interval: Duration::from_secs(60),
+            node_timeout: Duration::from_secs(120),
+            retry_backoff: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(3600),
+            preempted_hold: Duration::from_secs(600),
+            budget: BudgetGating::default(),
+            idle: IdleConfig::default(),
             admin: AdminConfig::on_port(9102),
         }
     }
 }
 
+fn hhmm(p: &str, name: &str, v: &str) -> Result<chrono::NaiveTime, ConfigError> {
+    chrono::NaiveTime::parse_from_str(v, "%H:%M")
+        .map_err(|_| ConfigError::new(key(p, name), v, "must be a time of day as HH:MM"))
+}
+
+fn at_least(p: &str, name: &str, v: Duration, min: Duration) -> Result<(), ConfigError> {
+    if v < min {
+        let fmt = humantime_serde::re::humantime::format_duration;
+        return Err(ConfigError::new(key(p, name), fmt(v), format!("must be at least {}", fmt(min))));
+    }
+    Ok(())
+}
+
 impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
-        for (name, v) in [("off_peak_start", &self.off_peak_start), ("off_peak_end", &self.off_peak_end)] {
-            chrono::NaiveTime::parse_from_str(v, "%H:%M")
-                .map_err(|_| ConfigError::new(key(p, name), v, "must be a time of day as HH:MM"))?;
+        hhmm(p, "off_peak_start", &self.off_peak_start)?;
+        hhmm(p, "off_peak_end", &self.off_peak_end)?;
+        hhmm(p, "idle.business_start", &self.idle.business_start)?;
+        hhmm(p, "idle.business_end", &self.idle.business_end)?;
+        at_least(p, "checkpoint_interval", self.checkpoint_interval, Duration::from_secs(60))?;
+        at_least(p, "decide_interval", self.decide_interval, Duration::from_secs(1))?;
+        at_least(p, "node_timeout", self.node_timeout, Duration::from_secs(1))?;
+        at_least(p, "planning_horizon", self.planning_horizon, Duration::from_secs(15 * 60))?;
+        at_least(p, "idle.after", self.idle.after, Duration::from_secs(60))?;
+        if self.planning_horizon > Duration::from_secs(7 * 24 * 3600) {
+            return Err(ConfigError::new(key(p, "planning_horizon"), "more than 7 days", "must be at most 7d"));
         }
-        if self.checkpoint_interval < Duration::from_secs(60) {
-            return Err(ConfigError::new(
-                key(p, "checkpoint_interval"),
-                humantime_serde::re::humantime::format_duration(self.checkpoint_interval),
-                "must be at least 1m",
-            ));
+        if self.idle.below_pct == 0 || self.idle.below_pct > 100 {
+            return Err(ConfigError::new(key(p, "idle.below_pct"), self.idle.below_pct, "must be between 1 and 100"));
         }
+        self.tariff.validate(&key(p, "tariff"))?;
         self.admin.validate(&key(p, "admin"))
     }
 }
@@ -64,49 +168,4 @@ impl ServiceConfig for Config {
     fn admin(&self) -> &AdminConfig {
         &self.admin
     }
-}
-
-/// What the scheduler currently knows of the world outside the queue.
-#[derive(Debug, Default)]
-pub struct View {
-    pub preempted_nodes: BTreeSet<String>,
-    pub cloud_budget: Option<costmesh_contracts::v1::BudgetState>,
-}
-
-/// Runs the scheduler until shutdown.
-pub async fn run(_cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
-    let view = Arc::new(Mutex::new(View::default()));
-    let filters = vec![ctx.subjects().preemption_all(), ctx.subjects().budget_all()];
-    let v = view.clone();
-    let task = ctx
-        .spawn_durable::<AnyEvent, _, _>("world", filters, move |_, _, event| {
-            let view = v.clone();
-            async move {
-                let mut view = view.lock().expect("view lock");
-                match event {
-                    AnyEvent::PreemptionNotice(PreemptionNotice { node, .. }) => {
-                        tracing::info!(%node, "preemption notice noted");
-                        view.preempted_nodes.insert(node);
-                    }
-                    AnyEvent::BudgetEvent(BudgetEvent { scope, state, .. }) => {
-                        tracing::info!(%scope, state, "budget state noted");
-                        if scope == "cloud" {
-                            view.cloud_budget = costmesh_contracts::v1::BudgetState::try_from(state).ok();
-                        }
-                    }
-                    other => {
-                        return Err(HandlerError::Reject(format!(
-                            "{} does not belong on this subject",
-                            other.type_name()
-                        )))
-                    }
-                }
-                Ok(())
-            }
-        })
-        .await?;
-    ctx.health.set("bus", true);
-    ctx.shutdown.cancelled().await;
-    let _ = task.await;
-    Ok(())
 }

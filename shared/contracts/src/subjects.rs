@@ -201,6 +201,10 @@ impl Subjects {
     pub fn node_power(&self, node: &str) -> String {
         self.join(&["node", &token(node), "power"])
     }
+    /// Request-reply: a job's log from the node that ran it.
+    pub fn node_logs(&self, node: &str) -> String {
+        self.join(&["node", &token(node), "logs"])
+    }
     /// A GCP budget notification, relayed.
     pub fn billing_gcp(&self, budget: &str) -> String {
         self.join(&["billing", "gcp", &token(budget)])

@@ -1,0 +1,380 @@
+//! Runs the jobs the scheduler places on this node.
+//!
+//! An assignment (`<prefix>.node.<node>.assign`) starts the job's command as
+//! a child process with `CUDA_VISIBLE_DEVICES` set to its GPUs and
+//! `COSTMESH_JOB_ID`, `COSTMESH_ATTEMPT`, `COSTMESH_CHECKPOINT_DIR` and
+//! `COSTMESH_RESUME_FROM` in its environment. Its stdout and stderr go to
+//! `<logs_root>/<job>/<attempt>.log`.
+//!
+//! **Checkpoint protocol:** a job reports a checkpoint by printing one line
+//! `COSTMESH_CHECKPOINT <path>` on stdout. The agent reports it as a
+//! `checkpointed` event; the scheduler hands the newest path back as
+//! `COSTMESH_RESUME_FROM` when the job runs again. `examples/jobs/train.sh`
+//! is a job that follows it.
+//!
+//! Signals (`<prefix>.node.<node>.signal`): checkpoint sends the configured
+//! signal (SIGUSR1 by default); stop sends SIGTERM, then SIGKILL after the
+//! grace period.
+//!
+//! Fencing: an assignment whose attempt is not newer than one this agent
+//! has already seen for the job is ignored, so a redelivered or duplicated
+//! assignment never starts a job twice.
+//!
+//! Events (started, checkpointed, exited, failed) go through an outbox that
+//! retries until NATS takes them: a node that loses NATS keeps its jobs
+//! running and reports what happened when it reconnects.
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use costmesh_contracts::v1::{JobAssignment, JobEvent, JobEventKind, JobSignal, JobSignalKind};
+use costmesh_contracts::AnyEvent;
+use costmesh_runtime::events::HandlerError;
+use costmesh_runtime::ServiceContext;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+use crate::agent::AgentHandle;
+use crate::config::JobsConfig;
+
+/// The line prefix a job prints on stdout to report a checkpoint.
+pub const CHECKPOINT_MARKER: &str = "COSTMESH_CHECKPOINT ";
+
+/// `SIGUSR1`, `USR1`, `sigusr1` -> the signal.
+pub fn parse_signal(name: &str) -> Option<Signal> {
+    let n = name.trim().to_ascii_uppercase();
+    let full = if n.starts_with("SIG") { n } else { format!("SIG{n}") };
+    full.parse().ok()
+}
+
+struct Running {
+    attempt: u32,
+    pid: Option<u32>,
+    gpus: Vec<u32>,
+}
+
+/// The jobs on this node.
+#[derive(Clone)]
+pub struct Runner {
+    node: String,
+    cfg: JobsConfig,
+    /// Newest attempt seen per job (the fence).
+    seen: Arc<Mutex<HashMap<String, u32>>>,
+    running: Arc<Mutex<HashMap<String, Running>>>,
+    outbox: mpsc::UnboundedSender<JobEvent>,
+    agent: Option<AgentHandle>,
+    ctx: ServiceContext,
+}
+
+impl Runner {
+    /// Starts the outbox publisher and the assignment/signal consumer.
+    pub async fn start(
+        node: &str,
+        cfg: JobsConfig,
+        ctx: ServiceContext,
+        agent: Option<AgentHandle>,
+    ) -> anyhow::Result<Runner> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(publish_outbox(ctx.clone(), rx));
+        let runner = Runner {
+            node: node.to_string(),
+            cfg,
+            seen: Default::default(),
+            running: Default::default(),
+            outbox: tx,
+            agent,
+            ctx: ctx.clone(),
+        };
+        let r = runner.clone();
+        ctx.spawn_durable::<AnyEvent, _, _>(
+            &format!("jobs-{node}"),
+            vec![ctx.subjects().node_assign(node), ctx.subjects().node_signal(node)],
+            move |_, _, event| {
+                let r = r.clone();
+                async move {
+                    match event {
+                        AnyEvent::JobAssignment(a) => r.assign(a).await,
+                        AnyEvent::JobSignal(s) => r.signal(s),
+                        other => Err(HandlerError::Reject(format!("{} does not belong on this subject", other.type_name()))),
+                    }
+                }
+            },
+        )
+        .await?;
+        // Logs on request: `costmesh jobs logs`.
+        let sub = ctx.bus().subscribe(&ctx.subjects().node_logs(node)).await?;
+        let r = runner.clone();
+        tokio::spawn(async move { r.serve_logs(sub).await });
+        Ok(runner)
+    }
+
+    fn event(&self, job: &str, attempt: u32, kind: JobEventKind, gpus: &[u32]) -> JobEvent {
+        JobEvent {
+            job_id: job.to_string(),
+            kind: kind as i32,
+            node: self.node.clone(),
+            gpu_indices: gpus.to_vec(),
+            attempt,
+            time: Some(costmesh_contracts::timestamp(self.ctx.clock.now())),
+            ..Default::default()
+        }
+    }
+
+    fn log_path(&self, job: &str, attempt: u32) -> PathBuf {
+        self.cfg.logs_root.join(costmesh_contracts::subjects::token(job)).join(format!("{attempt}.log"))
+    }
+
+    async fn assign(&self, a: JobAssignment) -> Result<(), HandlerError> {
+        let Some(spec) = a.spec.clone() else {
+            return Err(HandlerError::Reject(format!("assignment of {} has no job spec", a.job_id)));
+        };
+        if a.node != self.node {
+            return Err(HandlerError::Reject(format!("assignment for node {:?} reached node {:?}", a.node, self.node)));
+        }
+        {
+            let mut seen = self.seen.lock().expect("jobs lock");
+            let newest = seen.entry(a.job_id.clone()).or_insert(0);
+            if a.attempt <= *newest {
+                tracing::warn!(job = %a.job_id, attempt = a.attempt, newest = *newest, "stale or repeated assignment ignored (fenced)");
+                return Ok(());
+            }
+            *newest = a.attempt;
+        }
+        if !self.cfg.enabled {
+            let mut e = self.event(&a.job_id, a.attempt, JobEventKind::Failed, &a.gpu_indices);
+            e.reason = "this node does not run jobs (gpu_agent.jobs.enabled = false)".into();
+            let _ = self.outbox.send(e);
+            return Ok(());
+        }
+        let log_path = self.log_path(&a.job_id, a.attempt);
+        let log = async {
+            tokio::fs::create_dir_all(log_path.parent().expect("log dir")).await?;
+            tokio::fs::OpenOptions::new().create(true).append(true).open(&log_path).await
+        }
+        .await;
+        let mut log = match log {
+            Ok(f) => f,
+            Err(e) => {
+                let mut ev = self.event(&a.job_id, a.attempt, JobEventKind::Failed, &a.gpu_indices);
+                ev.reason = format!("cannot open log file {}: {e}", log_path.display());
+                let _ = self.outbox.send(ev);
+                return Ok(());
+            }
+        };
+        let gpus: Vec<String> = a.gpu_indices.iter().map(u32::to_string).collect();
+        let mut cmd = tokio::process::Command::new(&spec.command);
+        cmd.args(&spec.args)
+            .envs(&spec.env)
+            .env("CUDA_VISIBLE_DEVICES", gpus.join(","))
+            .env("COSTMESH_JOB_ID", &a.job_id)
+            .env("COSTMESH_ATTEMPT", a.attempt.to_string())
+            .env("COSTMESH_CHECKPOINT_DIR", &spec.checkpoint_dir)
+            .env("COSTMESH_RESUME_FROM", &a.resume_from)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let why = if e.kind() == std::io::ErrorKind::NotFound {
+                    format!("command {:?} not found: {e}", spec.command)
+                } else {
+                    format!("command {:?} could not start: {e}", spec.command)
+                };
+                tracing::warn!(job = %a.job_id, attempt = a.attempt, %why, "job failed to start");
+                let _ = log.write_all(format!("costmesh: {why}\n").as_bytes()).await;
+                let mut ev = self.event(&a.job_id, a.attempt, JobEventKind::Failed, &a.gpu_indices);
+                ev.reason = why;
+                let _ = self.outbox.send(ev);
+                return Ok(());
+            }
+        };
+        let pid = child.id();
+        tracing::info!(job = %a.job_id, attempt = a.attempt, ?pid, gpus = %gpus.join(","), command = %spec.command, "job started");
+        self.running
+            .lock()
+            .expect("jobs lock")
+            .insert(a.job_id.clone(), Running { attempt: a.attempt, pid, gpus: a.gpu_indices.clone() });
+        if let Some(agent) = &self.agent {
+            for g in &a.gpu_indices {
+                agent.set_load(*g, 95);
+            }
+        }
+        let mut started = self.event(&a.job_id, a.attempt, JobEventKind::Started, &a.gpu_indices);
+        started.reason = format!("pid {}", pid.unwrap_or(0));
+        let _ = self.outbox.send(started);
+
+        // stdout: into the log, checkpoint lines reported; stderr: into the log.
+        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (r, job, attempt, gpu_list) = (self.clone(), a.job_id.clone(), a.attempt, a.gpu_indices.clone());
+        let out_tx = log_tx.clone();
+        let out_task = tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(path) = line.strip_prefix(CHECKPOINT_MARKER) {
+                    let mut ev = r.event(&job, attempt, JobEventKind::Checkpointed, &gpu_list);
+                    ev.checkpoint_path = path.trim().to_string();
+                    tracing::info!(%job, attempt, path = %ev.checkpoint_path, "job checkpointed");
+                    let _ = r.outbox.send(ev);
+                }
+                let _ = out_tx.send(line);
+            }
+        });
+        let err_task = tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = log_tx.send(line);
+            }
+        });
+        let writer = tokio::spawn(async move {
+            while let Some(line) = log_rx.recv().await {
+                let _ = log.write_all(line.as_bytes()).await;
+                let _ = log.write_all(b"\n").await;
+                let _ = log.flush().await;
+            }
+        });
+        let (r, job, attempt) = (self.clone(), a.job_id.clone(), a.attempt);
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = out_task.await;
+            let _ = err_task.await;
+            let _ = writer.await;
+            let gpus = {
+                let mut running = r.running.lock().expect("jobs lock");
+                match running.get(&job) {
+                    Some(run) if run.attempt == attempt => running.remove(&job).map(|x| x.gpus).unwrap_or_default(),
+                    _ => Vec::new(),
+                }
+            };
+            if let Some(agent) = &r.agent {
+                for g in &gpus {
+                    agent.set_load(*g, 0);
+                }
+            }
+            let mut ev = r.event(&job, attempt, JobEventKind::Exited, &gpus);
+            match status {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    ev.exit_code = s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
+                    ev.reason = match s.signal() {
+                        Some(sig) => format!("killed by signal {sig}"),
+                        None => format!("exit code {}", ev.exit_code),
+                    };
+                }
+                Err(e) => {
+                    ev.exit_code = -1;
+                    ev.reason = format!("waiting for the process failed: {e}");
+                }
+            }
+            tracing::info!(%job, attempt, code = ev.exit_code, "job exited");
+            let _ = r.outbox.send(ev);
+        });
+        Ok(())
+    }
+
+    fn signal(&self, s: JobSignal) -> Result<(), HandlerError> {
+        let kind = s.kind();
+        let pid = {
+            let running = self.running.lock().expect("jobs lock");
+            match running.get(&s.job_id) {
+                Some(r) if r.attempt == s.attempt || s.attempt == 0 => r.pid,
+                _ => {
+                    tracing::info!(job = %s.job_id, attempt = s.attempt, ?kind, "signal for a job not running here; ignored");
+                    return Ok(());
+                }
+            }
+        };
+        let Some(pid) = pid else { return Ok(()) };
+        let pid = Pid::from_raw(pid as i32);
+        match kind {
+            JobSignalKind::Checkpoint => {
+                let sig = parse_signal(&self.cfg.checkpoint_signal).unwrap_or(Signal::SIGUSR1);
+                tracing::info!(job = %s.job_id, attempt = s.attempt, %sig, reason = %s.reason, "asking job to checkpoint");
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+            JobSignalKind::Stop => {
+                tracing::info!(job = %s.job_id, attempt = s.attempt, reason = %s.reason, "stopping job (SIGTERM)");
+                let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+                let (running, job, attempt, grace) =
+                    (self.running.clone(), s.job_id.clone(), s.attempt, self.cfg.stop_grace);
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    let still = running
+                        .lock()
+                        .expect("jobs lock")
+                        .get(&job)
+                        .is_some_and(|r| r.attempt == attempt || attempt == 0);
+                    if still {
+                        tracing::warn!(%job, "job ignored SIGTERM for the grace period: SIGKILL");
+                        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                    }
+                });
+            }
+            JobSignalKind::Unspecified => {
+                return Err(HandlerError::Reject("JobSignal.kind is unspecified".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers `{"job_id": .., "attempt": .., "tail_bytes": ..}` with the end of that log.
+    async fn serve_logs(&self, mut sub: costmesh_bus::Subscription) {
+        #[derive(serde::Deserialize)]
+        struct Req {
+            job_id: String,
+            attempt: u32,
+            #[serde(default)]
+            tail_bytes: Option<u64>,
+        }
+        loop {
+            let msg = tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => return,
+                m = sub.next() => match m { Some(m) => m, None => return },
+            };
+            let body = match serde_json::from_slice::<Req>(&msg.payload) {
+                Err(e) => serde_json::json!({"error": format!("logs request: {e} (expected {{\"job_id\", \"attempt\"}})")}),
+                Ok(req) => {
+                    let path = self.log_path(&req.job_id, req.attempt);
+                    match tokio::fs::read(&path).await {
+                        Ok(bytes) => {
+                            let tail = req.tail_bytes.unwrap_or(64 * 1024) as usize;
+                            let from = bytes.len().saturating_sub(tail);
+                            serde_json::json!({"path": path, "log": String::from_utf8_lossy(&bytes[from..])})
+                        }
+                        Err(e) => serde_json::json!({"error": format!("no log at {}: {e}", path.display())}),
+                    }
+                }
+            };
+            let mut h = costmesh_bus::Headers::new();
+            h.insert("content-type", "application/json");
+            let _ = self.ctx.bus().respond(&msg, h, bytes::Bytes::from(body.to_string())).await;
+        }
+    }
+}
+
+/// Publishes job events in order, retrying each until NATS takes it.
+async fn publish_outbox(ctx: ServiceContext, mut rx: mpsc::UnboundedReceiver<JobEvent>) {
+    let (mut seq, run) = (0u64, uuid::Uuid::new_v4().simple().to_string());
+    while let Some(ev) = rx.recv().await {
+        seq += 1;
+        let subject = ctx.subjects().job(&ev.job_id, ev.kind());
+        let id = format!("job-{}-{}-{}-{}-{seq}", ev.job_id, ev.attempt, ev.kind().as_str_name(), run);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match ctx.events.publish_durable_with_id(&subject, &ev, &id).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, %subject, "job event not published yet; keeping it and retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,794 @@
+//! The scheduler service. One task owns the state (jobs, nodes, budget) and
+//! takes, in turn, API requests, durable events (job events from the
+//! agents, preemption notices, budget events), telemetry and clock ticks.
+//! Every change to a job is written to the JetStream KV bucket
+//! `<PREFIX>_jobs` with compare-and-set before anything is published about
+//! it; the revision of the write that placed a job is its assignment's
+//! fencing token. A restarted scheduler reads the bucket and carries on.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::{DateTime, Datelike, NaiveTime, Timelike, Utc, Weekday};
+use costmesh_bus::{BusErrorKind, Kv};
+use costmesh_contracts::v1::{
+    Action, BudgetEvent, BudgetState, GpuSample, JobAssignment, JobClass, JobEvent, JobEventKind, JobSignal,
+    JobSignalKind, JobSpec, PowerCommand, PowerProfile, PreemptionNotice,
+};
+use costmesh_contracts::AnyEvent;
+use costmesh_runtime::events::HandlerError;
+use costmesh_runtime::tariff::Days;
+use costmesh_runtime::ServiceContext;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::actuator::{Actuator, DryRun};
+use crate::model::{validate, Job, State};
+use crate::plan::{plan_pass, Decision, Node, Placement, Planner, PriceTable};
+use crate::Config;
+
+/// The request-reply verbs under `<prefix>.api.scheduler.<verb>`.
+pub const VERBS: &[&str] = &["submit", "list", "show", "cancel"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone)]
+struct Metrics {
+    decisions: Family<KindLabels, Counter>,
+    jobs: Family<StateLabels, Gauge>,
+    notice_to_signal: Histogram,
+}
+
+impl Metrics {
+    fn register(ctx: &ServiceContext) -> Self {
+        let m = Metrics {
+            decisions: Family::default(),
+            jobs: Family::default(),
+            notice_to_signal: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0].into_iter()),
+        };
+        ctx.register("costmesh_scheduler_decisions", "Scheduling decisions by kind", m.decisions.clone());
+        ctx.register("costmesh_scheduler_jobs", "Jobs by state", m.jobs.clone());
+        ctx.register(
+            "costmesh_scheduler_preemption_signal_seconds",
+            "From receiving a preemption notice to the checkpoint signal being published",
+            m.notice_to_signal.clone(),
+        );
+        m
+    }
+}
+
+enum Msg {
+    Api { verb: String, body: Bytes, reply: oneshot::Sender<Value> },
+    Event { event: AnyEvent, done: oneshot::Sender<()> },
+    Sample(Box<GpuSample>),
+}
+
+struct Sched {
+    cfg: Config,
+    planner: Planner,
+    ctx: ServiceContext,
+    kv: Kv,
+    actuator: Arc<dyn Actuator>,
+    metrics: Metrics,
+    /// Every job with the KV revision it was last written at.
+    jobs: HashMap<String, (Job, u64)>,
+    nodes: BTreeMap<String, Node>,
+    budgets: HashMap<String, BudgetState>,
+    /// When each running job was last asked to checkpoint.
+    last_ask: HashMap<String, DateTime<Utc>>,
+    /// Assigned jobs whose assignment is not yet known to be published.
+    unsent: HashSet<String>,
+}
+
+/// Runs the scheduler with the dry-run actuator until shutdown.
+pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
+    run_with_actuator(cfg, ctx, Arc::new(DryRun::default())).await
+}
+
+/// Runs the scheduler, sending idle actions to `actuator`.
+pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<dyn Actuator>) -> anyhow::Result<()> {
+    ctx.events.ensure_stream().await?;
+    let bucket = format!("{}_jobs", ctx.subjects().prefix().replace(['.', '-'], "_"));
+    let kv = ctx.bus().kv(&bucket).await?;
+    let planner = planner(&cfg, &ctx);
+    let metrics = Metrics::register(&ctx);
+    let mut s = Sched {
+        cfg: cfg.clone(),
+        planner,
+        ctx: ctx.clone(),
+        kv,
+        actuator,
+        metrics,
+        jobs: HashMap::new(),
+        nodes: BTreeMap::new(),
+        budgets: HashMap::new(),
+        last_ask: HashMap::new(),
+        unsent: HashSet::new(),
+    };
+    s.load().await?;
+
+    let (tx, mut rx) = mpsc::channel::<Msg>(1024);
+    // Durable inputs: job events, preemption notices, budget events.
+    let filters = vec![ctx.subjects().jobs_all(), ctx.subjects().preemption_all(), ctx.subjects().budget_all()];
+    let etx = tx.clone();
+    let events = ctx
+        .spawn_durable::<AnyEvent, _, _>("inputs", filters, move |_, _, event| {
+            let etx = etx.clone();
+            async move {
+                match &event {
+                    AnyEvent::JobEvent(_) | AnyEvent::PreemptionNotice(_) | AnyEvent::BudgetEvent(_) => {}
+                    other => {
+                        return Err(HandlerError::Reject(format!(
+                            "{} does not belong on this subject",
+                            other.type_name()
+                        )))
+                    }
+                }
+                let (done, wait) = oneshot::channel();
+                etx.send(Msg::Event { event, done }).await.map_err(|_| HandlerError::Retry("scheduler stopping".into()))?;
+                wait.await.map_err(|_| HandlerError::Retry("scheduler stopping".into()))
+            }
+        })
+        .await?;
+    // Telemetry (core NATS: a lost sample costs nothing).
+    {
+        let mut sub = ctx.bus().subscribe(&ctx.subjects().gpu_telemetry_all()).await?;
+        let (tx, shutdown) = (tx.clone(), ctx.shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = sub.next() => match m { Some(m) => m, None => return },
+                };
+                if let Ok((_, s)) = costmesh_contracts::decode::<GpuSample>(&msg.headers, &msg.payload) {
+                    let _ = tx.try_send(Msg::Sample(Box::new(s)));
+                }
+            }
+        });
+    }
+    // The job API.
+    for verb in VERBS {
+        let mut sub = ctx.bus().subscribe(&ctx.subjects().api("scheduler", verb)).await?;
+        let (tx, bus, shutdown, verb) = (tx.clone(), ctx.bus().clone(), ctx.shutdown.clone(), verb.to_string());
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = sub.next() => match m { Some(m) => m, None => return },
+                };
+                let (reply, answer) = oneshot::channel();
+                if tx.send(Msg::Api { verb: verb.clone(), body: msg.payload.clone(), reply }).await.is_err() {
+                    return;
+                }
+                let body = answer.await.unwrap_or_else(|_| json!({"error": "scheduler stopping"}));
+                let mut h = costmesh_bus::Headers::new();
+                h.insert("content-type", "application/json");
+                let _ = bus.respond(&msg, h, Bytes::from(body.to_string())).await;
+            }
+        });
+    }
+    ctx.health.set("bus", true);
+    tracing::info!(bucket, jobs = s.jobs.len(), "scheduler ready");
+
+    let mut ticker = ctx.clock.ticker(cfg.decide_interval);
+    loop {
+        let wake = s.next_wake();
+        let clock = ctx.clock.clone();
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+            _ = async move { match wake { Some(t) => clock.sleep_until(t).await, None => std::future::pending().await } } => {}
+            m = rx.recv() => match m {
+                None => break,
+                Some(Msg::Sample(sample)) => { s.on_sample(*sample); continue; }
+                Some(Msg::Api { verb, body, reply }) => { let v = s.api(&verb, &body).await; let _ = reply.send(v); }
+                Some(Msg::Event { event, done }) => { s.on_event(event).await; let _ = done.send(()); }
+            },
+        }
+        s.decide().await;
+    }
+    let _ = events.await;
+    Ok(())
+}
+
+fn planner(cfg: &Config, ctx: &ServiceContext) -> Planner {
+    let t = |v: &str| NaiveTime::parse_from_str(v, "%H:%M").unwrap_or_default();
+    let d = |v: std::time::Duration| chrono::Duration::from_std(v).unwrap_or(chrono::Duration::MAX);
+    Planner {
+        tz: ctx.mesh.tz(),
+        off_peak_start: t(&cfg.off_peak_start),
+        off_peak_end: t(&cfg.off_peak_end),
+        large_job: d(cfg.large_job_min_duration),
+        tariff: cfg.tariff.clone(),
+        horizon: d(cfg.planning_horizon),
+        node_timeout: d(cfg.node_timeout),
+        cannot_wait: d(cfg.cannot_wait),
+    }
+}
+
+fn profile_for(class: i32) -> PowerProfile {
+    match JobClass::try_from(class) {
+        Ok(JobClass::Inference) => PowerProfile::Inference,
+        _ => PowerProfile::Training,
+    }
+}
+
+impl Sched {
+    fn now(&self) -> DateTime<Utc> {
+        self.ctx.clock.now()
+    }
+
+    async fn load(&mut self) -> anyhow::Result<()> {
+        let now = self.now();
+        for key in self.kv.keys().await? {
+            let Some(entry) = self.kv.get(&key).await? else { continue };
+            match serde_json::from_slice::<Job>(&entry.value) {
+                Ok(job) => {
+                    if job.state == State::Assigned {
+                        // The assignment may not have gone out before a crash:
+                        // send it again (same message id; agents fence by attempt).
+                        self.unsent.insert(job.id.clone());
+                    }
+                    if job.state == State::Running {
+                        self.last_ask.insert(job.id.clone(), now);
+                    }
+                    self.jobs.insert(job.id.clone(), (job, entry.revision));
+                }
+                Err(e) => tracing::error!(%key, error = %e, "job record unreadable; left in the bucket untouched"),
+            }
+        }
+        self.refresh_gauges();
+        Ok(())
+    }
+
+    fn refresh_gauges(&self) {
+        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+        for s in ["queued", "assigned", "running", "succeeded", "failed", "cancelled"] {
+            counts.insert(s, 0);
+        }
+        for (j, _) in self.jobs.values() {
+            let name = serde_json::to_value(j.state).ok().and_then(|v| v.as_str().map(str::to_string));
+            if let Some(n) = name.and_then(|n| counts.keys().find(|k| **k == n).copied()) {
+                *counts.entry(n).or_default() += 1;
+            }
+        }
+        for (s, n) in counts {
+            self.metrics.jobs.get_or_create(&StateLabels { state: s.to_string() }).set(n);
+        }
+    }
+
+    /// Writes `job` with compare-and-set; on a conflict reloads it and
+    /// returns false (the caller drops the decision).
+    async fn save(&mut self, job: Job) -> bool {
+        let value = match serde_json::to_vec(&job) {
+            Ok(v) => Bytes::from(v),
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "job not serialisable");
+                return false;
+            }
+        };
+        let result = match self.jobs.get(&job.id) {
+            Some((_, rev)) => self.kv.update(&job.id, value, *rev).await,
+            None => self.kv.create(&job.id, value).await,
+        };
+        match result {
+            Ok(rev) => {
+                self.jobs.insert(job.id.clone(), (job, rev));
+                self.refresh_gauges();
+                true
+            }
+            Err(e) if matches!(e.kind, BusErrorKind::WrongRevision | BusErrorKind::AlreadyExists) => {
+                tracing::warn!(job = %job.id, "job changed under us (another writer): reloading it, decision dropped");
+                if let Ok(Some(entry)) = self.kv.get(&job.id).await {
+                    if let Ok(j) = serde_json::from_slice::<Job>(&entry.value) {
+                        self.jobs.insert(j.id.clone(), (j, entry.revision));
+                    }
+                }
+                false
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "job state not written; decision dropped, retried later");
+                false
+            }
+        }
+    }
+
+    async fn job_event(&self, job: &Job, kind: JobEventKind, reason: &str) {
+        self.metrics.decisions.get_or_create(&KindLabels { kind: kind.as_str_name().to_string() }).inc();
+        let ev = JobEvent {
+            job_id: job.id.clone(),
+            kind: kind as i32,
+            node: job.node.clone().unwrap_or_default(),
+            gpu_indices: job.gpus.clone(),
+            attempt: job.attempt,
+            reason: reason.to_string(),
+            checkpoint_path: job.last_checkpoint.clone().unwrap_or_default(),
+            time: Some(costmesh_contracts::timestamp(self.now())),
+            ..Default::default()
+        };
+        tracing::info!(job = %job.id, name = %job.spec.name, kind = kind.as_str_name(), %reason, "job decision");
+        let subject = self.ctx.subjects().job(&job.id, kind);
+        if let Err(e) = self.ctx.events.publish_durable(&subject, &ev).await {
+            tracing::warn!(error = %e, %subject, "job event not published");
+        }
+    }
+
+    async fn signal(&self, job: &Job, kind: JobSignalKind, reason: &str) {
+        let Some(node) = &job.node else { return };
+        let sig = JobSignal { job_id: job.id.clone(), attempt: job.attempt, kind: kind as i32, reason: reason.into() };
+        let subject = self.ctx.subjects().node_signal(node);
+        if let Err(e) = self.ctx.events.publish_durable(&subject, &sig).await {
+            tracing::warn!(error = %e, %subject, "job signal not published");
+        }
+    }
+
+    async fn power(&self, node: &str, gpus: &[u32], profile: PowerProfile, reason: &str) {
+        for g in gpus {
+            let cmd =
+                PowerCommand { node: node.into(), gpu_index: Some(*g), profile: profile as i32, reason: reason.into() };
+            let subject = self.ctx.subjects().node_power(node);
+            if let Err(e) = self.ctx.events.publish_durable(&subject, &cmd).await {
+                tracing::warn!(error = %e, %subject, "power command not published");
+            }
+        }
+    }
+
+    fn budget_level(&self) -> BudgetState {
+        self.budgets
+            .iter()
+            .filter(|(scope, _)| self.cfg.budget.scopes.is_empty() || self.cfg.budget.scopes.contains(scope))
+            .map(|(_, s)| *s)
+            .max_by_key(|s| *s as i32)
+            .unwrap_or(BudgetState::Ok)
+    }
+
+    fn backoff(&self, retries: u32) -> chrono::Duration {
+        let base = self.cfg.retry_backoff.saturating_mul(1u32 << retries.saturating_sub(1).min(16));
+        chrono::Duration::from_std(base.min(self.cfg.max_backoff)).unwrap_or_default()
+    }
+
+    /// The earliest time a deferred job becomes due.
+    fn next_wake(&self) -> Option<DateTime<Utc>> {
+        self.jobs
+            .values()
+            .filter(|(j, _)| j.state == State::Queued)
+            .filter_map(|(j, _)| match (j.planned_start, j.not_before) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            })
+            .filter(|t| *t > self.now())
+            .min()
+    }
+
+    fn free_gpus(&self, now: DateTime<Utc>) -> BTreeMap<String, Vec<u32>> {
+        let mut used: HashMap<&str, HashSet<u32>> = HashMap::new();
+        for (j, _) in self.jobs.values().filter(|(j, _)| j.state.holds_gpus()) {
+            if let Some(n) = &j.node {
+                used.entry(n.as_str()).or_default().extend(j.gpus.iter().copied());
+            }
+        }
+        let timeout = self.planner.node_timeout;
+        self.nodes
+            .values()
+            .map(|n| {
+                let free = n
+                    .gpus
+                    .iter()
+                    .filter(|(i, g)| now - g.seen <= timeout && !used.get(n.name.as_str()).is_some_and(|u| u.contains(i)))
+                    .map(|(i, _)| *i)
+                    .collect();
+                (n.name.clone(), free)
+            })
+            .collect()
+    }
+
+    async fn decide(&mut self) {
+        let now = self.now();
+        for id in std::mem::take(&mut self.unsent) {
+            if let Some((job, rev)) = self.jobs.get(&id).cloned() {
+                if job.state == State::Assigned {
+                    self.send_assignment(&job, rev).await;
+                }
+            }
+        }
+        let budget = self.budget_level();
+        let queued: Vec<Job> = self.jobs.values().filter(|(j, _)| j.state == State::Queued).map(|(j, _)| j.clone()).collect();
+        if !queued.is_empty() {
+            let prices = (!self.planner.tariff.is_flat()).then(|| {
+                let longest = queued.iter().map(Job::duration).max().unwrap_or_default().min(chrono::Duration::days(8));
+                PriceTable::new(&self.planner.tariff, self.planner.tz, now, self.planner.horizon + longest)
+            });
+            let mut free = self.free_gpus(now);
+            let refs: Vec<&Job> = queued.iter().collect();
+            let decisions = plan_pass(&self.planner, &refs, &self.nodes, &mut free, budget, now, prices.as_ref());
+            for d in decisions {
+                self.apply(d, now).await;
+            }
+        }
+        self.checkpoints(now).await;
+        self.idle_actions(now).await;
+    }
+
+    async fn apply(&mut self, d: Decision, now: DateTime<Utc>) {
+        match d {
+            Decision::Defer { id, start, reason } => {
+                let Some((mut job, _)) = self.jobs.get(&id).cloned() else { return };
+                if job.planned_start == Some(start) && job.reason == reason {
+                    return;
+                }
+                job.planned_start = Some(start);
+                job.reason = reason.clone();
+                if self.save(job.clone()).await {
+                    self.job_event(&job, JobEventKind::Deferred, &format!("{reason}; planned start {start}")).await;
+                }
+            }
+            Decision::Wait { id, reason } => {
+                let Some((mut job, _)) = self.jobs.get(&id).cloned() else { return };
+                if job.reason == reason {
+                    return;
+                }
+                job.reason = reason.clone();
+                if self.save(job.clone()).await {
+                    self.job_event(&job, JobEventKind::Deferred, &reason).await;
+                }
+            }
+            Decision::Place { id, placement } => self.assign(&id, placement, now).await,
+        }
+    }
+
+    async fn assign(&mut self, id: &str, p: Placement, now: DateTime<Utc>) {
+        let Some((mut job, _)) = self.jobs.get(id).cloned() else { return };
+        job.attempt += 1;
+        job.state = State::Assigned;
+        job.node = Some(p.node.clone());
+        job.gpus = p.gpus.clone();
+        job.cloud = p.cloud;
+        job.assigned_at = Some(now);
+        job.planned_start = None;
+        job.reason = p.reason.clone();
+        if !self.save(job.clone()).await {
+            return;
+        }
+        let rev = self.jobs.get(id).map(|(_, r)| *r).unwrap_or(0);
+        self.send_assignment(&job, rev).await;
+        let resume = job.last_checkpoint.as_ref().map(|c| format!("; resumes from {c}")).unwrap_or_default();
+        self.job_event(&job, JobEventKind::Assigned, &format!("{}{resume}", p.reason)).await;
+        let why = format!("job {} ({}) placed", job.id, job.spec.name);
+        self.power(&p.node, &p.gpus, profile_for(job.spec.class), &why).await;
+        self.last_ask.insert(job.id.clone(), now);
+    }
+
+    async fn send_assignment(&mut self, job: &Job, revision: u64) {
+        let Some(node) = job.node.clone() else { return };
+        let a = JobAssignment {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            node: node.clone(),
+            gpu_indices: job.gpus.clone(),
+            spec: Some(job.spec.clone()),
+            fencing_token: revision,
+            resume_from: job.last_checkpoint.clone().unwrap_or_default(),
+        };
+        let id = format!("assign-{}-{}", job.id, job.attempt);
+        if let Err(e) = self.ctx.events.publish_durable_with_id(&self.ctx.subjects().node_assign(&node), &a, &id).await {
+            tracing::warn!(job = %job.id, error = %e, "assignment not published; retried on the next pass");
+            self.unsent.insert(job.id.clone());
+        }
+    }
+
+    async fn checkpoints(&mut self, now: DateTime<Utc>) {
+        let every = chrono::Duration::from_std(self.cfg.checkpoint_interval).unwrap_or(chrono::Duration::MAX);
+        let due: Vec<Job> = self
+            .jobs
+            .values()
+            .filter(|(j, _)| j.state == State::Running)
+            .filter(|(j, _)| self.last_ask.get(&j.id).is_none_or(|t| now - *t >= every))
+            .map(|(j, _)| j.clone())
+            .collect();
+        for job in due {
+            let reason = format!("periodic checkpoint (every {})", humantime_serde::re::humantime::format_duration(self.cfg.checkpoint_interval));
+            self.signal(&job, JobSignalKind::Checkpoint, &reason).await;
+            self.last_ask.insert(job.id.clone(), now);
+        }
+    }
+
+    fn in_business_hours(&self, now: DateTime<Utc>) -> bool {
+        let l = now.with_timezone(&self.planner.tz);
+        let weekend = matches!(l.weekday(), Weekday::Sat | Weekday::Sun);
+        let day_ok = match self.cfg.idle.business_days {
+            Days::All => true,
+            Days::Weekdays => !weekend,
+            Days::Weekends => weekend,
+        };
+        let t = |v: &str| NaiveTime::parse_from_str(v, "%H:%M").map(|t| t.hour() * 60 + t.minute()).unwrap_or(0);
+        let m = l.hour() * 60 + l.minute();
+        day_ok && m >= t(&self.cfg.idle.business_start) && m < t(&self.cfg.idle.business_end)
+    }
+
+    async fn idle_actions(&mut self, now: DateTime<Utc>) {
+        let after = chrono::Duration::from_std(self.cfg.idle.after).unwrap_or(chrono::Duration::MAX);
+        let due: Vec<(String, DateTime<Utc>)> = self
+            .nodes
+            .values()
+            .filter(|n| !n.idle_acted && now - n.last_seen <= self.planner.node_timeout)
+            .filter_map(|n| n.idle_since.filter(|s| now - *s >= after).map(|s| (n.name.clone(), s)))
+            .collect();
+        for (node, since) in due {
+            let business = self.in_business_hours(now);
+            let kind = if business { "scale_down" } else { "stop" };
+            let mut action = Action {
+                kind: kind.into(),
+                target: node.clone(),
+                reason: format!(
+                    "every GPU below {}% utilisation since {since} ({}); {}",
+                    self.cfg.idle.below_pct,
+                    humantime_serde::re::humantime::format_duration(self.cfg.idle.after),
+                    if business { "business hours: scale down" } else { "outside business hours: stop" }
+                ),
+                dry_run: self.actuator.dry_run(),
+                service: "scheduler".into(),
+                time: Some(costmesh_contracts::timestamp(now)),
+                ..Default::default()
+            };
+            let state = match self.actuator.act(&action).await {
+                Ok(s) => s,
+                Err(e) => {
+                    action.reason = format!("{}; actuator failed: {e}", action.reason);
+                    costmesh_contracts::v1::ActionState::Failed
+                }
+            };
+            action.state = state as i32;
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.idle_acted = true;
+            }
+            self.metrics.decisions.get_or_create(&KindLabels { kind: format!("idle_{kind}") }).inc();
+            if let Err(e) = self.ctx.events.publish_durable(&self.ctx.subjects().action(kind), &action).await {
+                tracing::warn!(error = %e, "idle action not published");
+            }
+        }
+    }
+
+    fn on_sample(&mut self, s: GpuSample) {
+        let t = s.time.as_ref().and_then(costmesh_contracts::from_timestamp).unwrap_or_else(|| self.now());
+        let busy_here: bool = self
+            .jobs
+            .values()
+            .any(|(j, _)| j.state.holds_gpus() && j.node.as_deref() == Some(s.node.as_str()));
+        let below = self.cfg.idle.below_pct;
+        let n = self.nodes.entry(s.node.clone()).or_insert_with(|| {
+            tracing::info!(node = %s.node, cloud = s.cloud, preemptible = s.preemptible, "node learnt from telemetry");
+            Node::new(&s.node, t)
+        });
+        n.cloud = s.cloud;
+        n.preemptible = s.preemptible;
+        n.last_seen = n.last_seen.max(t);
+        n.gpus.insert(s.gpu_index, crate::plan::Gpu { util_pct: s.utilization_gpu_pct, seen: t });
+        let idle = !busy_here && n.gpus.values().all(|g| g.util_pct < below);
+        if idle {
+            n.idle_since.get_or_insert(t);
+        } else {
+            n.idle_since = None;
+            n.idle_acted = false;
+        }
+    }
+
+    async fn on_event(&mut self, event: AnyEvent) {
+        match event {
+            AnyEvent::JobEvent(e) => self.on_job_event(e).await,
+            AnyEvent::PreemptionNotice(n) => self.on_preemption(n).await,
+            AnyEvent::BudgetEvent(b) => self.on_budget(b).await,
+            _ => {}
+        }
+    }
+
+    async fn on_job_event(&mut self, e: JobEvent) {
+        let kind = e.kind();
+        if !matches!(kind, JobEventKind::Started | JobEventKind::Checkpointed | JobEventKind::Exited | JobEventKind::Failed) {
+            return; // the scheduler's own decisions
+        }
+        let Some((mut job, _)) = self.jobs.get(&e.job_id).cloned() else {
+            tracing::warn!(job = %e.job_id, kind = kind.as_str_name(), "event for an unknown job ignored");
+            return;
+        };
+        let current = e.attempt == job.attempt && job.state.holds_gpus();
+        let now = self.now();
+        match kind {
+            JobEventKind::Started if current && job.state == State::Assigned => {
+                job.state = State::Running;
+                job.started_at = Some(now);
+                job.reason = format!("running on {}", e.node);
+                self.save(job).await;
+            }
+            JobEventKind::Checkpointed if !job.state.is_terminal() && !e.checkpoint_path.is_empty() => {
+                job.last_checkpoint = Some(e.checkpoint_path.clone());
+                self.save(job).await;
+            }
+            JobEventKind::Exited if current => {
+                let (node, gpus) = (job.node.clone().unwrap_or_default(), job.gpus.clone());
+                job.exit_code = Some(e.exit_code);
+                if e.exit_code == 0 {
+                    job.state = State::Succeeded;
+                    job.finished_at = Some(now);
+                    job.reason = "exited with code 0".into();
+                    if self.save(job.clone()).await {
+                        self.job_event(&job, JobEventKind::Exited, "succeeded").await;
+                    }
+                } else {
+                    self.retry_or_fail(job, &format!("{} on {node}", e.reason), now).await;
+                }
+                self.power(&node, &gpus, PowerProfile::Idle, "job ended").await;
+            }
+            JobEventKind::Failed if current => {
+                let (node, gpus) = (job.node.clone().unwrap_or_default(), job.gpus.clone());
+                job.state = State::Failed;
+                job.finished_at = Some(now);
+                job.reason = format!("could not start on {node}: {}", e.reason);
+                if self.save(job.clone()).await {
+                    self.job_event(&job, JobEventKind::Failed, &job.reason.clone()).await;
+                }
+                self.power(&node, &gpus, PowerProfile::Idle, "job could not start").await;
+            }
+            _ => tracing::debug!(job = %e.job_id, kind = kind.as_str_name(), attempt = e.attempt, "stale job event ignored"),
+        }
+    }
+
+    /// Requeues with backoff while retries remain, else fails the job.
+    async fn retry_or_fail(&mut self, mut job: Job, why: &str, now: DateTime<Utc>) {
+        job.retries += 1;
+        job.node = None;
+        job.gpus.clear();
+        if job.retries > job.spec.max_retries {
+            job.state = State::Failed;
+            job.finished_at = Some(now);
+            job.reason = format!("{why}; no retries left ({} allowed)", job.spec.max_retries);
+            if self.save(job.clone()).await {
+                self.job_event(&job, JobEventKind::Failed, &job.reason.clone()).await;
+            }
+        } else {
+            let wait = self.backoff(job.retries);
+            job.state = State::Queued;
+            job.not_before = Some(now + wait);
+            job.reason = format!("{why}; retry {} of {} after {}s", job.retries, job.spec.max_retries, wait.num_seconds());
+            if self.save(job.clone()).await {
+                self.job_event(&job, JobEventKind::Interrupted, &job.reason.clone()).await;
+            }
+        }
+    }
+
+    async fn on_preemption(&mut self, n: PreemptionNotice) {
+        let received = Instant::now();
+        let now = self.now();
+        let deadline = n.deadline.as_ref().and_then(costmesh_contracts::from_timestamp).unwrap_or(now);
+        let hold = chrono::Duration::from_std(self.cfg.preempted_hold).unwrap_or_default();
+        self.nodes.entry(n.node.clone()).or_insert_with(|| Node::new(&n.node, now)).held_until = Some(deadline.max(now) + hold);
+        let victims: Vec<Job> = self
+            .jobs
+            .values()
+            .filter(|(j, _)| j.state.holds_gpus() && j.node.as_deref() == Some(n.node.as_str()))
+            .map(|(j, _)| j.clone())
+            .collect();
+        for job in &victims {
+            self.signal(job, JobSignalKind::Checkpoint, "preemption notice: checkpoint now").await;
+            self.metrics.notice_to_signal.observe(received.elapsed().as_secs_f64());
+            self.signal(job, JobSignalKind::Stop, "preemption notice: node going away").await;
+        }
+        tracing::warn!(node = %n.node, jobs = victims.len(), signal_ms = received.elapsed().as_secs_f64() * 1e3, "preemption notice: jobs asked to checkpoint and requeued");
+        for job in victims {
+            self.retry_or_fail(job, &format!("interrupted: node {} preempted; resumes from its last checkpoint", n.node), now).await;
+        }
+    }
+
+    async fn on_budget(&mut self, b: BudgetEvent) {
+        let before = self.budget_level();
+        self.budgets.insert(b.scope.clone(), b.state());
+        let after = self.budget_level();
+        if before == after {
+            return;
+        }
+        tracing::warn!(scope = %b.scope, from = before.as_str_name(), to = after.as_str_name(), "budget state changed: scheduling follows");
+        if after != BudgetState::Exceeded || !self.cfg.budget.stop_cloud_on_exceeded {
+            return;
+        }
+        let now = self.now();
+        let cloud: Vec<Job> =
+            self.jobs.values().filter(|(j, _)| j.state.holds_gpus() && j.cloud).map(|(j, _)| j.clone()).collect();
+        for mut job in cloud {
+            self.signal(&job, JobSignalKind::Checkpoint, "budget exceeded: checkpoint before stopping").await;
+            self.signal(&job, JobSignalKind::Stop, "budget exceeded: cloud work stops").await;
+            let (node, gpus) = (job.node.take().unwrap_or_default(), std::mem::take(&mut job.gpus));
+            job.state = State::Queued;
+            job.reason = format!("budget exceeded: checkpointed and stopped on cloud node {node}; waits for the budget or own GPUs");
+            if self.save(job.clone()).await {
+                self.job_event(&job, JobEventKind::Interrupted, &job.reason.clone()).await;
+            }
+            self.power(&node, &gpus, PowerProfile::Idle, "cloud job stopped (budget)").await;
+        }
+        let _ = now;
+    }
+
+    async fn api(&mut self, verb: &str, body: &[u8]) -> Value {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct IdReq {
+            id: String,
+        }
+        let id_of = |body: &[u8]| -> Result<String, Value> {
+            serde_json::from_slice::<IdReq>(body)
+                .map(|r| r.id)
+                .map_err(|e| json!({"error": format!("request body: {e} (expected {{\"id\": \"...\"}})")}))
+        };
+        match verb {
+            "submit" => {
+                let spec: JobSpec = match serde_json::from_slice(body) {
+                    Ok(s) => s,
+                    Err(e) => return json!({"error": format!("job spec: {e}"), "field": "body"}),
+                };
+                let now = self.now();
+                if let Err(e) = validate(&spec, now) {
+                    return json!({"error": format!("job spec refused: {e}"), "field": e.field});
+                }
+                let id = format!("j-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+                let job = Job::new(id.clone(), spec, now);
+                if !self.save(job.clone()).await {
+                    return json!({"error": "job could not be stored; try again"});
+                }
+                self.job_event(&job, JobEventKind::Submitted, "submitted").await;
+                json!({"job": job})
+            }
+            "list" => {
+                let mut jobs: Vec<&Job> = self.jobs.values().map(|(j, _)| j).collect();
+                jobs.sort_by(|a, b| a.submitted_at.cmp(&b.submitted_at).then(a.id.cmp(&b.id)));
+                json!({"jobs": jobs})
+            }
+            "show" => match id_of(body) {
+                Err(v) => v,
+                Ok(id) => match self.jobs.get(&id) {
+                    Some((j, _)) => json!({"job": j}),
+                    None => json!({"error": format!("unknown job {id:?}")}),
+                },
+            },
+            "cancel" => {
+                let id = match id_of(body) {
+                    Err(v) => return v,
+                    Ok(id) => id,
+                };
+                let Some((mut job, _)) = self.jobs.get(&id).cloned() else {
+                    return json!({"error": format!("unknown job {id:?}")});
+                };
+                if job.state.is_terminal() {
+                    return json!({"error": format!("job {id} already ended ({:?})", job.state)});
+                }
+                let held = job.state.holds_gpus();
+                if held {
+                    self.signal(&job, JobSignalKind::Stop, "cancelled").await;
+                }
+                job.state = State::Cancelled;
+                job.finished_at = Some(self.now());
+                job.reason = "cancelled by request".into();
+                if !self.save(job.clone()).await {
+                    return json!({"error": "job changed meanwhile; try again"});
+                }
+                if held {
+                    self.power(job.node.as_deref().unwrap_or_default(), &job.gpus, PowerProfile::Idle, "job cancelled").await;
+                }
+                self.job_event(&job, JobEventKind::Cancelled, "cancelled by request").await;
+                json!({"job": job})
+            }
+            other => json!({"error": format!("unknown verb {other:?}")}),
+        }
+    }
+}
