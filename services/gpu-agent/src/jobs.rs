@@ -174,6 +174,9 @@ impl Runner {
             .env("COSTMESH_ATTEMPT", a.attempt.to_string())
             .env("COSTMESH_CHECKPOINT_DIR", &spec.checkpoint_dir)
             .env("COSTMESH_RESUME_FROM", &a.resume_from)
+            // The agent going away takes its jobs with it (the scheduler
+            // then sees the node's telemetry stop).
+            .kill_on_drop(true)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

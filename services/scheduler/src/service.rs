@@ -34,7 +34,7 @@ use crate::plan::{plan_pass, Decision, Node, Placement, Planner, PriceTable};
 use crate::Config;
 
 /// The request-reply verbs under `<prefix>.api.scheduler.<verb>`.
-pub const VERBS: &[&str] = &["submit", "list", "show", "cancel"];
+pub const VERBS: &[&str] = &["submit", "list", "show", "cancel", "nodes"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
@@ -787,6 +787,28 @@ impl Sched {
                 }
                 self.job_event(&job, JobEventKind::Cancelled, "cancelled by request").await;
                 json!({"job": job})
+            }
+            "nodes" => {
+                let now = self.now();
+                let free = self.free_gpus(now);
+                let nodes: Vec<Value> = self
+                    .nodes
+                    .values()
+                    .map(|n| {
+                        json!({
+                            "name": n.name,
+                            "gpus": n.gpus.len(),
+                            "free_gpus": free.get(&n.name).cloned().unwrap_or_default(),
+                            "cloud": n.cloud,
+                            "preemptible": n.preemptible,
+                            "last_seen": n.last_seen,
+                            "alive": now - n.last_seen <= self.planner.node_timeout,
+                            "held_until": n.held_until,
+                            "idle_since": n.idle_since,
+                        })
+                    })
+                    .collect();
+                json!({"nodes": nodes})
             }
             other => json!({"error": format!("unknown verb {other:?}")}),
         }

@@ -1,0 +1,234 @@
+//! A scheduler and simulated gpu-agents on a real nats-server, in virtual time.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use costmesh_bus::{Bus, NatsBus};
+use costmesh_contracts::v1::{JobEvent, JobEventKind};
+use costmesh_contracts::{ContentType, EventMeta, Subjects};
+use costmesh_gpu_agent::config::BackendKind;
+use costmesh_runtime::clock::{Clock, VirtualClock};
+use costmesh_runtime::config::MeshConfig;
+use costmesh_runtime::ServiceContext;
+use costmesh_testkit::NatsServer;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(15);
+pub const SAMPLE: Duration = Duration::from_secs(10);
+
+/// One simulated node.
+pub struct NodeSpec {
+    pub name: &'static str,
+    pub gpus: usize,
+    pub cloud: bool,
+    pub preemptible: bool,
+}
+
+pub const fn node(name: &'static str, gpus: usize, cloud: bool, preemptible: bool) -> NodeSpec {
+    NodeSpec { name, gpus, cloud, preemptible }
+}
+
+pub struct Mesh {
+    pub nats: NatsServer,
+    pub bus: Bus,
+    pub subjects: Subjects,
+    pub mesh: MeshConfig,
+    pub clock: Clock,
+    pub time: Arc<VirtualClock>,
+    pub sched_cfg: costmesh_scheduler::Config,
+    pub sched: Option<CancellationToken>,
+    pub agents: Vec<CancellationToken>,
+    /// Every job event seen, in order.
+    pub events: Arc<Mutex<Vec<JobEvent>>>,
+    pub actuator: costmesh_scheduler::actuator::DryRun,
+    pub work: std::path::PathBuf,
+}
+
+impl Mesh {
+    pub async fn start(test: &str, start: &str, sched_cfg: costmesh_scheduler::Config, nodes: &[NodeSpec]) -> Mesh {
+        costmesh_runtime::telemetry::init_for_tests();
+        let nats = NatsServer::start_new();
+        let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix(test), ..Default::default() };
+        let (clock, time) = Clock::manual(start.parse().unwrap());
+        let bus = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());
+        let subjects = Subjects::new(&mesh.subject_prefix).unwrap();
+        let work = std::env::temp_dir().join(&mesh.subject_prefix);
+        std::fs::create_dir_all(&work).unwrap();
+        let mut m = Mesh {
+            nats,
+            bus,
+            subjects,
+            mesh,
+            clock,
+            time,
+            sched_cfg,
+            sched: None,
+            agents: Vec::new(),
+            events: Default::default(),
+            actuator: Default::default(),
+            work,
+        };
+        // Record every job event.
+        let ctx = m.ctx("test-observer", None, CancellationToken::new()).await;
+        ctx.events.ensure_stream().await.unwrap();
+        let mut sub = m.bus.subscribe(&m.subjects.jobs_all()).await.unwrap();
+        m.bus.flush().await.unwrap();
+        let events = m.events.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                if let Ok((_, e)) = costmesh_contracts::decode::<JobEvent>(&msg.headers, &msg.payload) {
+                    events.lock().unwrap().push(e);
+                }
+            }
+        });
+        for n in nodes {
+            m.start_agent(n).await;
+        }
+        m.start_scheduler().await;
+        m.learn_nodes(nodes.len()).await;
+        m
+    }
+
+    async fn ctx(&self, service: &str, instance: Option<&str>, shutdown: CancellationToken) -> ServiceContext {
+        let bus = Bus::Nats(NatsBus::connect(&self.nats.url(), &Default::default()).await.unwrap());
+        ServiceContext::new(service, instance, bus, &self.mesh, self.clock.clone(), shutdown)
+    }
+
+    pub async fn start_agent(&mut self, n: &NodeSpec) {
+        let mut cfg = costmesh_gpu_agent::Config { node: n.name.into(), ..Default::default() };
+        cfg.backend = BackendKind::Sim;
+        cfg.sim.gpus = vec!["RTX 4090".into(); n.gpus];
+        cfg.sample_interval = SAMPLE;
+        cfg.cloud = n.cloud;
+        cfg.preemptible = n.preemptible;
+        cfg.jobs.logs_root = self.work.join("logs").join(n.name);
+        cfg.jobs.stop_grace = Duration::from_secs(5);
+        let shutdown = CancellationToken::new();
+        let ctx = self.ctx("gpu-agent", Some(n.name), shutdown.clone()).await;
+        let health = ctx.health.clone();
+        tokio::spawn(costmesh_gpu_agent::run(cfg, ctx));
+        costmesh_testkit::eventually(WAIT, "agent ready", || {
+            let h = health.clone();
+            async move { h.is_ready() }
+        })
+        .await;
+        self.agents.push(shutdown);
+    }
+
+    pub async fn start_scheduler(&mut self) {
+        let shutdown = CancellationToken::new();
+        let ctx = self.ctx("scheduler", None, shutdown.clone()).await;
+        let health = ctx.health.clone();
+        tokio::spawn(costmesh_scheduler::run_with_actuator(
+            self.sched_cfg.clone(),
+            ctx,
+            Arc::new(self.actuator.clone()),
+        ));
+        costmesh_testkit::eventually(WAIT, "scheduler ready", || {
+            let h = health.clone();
+            async move { h.is_ready() }
+        })
+        .await;
+        self.sched = Some(shutdown);
+    }
+
+    pub fn stop_scheduler(&mut self) {
+        if let Some(s) = self.sched.take() {
+            s.cancel();
+        }
+    }
+
+    /// Advances one sample interval at a time until the scheduler knows `n` nodes.
+    pub async fn learn_nodes(&self, n: usize) {
+        for _ in 0..50 {
+            self.time.advance(SAMPLE).await;
+            let nodes = self.api("nodes", json!({})).await;
+            let alive = nodes["nodes"].as_array().map_or(0, |a| a.iter().filter(|n| n["alive"] == true).count());
+            if alive >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the scheduler never learnt {n} nodes from telemetry");
+    }
+
+    pub async fn api(&self, verb: &str, body: Value) -> Value {
+        let m = self
+            .bus
+            .request(
+                &self.subjects.api("scheduler", verb),
+                Default::default(),
+                bytes::Bytes::from(body.to_string()),
+                WAIT,
+            )
+            .await
+            .unwrap();
+        serde_json::from_slice(&m.payload).unwrap()
+    }
+
+    pub async fn submit(&self, spec: Value) -> String {
+        let r = self.api("submit", spec).await;
+        r["job"]["id"].as_str().unwrap_or_else(|| panic!("submit refused: {r}")).to_string()
+    }
+
+    pub async fn show(&self, id: &str) -> Value {
+        self.api("show", json!({ "id": id })).await["job"].clone()
+    }
+
+    /// Waits (real time) for a job event matching `pred`.
+    pub async fn wait_event(&self, what: &str, pred: impl Fn(&JobEvent) -> bool) -> JobEvent {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(e) = self.events.lock().unwrap().iter().find(|e| pred(e)) {
+                return e.clone();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; events: {:#?}", self.events.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn count(&self, job: &str, kind: JobEventKind) -> usize {
+        self.events.lock().unwrap().iter().filter(|e| e.job_id == job && e.kind() == kind).count()
+    }
+
+    pub async fn publish<E: costmesh_contracts::Event>(&self, subject: &str, e: &E) {
+        let (h, p) = costmesh_contracts::encode(e, &EventMeta::new::<E>("test", self.clock.now(), ContentType::Protobuf));
+        self.bus.publish_durable(subject, h, p).await.unwrap();
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.stop_scheduler();
+        for a in &self.agents {
+            a.cancel();
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// The example job from `examples/jobs/train.sh`.
+pub fn train_script() -> String {
+    let root = std::env::current_dir().unwrap();
+    let root = root.ancestors().find(|d| d.join("Cargo.lock").is_file()).unwrap().to_path_buf();
+    root.join("examples/jobs/train.sh").display().to_string()
+}
+
+/// A job spec in proto3 JSON.
+pub fn job(name: &str, hours: f64, extra: Value) -> Value {
+    let mut spec = json!({
+        "name": name,
+        "command": train_script(),
+        "gpus": 1,
+        "estimatedDurationS": ((hours * 3600.0) as u64).to_string(),
+        "class": "JOB_CLASS_TRAINING",
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    spec
+}
