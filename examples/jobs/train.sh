@@ -12,7 +12,6 @@ if [ -n "${COSTMESH_RESUME_FROM:-}" ] && [ -f "$COSTMESH_RESUME_FROM" ]; then
   step=$(cat "$COSTMESH_RESUME_FROM")
   echo "resumed from $COSTMESH_RESUME_FROM at step $step"
 fi
-echo "job ${COSTMESH_JOB_ID:-?} attempt ${COSTMESH_ATTEMPT:-?} on GPUs ${CUDA_VISIBLE_DEVICES:-none}"
 checkpoint() {
   mkdir -p "$dir"
   local f="$dir/step-$step.ckpt"
@@ -21,6 +20,8 @@ checkpoint() {
 }
 trap checkpoint USR1
 trap 'checkpoint; echo "stopped at step $step"; exit 0' TERM
+# Printed once the handlers are in place (a signal before this would kill it).
+echo "job ${COSTMESH_JOB_ID:-?} attempt ${COSTMESH_ATTEMPT:-?} on GPUs ${CUDA_VISIBLE_DEVICES:-none}: ready"
 total=${STEPS:-1000000}
 while [ "$step" -lt "$total" ]; do
   step=$((step + 1))

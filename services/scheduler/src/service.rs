@@ -361,17 +361,24 @@ impl Sched {
         chrono::Duration::from_std(base.min(self.cfg.max_backoff)).unwrap_or_default()
     }
 
-    /// The earliest time a deferred job becomes due.
+    /// The next time something is due: a deferred job's start, a running
+    /// job's checkpoint, an idle node's action.
     fn next_wake(&self) -> Option<DateTime<Utc>> {
-        self.jobs
-            .values()
-            .filter(|(j, _)| j.state == State::Queued)
-            .filter_map(|(j, _)| match (j.planned_start, j.not_before) {
+        let every = chrono::Duration::from_std(self.cfg.checkpoint_interval).unwrap_or(chrono::Duration::MAX);
+        let idle = chrono::Duration::from_std(self.cfg.idle.after).unwrap_or(chrono::Duration::MAX);
+        let starts = self.jobs.values().filter(|(j, _)| j.state == State::Queued).filter_map(|(j, _)| {
+            match (j.planned_start, j.not_before) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 (a, b) => a.or(b),
-            })
-            .filter(|t| *t > self.now())
-            .min()
+            }
+        });
+        let checkpoints = self
+            .jobs
+            .values()
+            .filter(|(j, _)| j.state == State::Running)
+            .filter_map(|(j, _)| self.last_ask.get(&j.id).map(|t| *t + every));
+        let idles = self.nodes.values().filter(|n| !n.idle_acted).filter_map(|n| n.idle_since.map(|s| s + idle));
+        starts.chain(checkpoints).chain(idles).filter(|t| *t > self.now()).min()
     }
 
     fn free_gpus(&self, now: DateTime<Utc>) -> BTreeMap<String, Vec<u32>> {

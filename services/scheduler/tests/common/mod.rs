@@ -189,6 +189,29 @@ impl Mesh {
         }
     }
 
+    /// Waits (real time) until the job's attempt has set up its signal handlers.
+    pub async fn job_ready(&self, node: &str, job: &str, attempt: u32) {
+        let log = self.work.join("logs").join(node).join(job).join(format!("{attempt}.log"));
+        costmesh_testkit::eventually(WAIT, "the job ready", || {
+            let log = log.clone();
+            async move { std::fs::read_to_string(&log).is_ok_and(|l| l.contains(": ready")) }
+        })
+        .await;
+    }
+
+    /// Waits (real time) until the scheduler has the job in `state`.
+    pub async fn wait_state(&self, job: &str, state: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let j = self.show(job).await;
+            if j["state"] == state {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "job never reached {state}: {j}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn count(&self, job: &str, kind: JobEventKind) -> usize {
         self.events.lock().unwrap().iter().filter(|e| e.job_id == job && e.kind() == kind).count()
     }
