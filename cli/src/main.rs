@@ -203,8 +203,8 @@ fn main() -> ExitCode {
                 purge(&gateway, route, model_version, all).await
             }
             Command::Cache { command: CacheCommand::DemoModel { listen, latency_ms } } => {
-                let url =
-                    costmesh_cache_gateway::demo::start_on(&listen, std::time::Duration::from_millis(latency_ms)).await?;
+                let url = costmesh_cache_gateway::demo::start_on(&listen, std::time::Duration::from_millis(latency_ms))
+                    .await?;
                 println!("demo model at {url}/v1/generate ({latency_ms} ms per answer); Ctrl-C stops it");
                 tokio::signal::ctrl_c().await?;
                 Ok(ExitCode::SUCCESS)

@@ -372,7 +372,8 @@ async fn http2_clients_are_served_and_hit_the_cache() {
 #[tokio::test]
 async fn get_requests_cache_per_query_string() {
     let demo = costmesh_cache_gateway::demo::start(Duration::ZERO).await.unwrap();
-    let b = Backend { calls: Default::default(), gate: Arc::new(Semaphore::new(0)), fail: Default::default(), url: demo };
+    let b =
+        Backend { calls: Default::default(), gate: Arc::new(Semaphore::new(0)), fail: Default::default(), url: demo };
     let addr = gateway(&b, None, Stats::default()).await;
     let get = |q: &'static str| {
         let addr = addr.clone();

@@ -220,7 +220,11 @@ impl Validate for Config {
         costmesh_contracts::subjects::validate_token(&self.node)
             .map_err(|e| ConfigError::new(key(p, "node"), &self.node, e))?;
         if self.preemptible && !self.cloud {
-            return Err(ConfigError::new(key(p, "preemptible"), true, "only a cloud node (cloud = true) can be preemptible"));
+            return Err(ConfigError::new(
+                key(p, "preemptible"),
+                true,
+                "only a cloud node (cloud = true) can be preemptible",
+            ));
         }
         if crate::jobs::parse_signal(&self.jobs.checkpoint_signal).is_none() {
             return Err(ConfigError::new(
@@ -230,7 +234,11 @@ impl Validate for Config {
             ));
         }
         if !self.jobs.logs_root.is_absolute() {
-            return Err(ConfigError::new(key(p, "jobs.logs_root"), self.jobs.logs_root.display(), "must be an absolute path"));
+            return Err(ConfigError::new(
+                key(p, "jobs.logs_root"),
+                self.jobs.logs_root.display(),
+                "must be an absolute path",
+            ));
         }
         if self.sample_interval < Duration::from_millis(100) || self.sample_interval > Duration::from_secs(3600) {
             return Err(ConfigError::new(

@@ -99,7 +99,9 @@ impl Runner {
                     match event {
                         AnyEvent::JobAssignment(a) => r.assign(a).await,
                         AnyEvent::JobSignal(s) => r.signal(s),
-                        other => Err(HandlerError::Reject(format!("{} does not belong on this subject", other.type_name()))),
+                        other => {
+                            Err(HandlerError::Reject(format!("{} does not belong on this subject", other.type_name())))
+                        }
                     }
                 }
             },
@@ -341,7 +343,9 @@ impl Runner {
                 m = sub.next() => match m { Some(m) => m, None => return },
             };
             let body = match serde_json::from_slice::<Req>(&msg.payload) {
-                Err(e) => serde_json::json!({"error": format!("logs request: {e} (expected {{\"job_id\", \"attempt\"}})")}),
+                Err(e) => {
+                    serde_json::json!({"error": format!("logs request: {e} (expected {{\"job_id\", \"attempt\"}})")})
+                }
                 Ok(req) => {
                     let path = self.log_path(&req.job_id, req.attempt);
                     match tokio::fs::read(&path).await {

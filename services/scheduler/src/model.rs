@@ -36,6 +36,9 @@ pub struct Job {
     pub spec: JobSpec,
     pub state: State,
     pub submitted_at: DateTime<Utc>,
+    /// Submission order (ties at the same time go first come, first served).
+    #[serde(default)]
+    pub seq: u64,
     /// Attempts started so far; the current one when assigned or running.
     pub attempt: u32,
     pub node: Option<String>,
@@ -66,6 +69,7 @@ impl Job {
             spec,
             state: State::Queued,
             submitted_at: now,
+            seq: 0,
             attempt: 0,
             node: None,
             gpus: Vec::new(),
@@ -177,7 +181,8 @@ mod tests {
     fn each_bad_field_is_named() {
         let now = Utc::now();
         assert_eq!(validate(&spec(), now), Ok(()));
-        let cases: Vec<(fn(&mut JobSpec), &str)> = vec![
+        type Break = fn(&mut JobSpec);
+        let cases: Vec<(Break, &str)> = vec![
             (|s| s.name.clear(), "name"),
             (|s| s.command = " ".into(), "command"),
             (|s| s.gpus = 0, "gpus"),

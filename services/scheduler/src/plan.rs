@@ -224,7 +224,8 @@ impl Planner {
         let want = job.spec.gpus as usize;
         let can_wait = job.latest_start().is_none_or(|l| l > now + self.cannot_wait);
         let mut budget_block = None;
-        let mut best: Option<((bool, bool, usize, &str), &Node)> = None;
+        type Rank<'n> = (bool, bool, usize, &'n str);
+        let mut best: Option<(Rank, &Node)> = None;
         let mut largest_free = 0;
         for n in nodes.values() {
             if now - n.last_seen > self.node_timeout || n.held_until.is_some_and(|h| h > now) {
@@ -271,7 +272,11 @@ impl Planner {
             node: n.name.clone(),
             gpus,
             cloud: n.cloud,
-            reason: format!("placed on {} ({kind}), GPUs {:?}", n.name, free[&n.name].iter().take(want).collect::<Vec<_>>()),
+            reason: format!(
+                "placed on {} ({kind}), GPUs {:?}",
+                n.name,
+                free[&n.name].iter().take(want).collect::<Vec<_>>()
+            ),
         })
     }
 }
@@ -280,10 +285,20 @@ impl Planner {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
     /// Not yet: it starts later (off-peak, cheaper tariff, backoff).
-    Defer { id: String, start: DateTime<Utc>, reason: String },
+    Defer {
+        id: String,
+        start: DateTime<Utc>,
+        reason: String,
+    },
     /// Due, but nowhere to run it now.
-    Wait { id: String, reason: String },
-    Place { id: String, placement: Placement },
+    Wait {
+        id: String,
+        reason: String,
+    },
+    Place {
+        id: String,
+        placement: Placement,
+    },
 }
 
 /// Decides every queued job once, in priority order (higher first, then
@@ -299,7 +314,12 @@ pub fn plan_pass(
 ) -> Vec<Decision> {
     let mut order: Vec<&Job> = jobs.to_vec();
     order.sort_by(|a, b| {
-        b.spec.priority.cmp(&a.spec.priority).then(a.submitted_at.cmp(&b.submitted_at)).then(a.id.cmp(&b.id))
+        b.spec
+            .priority
+            .cmp(&a.spec.priority)
+            .then(a.submitted_at.cmp(&b.submitted_at))
+            .then(a.seq.cmp(&b.seq))
+            .then(a.id.cmp(&b.id))
     });
     let mut out = Vec::with_capacity(order.len());
     for job in order {

@@ -58,7 +58,7 @@ impl Metrics {
         let m = Metrics {
             decisions: Family::default(),
             jobs: Family::default(),
-            notice_to_signal: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0].into_iter()),
+            notice_to_signal: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
         };
         ctx.register("costmesh_scheduler_decisions", "Scheduling decisions by kind", m.decisions.clone());
         ctx.register("costmesh_scheduler_jobs", "Jobs by state", m.jobs.clone());
@@ -73,7 +73,7 @@ impl Metrics {
 
 enum Msg {
     Api { verb: String, body: Bytes, reply: oneshot::Sender<Value> },
-    Event { event: AnyEvent, done: oneshot::Sender<()> },
+    Event { event: Box<AnyEvent>, done: oneshot::Sender<()> },
     Sample(Box<GpuSample>),
 }
 
@@ -139,7 +139,9 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
                     }
                 }
                 let (done, wait) = oneshot::channel();
-                etx.send(Msg::Event { event, done }).await.map_err(|_| HandlerError::Retry("scheduler stopping".into()))?;
+                etx.send(Msg::Event { event: Box::new(event), done })
+                    .await
+                    .map_err(|_| HandlerError::Retry("scheduler stopping".into()))?;
                 wait.await.map_err(|_| HandlerError::Retry("scheduler stopping".into()))
             }
         })
@@ -196,7 +198,7 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
                 None => break,
                 Some(Msg::Sample(sample)) => { s.on_sample(*sample); continue; }
                 Some(Msg::Api { verb, body, reply }) => { let v = s.api(&verb, &body).await; let _ = reply.send(v); }
-                Some(Msg::Event { event, done }) => { s.on_event(event).await; let _ = done.send(()); }
+                Some(Msg::Event { event, done }) => { s.on_event(*event).await; let _ = done.send(()); }
             },
         }
         s.decide().await;
@@ -395,7 +397,9 @@ impl Sched {
                 let free = n
                     .gpus
                     .iter()
-                    .filter(|(i, g)| now - g.seen <= timeout && !used.get(n.name.as_str()).is_some_and(|u| u.contains(i)))
+                    .filter(|(i, g)| {
+                        now - g.seen <= timeout && !used.get(n.name.as_str()).is_some_and(|u| u.contains(i))
+                    })
                     .map(|(i, _)| *i)
                     .collect();
                 (n.name.clone(), free)
@@ -413,7 +417,8 @@ impl Sched {
             }
         }
         let budget = self.budget_level();
-        let queued: Vec<Job> = self.jobs.values().filter(|(j, _)| j.state == State::Queued).map(|(j, _)| j.clone()).collect();
+        let queued: Vec<Job> =
+            self.jobs.values().filter(|(j, _)| j.state == State::Queued).map(|(j, _)| j.clone()).collect();
         if !queued.is_empty() {
             let prices = (!self.planner.tariff.is_flat()).then(|| {
                 let longest = queued.iter().map(Job::duration).max().unwrap_or_default().min(chrono::Duration::days(8));
@@ -491,7 +496,8 @@ impl Sched {
             resume_from: job.last_checkpoint.clone().unwrap_or_default(),
         };
         let id = format!("assign-{}-{}", job.id, job.attempt);
-        if let Err(e) = self.ctx.events.publish_durable_with_id(&self.ctx.subjects().node_assign(&node), &a, &id).await {
+        if let Err(e) = self.ctx.events.publish_durable_with_id(&self.ctx.subjects().node_assign(&node), &a, &id).await
+        {
             tracing::warn!(job = %job.id, error = %e, "assignment not published; retried on the next pass");
             self.unsent.insert(job.id.clone());
         }
@@ -507,7 +513,10 @@ impl Sched {
             .map(|(j, _)| j.clone())
             .collect();
         for job in due {
-            let reason = format!("periodic checkpoint (every {})", humantime_serde::re::humantime::format_duration(self.cfg.checkpoint_interval));
+            let reason = format!(
+                "periodic checkpoint (every {})",
+                humantime_serde::re::humantime::format_duration(self.cfg.checkpoint_interval)
+            );
             self.signal(&job, JobSignalKind::Checkpoint, &reason).await;
             self.last_ask.insert(job.id.clone(), now);
         }
@@ -571,10 +580,8 @@ impl Sched {
 
     fn on_sample(&mut self, s: GpuSample) {
         let t = s.time.as_ref().and_then(costmesh_contracts::from_timestamp).unwrap_or_else(|| self.now());
-        let busy_here: bool = self
-            .jobs
-            .values()
-            .any(|(j, _)| j.state.holds_gpus() && j.node.as_deref() == Some(s.node.as_str()));
+        let busy_here: bool =
+            self.jobs.values().any(|(j, _)| j.state.holds_gpus() && j.node.as_deref() == Some(s.node.as_str()));
         let below = self.cfg.idle.below_pct;
         let n = self.nodes.entry(s.node.clone()).or_insert_with(|| {
             tracing::info!(node = %s.node, cloud = s.cloud, preemptible = s.preemptible, "node learnt from telemetry");
@@ -604,7 +611,10 @@ impl Sched {
 
     async fn on_job_event(&mut self, e: JobEvent) {
         let kind = e.kind();
-        if !matches!(kind, JobEventKind::Started | JobEventKind::Checkpointed | JobEventKind::Exited | JobEventKind::Failed) {
+        if !matches!(
+            kind,
+            JobEventKind::Started | JobEventKind::Checkpointed | JobEventKind::Exited | JobEventKind::Failed
+        ) {
             return; // the scheduler's own decisions
         }
         let Some((mut job, _)) = self.jobs.get(&e.job_id).cloned() else {
@@ -649,7 +659,9 @@ impl Sched {
                 }
                 self.power(&node, &gpus, PowerProfile::Idle, "job could not start").await;
             }
-            _ => tracing::debug!(job = %e.job_id, kind = kind.as_str_name(), attempt = e.attempt, "stale job event ignored"),
+            _ => {
+                tracing::debug!(job = %e.job_id, kind = kind.as_str_name(), attempt = e.attempt, "stale job event ignored")
+            }
         }
     }
 
@@ -669,7 +681,8 @@ impl Sched {
             let wait = self.backoff(job.retries);
             job.state = State::Queued;
             job.not_before = Some(now + wait);
-            job.reason = format!("{why}; retry {} of {} after {}s", job.retries, job.spec.max_retries, wait.num_seconds());
+            job.reason =
+                format!("{why}; retry {} of {} after {}s", job.retries, job.spec.max_retries, wait.num_seconds());
             if self.save(job.clone()).await {
                 self.job_event(&job, JobEventKind::Interrupted, &job.reason.clone()).await;
             }
@@ -681,7 +694,8 @@ impl Sched {
         let now = self.now();
         let deadline = n.deadline.as_ref().and_then(costmesh_contracts::from_timestamp).unwrap_or(now);
         let hold = chrono::Duration::from_std(self.cfg.preempted_hold).unwrap_or_default();
-        self.nodes.entry(n.node.clone()).or_insert_with(|| Node::new(&n.node, now)).held_until = Some(deadline.max(now) + hold);
+        self.nodes.entry(n.node.clone()).or_insert_with(|| Node::new(&n.node, now)).held_until =
+            Some(deadline.max(now) + hold);
         let victims: Vec<Job> = self
             .jobs
             .values()
@@ -695,7 +709,12 @@ impl Sched {
         }
         tracing::warn!(node = %n.node, jobs = victims.len(), signal_ms = received.elapsed().as_secs_f64() * 1e3, "preemption notice: jobs asked to checkpoint and requeued");
         for job in victims {
-            self.retry_or_fail(job, &format!("interrupted: node {} preempted; resumes from its last checkpoint", n.node), now).await;
+            self.retry_or_fail(
+                job,
+                &format!("interrupted: node {} preempted; resumes from its last checkpoint", n.node),
+                now,
+            )
+            .await;
         }
     }
 
@@ -718,7 +737,9 @@ impl Sched {
             self.signal(&job, JobSignalKind::Stop, "budget exceeded: cloud work stops").await;
             let (node, gpus) = (job.node.take().unwrap_or_default(), std::mem::take(&mut job.gpus));
             job.state = State::Queued;
-            job.reason = format!("budget exceeded: checkpointed and stopped on cloud node {node}; waits for the budget or own GPUs");
+            job.reason = format!(
+                "budget exceeded: checkpointed and stopped on cloud node {node}; waits for the budget or own GPUs"
+            );
             if self.save(job.clone()).await {
                 self.job_event(&job, JobEventKind::Interrupted, &job.reason.clone()).await;
             }
@@ -749,7 +770,8 @@ impl Sched {
                     return json!({"error": format!("job spec refused: {e}"), "field": e.field});
                 }
                 let id = format!("j-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-                let job = Job::new(id.clone(), spec, now);
+                let mut job = Job::new(id.clone(), spec, now);
+                job.seq = self.jobs.values().map(|(j, _)| j.seq).max().unwrap_or(0) + 1;
                 if !self.save(job.clone()).await {
                     return json!({"error": "job could not be stored; try again"});
                 }
@@ -758,7 +780,7 @@ impl Sched {
             }
             "list" => {
                 let mut jobs: Vec<&Job> = self.jobs.values().map(|(j, _)| j).collect();
-                jobs.sort_by(|a, b| a.submitted_at.cmp(&b.submitted_at).then(a.id.cmp(&b.id)));
+                jobs.sort_by(|a, b| a.submitted_at.cmp(&b.submitted_at).then(a.seq.cmp(&b.seq)));
                 json!({"jobs": jobs})
             }
             "show" => match id_of(body) {
@@ -790,7 +812,8 @@ impl Sched {
                     return json!({"error": "job changed meanwhile; try again"});
                 }
                 if held {
-                    self.power(job.node.as_deref().unwrap_or_default(), &job.gpus, PowerProfile::Idle, "job cancelled").await;
+                    self.power(job.node.as_deref().unwrap_or_default(), &job.gpus, PowerProfile::Idle, "job cancelled")
+                        .await;
                 }
                 self.job_event(&job, JobEventKind::Cancelled, "cancelled by request").await;
                 json!({"job": job})

@@ -21,7 +21,8 @@ fn at(v: &serde_json::Value) -> DateTime<Utc> {
 #[tokio::test]
 async fn a_large_job_waits_for_off_peak_and_a_deadline_job_starts_at_once() {
     // 14:00 in Taipei.
-    let m = Mesh::start("offpeak", "2026-07-01T06:00:00Z", Default::default(), &[node("local-1", 2, false, false)]).await;
+    let m =
+        Mesh::start("offpeak", "2026-07-01T06:00:00Z", Default::default(), &[node("local-1", 2, false, false)]).await;
     let big = m.submit(job("big", 4.0, json!({}))).await;
     let urgent = m.submit(job("urgent", 1.0, json!({"deadline": "2026-07-01T08:00:00Z"}))).await; // 16:00
     let deferred = m.wait_event("big deferred", |e| e.job_id == big && e.kind() == JobEventKind::Deferred).await;
@@ -87,7 +88,10 @@ async fn checkpoints_every_15_minutes_and_a_preemption_resumes_elsewhere_from_th
         costmesh_testkit::eventually(common::WAIT, "a periodic checkpoint", || {
             let ev = ev.clone();
             let id = id.clone();
-            async move { ev.lock().unwrap().iter().filter(|e| e.job_id == id && e.kind() == JobEventKind::Checkpointed).count() >= n }
+            async move {
+                ev.lock().unwrap().iter().filter(|e| e.job_id == id && e.kind() == JobEventKind::Checkpointed).count()
+                    >= n
+            }
         })
         .await;
     }
@@ -108,7 +112,10 @@ async fn checkpoints_every_15_minutes_and_a_preemption_resumes_elsewhere_from_th
     let idc = id.clone();
     costmesh_testkit::eventually(common::WAIT, "the preemption checkpoint", || {
         let (ev, idc) = (ev.clone(), idc.clone());
-        async move { ev.lock().unwrap().iter().filter(|e| e.job_id == idc && e.kind() == JobEventKind::Checkpointed).count() > before }
+        async move {
+            ev.lock().unwrap().iter().filter(|e| e.job_id == idc && e.kind() == JobEventKind::Checkpointed).count()
+                > before
+        }
     })
     .await;
     let took = sent.elapsed();
@@ -119,9 +126,11 @@ async fn checkpoints_every_15_minutes_and_a_preemption_resumes_elsewhere_from_th
 
     // After the retry backoff it runs on the other node, from the newest checkpoint.
     m.time.advance(Duration::from_secs(30)).await;
-    let again = m.wait_event("restarted", |e| e.job_id == id && e.kind() == JobEventKind::Started && e.attempt == 2).await;
+    let again =
+        m.wait_event("restarted", |e| e.job_id == id && e.kind() == JobEventKind::Started && e.attempt == 2).await;
     assert_ne!(again.node, first);
-    let assigned = m.wait_event("assigned", |e| e.job_id == id && e.kind() == JobEventKind::Assigned && e.attempt == 2).await;
+    let assigned =
+        m.wait_event("assigned", |e| e.job_id == id && e.kind() == JobEventKind::Assigned && e.attempt == 2).await;
     let after_notice: Vec<String> = m
         .events
         .lock()
@@ -132,7 +141,11 @@ async fn checkpoints_every_15_minutes_and_a_preemption_resumes_elsewhere_from_th
         .map(|e| e.checkpoint_path.clone())
         .collect();
     let last = after_notice.last().cloned().expect("a checkpoint after the notice");
-    assert!(assigned.reason.ends_with(&format!("resumes from {last}")), "{} should resume from {last}", assigned.reason);
+    assert!(
+        assigned.reason.ends_with(&format!("resumes from {last}")),
+        "{} should resume from {last}",
+        assigned.reason
+    );
     let log = m.work.join("logs").join(&again.node).join(&id).join("2.log");
     costmesh_testkit::eventually(common::WAIT, "the resumed job's log", || {
         let (log, last) = (log.clone(), last.clone());
@@ -140,4 +153,168 @@ async fn checkpoints_every_15_minutes_and_a_preemption_resumes_elsewhere_from_th
     })
     .await;
     assert_eq!(m.count(&id, JobEventKind::Started), 2);
+}
+
+#[tokio::test]
+async fn a_scheduler_restarted_mid_run_loses_no_job_and_starts_none_twice() {
+    let mut m =
+        Mesh::start("restart", "2026-07-01T06:00:00Z", Default::default(), &[node("local-1", 2, false, false)]).await;
+    let a = m.submit(job("a", 1.0, json!({}))).await;
+    let b = m.submit(job("b", 1.0, json!({}))).await;
+    let night = m.submit(job("night", 4.0, json!({}))).await; // waits for 23:00
+    let queued = m.submit(job("queued", 1.0, json!({}))).await; // no GPU left
+    for id in [&a, &b] {
+        m.wait_state(id, "running").await;
+    }
+    m.wait_event("night deferred", |e| e.job_id == night && e.kind() == JobEventKind::Deferred).await;
+
+    m.stop_scheduler().await;
+    // While it is down, job b finishes on the node.
+    let ev_b = costmesh_contracts::v1::JobEvent {
+        job_id: b.clone(),
+        kind: JobEventKind::Exited as i32,
+        node: "local-1".into(),
+        attempt: 1,
+        exit_code: 0,
+        ..Default::default()
+    };
+    m.publish(&m.subjects.job(&b, JobEventKind::Exited), &ev_b).await;
+    m.start_scheduler().await;
+    m.learn_nodes(1).await;
+
+    let list = m.api("list", json!({})).await;
+    let ids: Vec<&str> = list["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    for id in [&a, &b, &night, &queued] {
+        assert!(ids.contains(&id.as_str()), "{id} lost after the restart: {list}");
+    }
+    // The event sent while it was down is applied; its GPU goes to the queued job.
+    m.wait_state(&b, "succeeded").await;
+    m.wait_state(&queued, "running").await;
+    // Job a makes room for the night job.
+    m.api("cancel", json!({"id": a})).await;
+    m.time.advance_to(t("2026-07-01T15:00:00Z")).await;
+    m.learn_nodes(1).await;
+    m.wait_event("night started", |e| e.job_id == night && e.kind() == JobEventKind::Assigned).await;
+    for id in [&a, &night, &queued] {
+        assert_eq!(m.show(id).await["attempt"], 1, "{id}");
+    }
+    assert_eq!(m.count(&a, JobEventKind::Started), 1, "job a started twice");
+    assert_eq!(m.count(&a, JobEventKind::Assigned), 1);
+    assert_eq!(m.count(&queued, JobEventKind::Started), 1);
+}
+
+#[tokio::test]
+async fn budget_exceeded_stops_cloud_work_and_local_work_goes_on() {
+    let nodes = [node("local-1", 1, false, false), node("cloud-1", 2, true, false)];
+    let m = Mesh::start("budget", "2026-07-01T06:00:00Z", Default::default(), &nodes).await;
+    let local = m.submit(job("local", 1.0, json!({}))).await;
+    let on_cloud = m.submit(job("on-cloud", 1.0, json!({"cloudOk": true}))).await;
+    m.wait_state(&local, "running").await;
+    m.wait_state(&on_cloud, "running").await;
+    assert_eq!(m.show(&on_cloud).await["node"], "cloud-1");
+
+    let exceeded = BudgetEvent {
+        scope: "cloud".into(),
+        state: BudgetState::Exceeded as i32,
+        previous_state: BudgetState::Warning as i32,
+        period: "2026-07".into(),
+        ..Default::default()
+    };
+    m.publish(&m.subjects.budget("cloud", BudgetState::Exceeded), &exceeded).await;
+    let stopped =
+        m.wait_event("cloud job stopped", |e| e.job_id == on_cloud && e.kind() == JobEventKind::Interrupted).await;
+    assert!(stopped.reason.starts_with("budget exceeded"), "{}", stopped.reason);
+    m.wait_event("cloud job exited", |e| e.job_id == on_cloud && e.kind() == JobEventKind::Exited).await;
+
+    // New work: cloud work is refused with the reason, local work still starts.
+    let more_cloud = m.submit(job("more-cloud", 1.0, json!({"cloudOk": true}))).await;
+    let w = m
+        .wait_event("cloud deferred", |e| {
+            e.job_id == more_cloud && e.kind() == JobEventKind::Deferred && e.reason.contains("budget")
+        })
+        .await;
+    assert!(w.reason.contains("budget exceeded: no new cloud work"), "{}", w.reason);
+    assert_eq!(m.show(&local).await["state"], "running", "local work goes on");
+    // The local GPU frees up: the next local job starts there.
+    // The local GPU frees up: the stopped cloud job (first in the queue)
+    // resumes on own GPUs, which the cloud budget does not gate.
+    m.api("cancel", json!({"id": local})).await;
+    m.wait_event("resumed locally", |e| e.job_id == on_cloud && e.kind() == JobEventKind::Started && e.attempt == 2)
+        .await;
+    assert_eq!(m.show(&on_cloud).await["node"], "local-1");
+    assert_eq!(m.show(&more_cloud).await["state"], "queued");
+    m.time.advance(Duration::from_secs(120)).await;
+    m.learn_nodes(2).await;
+    let on_cloud_assignments =
+        m.events.lock().unwrap().iter().filter(|e| e.kind() == JobEventKind::Assigned && e.node == "cloud-1").count();
+    assert_eq!(on_cloud_assignments, 1, "only the job placed before the budget ran out went to the cloud");
+}
+
+#[tokio::test]
+async fn idle_gpus_for_30_minutes_get_scale_down_in_business_hours_and_stop_outside() {
+    // 08:00 in Taipei, a Wednesday: business hours start at 09:00.
+    let m = Mesh::start(
+        "idle",
+        "2026-07-01T00:00:00Z",
+        Default::default(),
+        &[node("gpu-a", 1, false, false), node("gpu-b", 1, false, false)],
+    )
+    .await;
+    // gpu-b is kept busy by a job until 08:40.
+    let busy = m.submit(job("busy", 0.5, json!({}))).await;
+    m.wait_state(&busy, "running").await;
+    assert_eq!(m.show(&busy).await["node"], "gpu-a");
+    m.time.advance_to(t("2026-07-01T00:40:00Z")).await;
+    m.api("cancel", json!({"id": busy})).await;
+    m.wait_event("busy exited", |e| e.job_id == busy && e.kind() == JobEventKind::Exited).await;
+    // gpu-b idle since 08:00 -> 08:30 outside business hours: stop.
+    // gpu-a idle from 08:40 -> 09:10, inside business hours: scale down.
+    m.time.advance_to(t("2026-07-01T01:15:00Z")).await;
+    let taken = m.actuator.taken.clone();
+    costmesh_testkit::eventually(common::WAIT, "two idle actions", || {
+        let taken = taken.clone();
+        async move { taken.lock().unwrap().len() >= 2 }
+    })
+    .await;
+    let actions = m.actuator.taken.lock().unwrap().clone();
+    let by = |node: &str| {
+        actions.iter().find(|a| a.target == node).unwrap_or_else(|| panic!("no action for {node}: {actions:?}")).clone()
+    };
+    let (a, b) = (by("gpu-a"), by("gpu-b"));
+    assert_eq!(b.kind, "stop", "{b:?}");
+    assert_eq!(a.kind, "scale_down", "{a:?}");
+    assert!(a.dry_run && a.reason.contains("below 10%"), "{a:?}");
+    assert_eq!(actions.len(), 2, "one action per idle stretch: {actions:?}");
+}
+
+#[tokio::test]
+async fn bad_specs_unknown_ids_and_missing_commands_get_clear_errors() {
+    let m = Mesh::start("bad", "2026-07-01T06:00:00Z", Default::default(), &[node("local-1", 1, false, false)]).await;
+    let r = m.api("submit", json!("not a job")).await;
+    assert!(r["error"].as_str().unwrap().starts_with("job spec:"), "{r}");
+    let r = m.api("submit", job("zero", 1.0, json!({"gpus": 0}))).await;
+    assert_eq!(r["field"], "gpus", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("gpus: must be at least 1"), "{r}");
+    let r = m.api("submit", job("late", 2.0, json!({"deadline": "2026-07-01T07:00:00Z"}))).await;
+    assert_eq!(r["field"], "deadline", "{r}");
+    let r = m.api("show", json!({"id": "j-nope"})).await;
+    assert_eq!(r["error"], "unknown job \"j-nope\"");
+    let r = m.api("cancel", json!({"id": "j-nope"})).await;
+    assert_eq!(r["error"], "unknown job \"j-nope\"");
+    let r = m.api("show", json!({"job": "x"})).await;
+    assert!(r["error"].as_str().unwrap().contains("unknown field"), "{r}");
+
+    let missing = m.submit(job("missing", 1.0, json!({"command": "/no/such/binary"}))).await;
+    let failed = m
+        .wait_event("failed", |e| {
+            e.job_id == missing && e.kind() == JobEventKind::Failed && e.reason.contains("could not start")
+        })
+        .await;
+    assert!(failed.reason.contains("\"/no/such/binary\" not found"), "{}", failed.reason);
+    m.wait_state(&missing, "failed").await;
+
+    // Nothing else disturbed: the next job runs on the same GPU.
+    let ok = m.submit(job("fine", 1.0, json!({}))).await;
+    m.wait_state(&ok, "running").await;
+    assert_eq!(m.api("list", json!({})).await["jobs"].as_array().unwrap().len(), 2);
 }

@@ -38,7 +38,7 @@ pub struct Mesh {
     pub clock: Clock,
     pub time: Arc<VirtualClock>,
     pub sched_cfg: costmesh_scheduler::Config,
-    pub sched: Option<CancellationToken>,
+    pub sched: Option<(CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>, Bus)>,
     pub agents: Vec<CancellationToken>,
     /// Every job event seen, in order.
     pub events: Arc<Mutex<Vec<JobEvent>>>,
@@ -120,8 +120,8 @@ impl Mesh {
     pub async fn start_scheduler(&mut self) {
         let shutdown = CancellationToken::new();
         let ctx = self.ctx("scheduler", None, shutdown.clone()).await;
-        let health = ctx.health.clone();
-        tokio::spawn(costmesh_scheduler::run_with_actuator(
+        let (health, bus) = (ctx.health.clone(), ctx.bus().clone());
+        let task = tokio::spawn(costmesh_scheduler::run_with_actuator(
             self.sched_cfg.clone(),
             ctx,
             Arc::new(self.actuator.clone()),
@@ -131,12 +131,17 @@ impl Mesh {
             async move { h.is_ready() }
         })
         .await;
-        self.sched = Some(shutdown);
+        self.sched = Some((shutdown, task, bus));
     }
 
-    pub fn stop_scheduler(&mut self) {
-        if let Some(s) = self.sched.take() {
-            s.cancel();
+    /// Stops the scheduler and waits until it is gone, its NATS connection closed.
+    pub async fn stop_scheduler(&mut self) {
+        if let Some((token, task, bus)) = self.sched.take() {
+            token.cancel();
+            tokio::time::timeout(WAIT, task).await.expect("scheduler stops").unwrap().unwrap();
+            if let Bus::Nats(n) = bus {
+                let _ = n.client().drain().await;
+            }
         }
     }
 
@@ -184,7 +189,11 @@ impl Mesh {
             if let Some(e) = self.events.lock().unwrap().iter().find(|e| pred(e)) {
                 return e.clone();
             }
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; events: {:#?}", self.events.lock().unwrap());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; events: {:#?}",
+                self.events.lock().unwrap()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -217,14 +226,17 @@ impl Mesh {
     }
 
     pub async fn publish<E: costmesh_contracts::Event>(&self, subject: &str, e: &E) {
-        let (h, p) = costmesh_contracts::encode(e, &EventMeta::new::<E>("test", self.clock.now(), ContentType::Protobuf));
+        let (h, p) =
+            costmesh_contracts::encode(e, &EventMeta::new::<E>("test", self.clock.now(), ContentType::Protobuf));
         self.bus.publish_durable(subject, h, p).await.unwrap();
     }
 }
 
 impl Drop for Mesh {
     fn drop(&mut self) {
-        self.stop_scheduler();
+        if let Some((token, _, _)) = self.sched.take() {
+            token.cancel();
+        }
         for a in &self.agents {
             a.cancel();
         }
