@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use costmesh_runtime::config::EXIT_BAD_CONFIG;
 
 mod janitor;
+mod jobs;
 mod mesh;
 mod view;
 
@@ -24,6 +25,11 @@ enum Command {
     Janitor {
         #[command(subcommand)]
         command: janitor::JanitorCommand,
+    },
+    /// Training jobs: submit, list, show, cancel, logs (asks the scheduler).
+    Jobs {
+        #[command(subcommand)]
+        command: jobs::JobsCommand,
     },
     /// The inference cache.
     Cache {
@@ -198,6 +204,7 @@ fn main() -> ExitCode {
             Command::Up(args) => mesh::up(args).await,
             Command::Janitor { command } => janitor::run(command).await,
             Command::Roi { config, json } => roi(config, json),
+            Command::Jobs { command } => jobs::run(command).await,
             Command::Cost { nats, prefix, json } => cost(&nats, &prefix, json).await,
             Command::Cache { command: CacheCommand::Purge { gateway, route, model_version, all } } => {
                 purge(&gateway, route, model_version, all).await

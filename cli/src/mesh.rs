@@ -96,6 +96,12 @@ impl MeshFile {
         if demo_defaults && !base_set {
             m.storage_janitor.base_dir = std::env::temp_dir().join("costmesh-demo");
         }
+        // Likewise job logs (the default is under /var/log).
+        let logs_set =
+            env.contains_key("COSTMESH__GPU_AGENT__JOBS__LOGS_ROOT") || file.is_some_and(|f| f.contains("logs_root"));
+        if demo_defaults && !logs_set {
+            m.gpu_agent.jobs.logs_root = std::env::temp_dir().join("costmesh-demo").join("job-logs");
+        }
         Ok(m)
     }
 }

@@ -303,3 +303,71 @@ async fn up_serves_a_demo_model_whose_second_answer_is_a_cache_hit() {
     }
     child.start_kill().unwrap();
 }
+
+#[tokio::test]
+async fn jobs_submit_ls_show_logs_cancel_against_the_running_mesh() {
+    let nats = costmesh_testkit::NatsServer::start_new();
+    let prefix = costmesh_testkit::unique_prefix("jobs");
+    let logs = tempfile::tempdir().unwrap();
+    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    up.args(["up", "--quiet", "--nats", &nats.url()])
+        .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
+        .env("COSTMESH__MESH__SUBJECT_PREFIX", &prefix)
+        .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "200ms")
+        .env("COSTMESH__GPU_AGENT__JOBS__LOGS_ROOT", logs.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for s in ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"] {
+        up.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), "127.0.0.1:0");
+    }
+    let _up = up.spawn().unwrap();
+    let url = nats.url();
+    let jobs = |args: Vec<String>| {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        async move {
+            let mut all = vec!["jobs".to_string()];
+            all.extend(args.iter().take(1).cloned());
+            all.extend(["--nats".into(), url, "--prefix".into(), prefix]);
+            all.extend(args.into_iter().skip(1));
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh")).args(&all).output().await.unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        }
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    costmesh_testkit::eventually(Duration::from_secs(20), "the scheduler knows the node", || {
+        let f = jobs(s(&["nodes"]));
+        async move { f.await.1.contains("\"alive\": true") }
+    })
+    .await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs/train.sh");
+    let (ok, out, err) =
+        jobs(s(&["submit", "--name", "demo-train", "--duration", "30m", "--", script.to_str().unwrap()])).await;
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    assert!(id.starts_with("j-"), "{out}");
+
+    costmesh_testkit::eventually(Duration::from_secs(20), "the job running", || {
+        let f = jobs(s(&["ls"]));
+        let id = id.clone();
+        async move { f.await.1.lines().any(|l| l.starts_with(&id) && l.contains("running")) }
+    })
+    .await;
+    let (ok, show, _) = jobs(s(&["show", &id])).await;
+    assert!(ok && show.contains("\"name\": \"demo-train\""), "{show}");
+    costmesh_testkit::eventually(Duration::from_secs(20), "its log", || {
+        let f = jobs(s(&["logs", &id]));
+        async move { f.await.1.contains(": ready") }
+    })
+    .await;
+    let (ok, out, _) = jobs(s(&["cancel", &id])).await;
+    assert!(ok && out.contains("cancelled"), "{out}");
+    let (ok, _, err) = jobs(s(&["show", "j-nope"])).await;
+    assert!(!ok && err.contains("unknown job \"j-nope\""), "{err}");
+    let (ok, _, err) = jobs(s(&["submit", "--gpus", "0", "--", "/bin/true"])).await;
+    assert!(!ok && err.contains("gpus: must be at least 1"), "{err}");
+}

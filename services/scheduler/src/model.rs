@@ -41,7 +41,9 @@ pub struct Job {
     pub seq: u64,
     /// Attempts started so far; the current one when assigned or running.
     pub attempt: u32,
+    /// The node of the current or last attempt (where its logs are).
     pub node: Option<String>,
+    /// GPUs held while assigned or running.
     pub gpus: Vec<u32>,
     /// Placed on a cloud node (budget gating applies).
     #[serde(default)]

@@ -667,8 +667,8 @@ impl Sched {
 
     /// Requeues with backoff while retries remain, else fails the job.
     async fn retry_or_fail(&mut self, mut job: Job, why: &str, now: DateTime<Utc>) {
+        // The node stays recorded (its logs are there); the GPUs are let go.
         job.retries += 1;
-        job.node = None;
         job.gpus.clear();
         if job.retries > job.spec.max_retries {
             job.state = State::Failed;
@@ -735,7 +735,7 @@ impl Sched {
         for mut job in cloud {
             self.signal(&job, JobSignalKind::Checkpoint, "budget exceeded: checkpoint before stopping").await;
             self.signal(&job, JobSignalKind::Stop, "budget exceeded: cloud work stops").await;
-            let (node, gpus) = (job.node.take().unwrap_or_default(), std::mem::take(&mut job.gpus));
+            let (node, gpus) = (job.node.clone().unwrap_or_default(), std::mem::take(&mut job.gpus));
             job.state = State::Queued;
             job.reason = format!(
                 "budget exceeded: checkpointed and stopped on cloud node {node}; waits for the budget or own GPUs"

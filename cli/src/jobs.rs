@@ -1,0 +1,260 @@
+//! `costmesh jobs`: the scheduler's job API over NATS request-reply.
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use costmesh_bus::{Bus, NatsBus};
+use costmesh_contracts::Subjects;
+use serde_json::{json, Value};
+
+#[derive(Args, Debug)]
+pub struct Conn {
+    /// NATS server (or COSTMESH__NATS__URL).
+    #[arg(long, env = "COSTMESH__NATS__URL")]
+    nats: String,
+    #[arg(long, default_value = "costmesh")]
+    prefix: String,
+    /// Print the scheduler's JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCommand {
+    /// Queue a job: `costmesh jobs submit --name train --gpus 2 --duration 6h -- python train.py`.
+    Submit {
+        #[command(flatten)]
+        conn: Conn,
+        /// A whole job spec as proto3 JSON (`-` for stdin) instead of the flags.
+        #[arg(long)]
+        file: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        gpus: u32,
+        /// Estimated run time, e.g. 90m, 6h.
+        #[arg(long, default_value = "1h")]
+        duration: String,
+        /// Must be done by (RFC 3339), e.g. 2026-07-01T16:00:00+08:00.
+        #[arg(long)]
+        deadline: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+        /// training, inference or batch.
+        #[arg(long, default_value = "training")]
+        class: String,
+        #[arg(long, default_value = "")]
+        checkpoint_dir: String,
+        /// May run on preemptible (spot) nodes.
+        #[arg(long)]
+        preemptible_ok: bool,
+        /// May run on cloud nodes.
+        #[arg(long)]
+        cloud_ok: bool,
+        #[arg(long, default_value_t = 3)]
+        max_retries: u32,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// The command and its arguments.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// List jobs.
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// One job in full.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// Cancel a job (a running one is stopped).
+    Cancel {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// The end of a job's log, from the node that ran it.
+    Logs {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// Which attempt (default: the latest).
+        #[arg(long)]
+        attempt: Option<u32>,
+        #[arg(long, default_value_t = 65536)]
+        tail_bytes: u64,
+    },
+    /// Nodes the scheduler knows from telemetry.
+    Nodes {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+struct Client {
+    bus: Bus,
+    subjects: Subjects,
+}
+
+impl Client {
+    async fn new(c: &Conn) -> anyhow::Result<Self> {
+        let bus = Bus::Nats(NatsBus::connect(&c.nats, &Default::default()).await?);
+        Ok(Self { bus, subjects: Subjects::new(&c.prefix).map_err(anyhow::Error::msg)? })
+    }
+
+    async fn ask(&self, subject: &str, body: Value) -> anyhow::Result<Value> {
+        let reply = self
+            .bus
+            .request(subject, Default::default(), bytes::Bytes::from(body.to_string()), Duration::from_secs(5))
+            .await
+            .map_err(|e| anyhow::anyhow!("no answer on {subject}: {e}"))?;
+        let v: Value = serde_json::from_slice(&reply.payload)?;
+        if let Some(e) = v["error"].as_str() {
+            anyhow::bail!("{e}");
+        }
+        Ok(v)
+    }
+
+    async fn api(&self, verb: &str, body: Value) -> anyhow::Result<Value> {
+        self.ask(&self.subjects.api("scheduler", verb), body).await
+    }
+}
+
+fn class_name(c: &str) -> anyhow::Result<&'static str> {
+    Ok(match c {
+        "training" => "JOB_CLASS_TRAINING",
+        "inference" => "JOB_CLASS_INFERENCE",
+        "batch" => "JOB_CLASS_BATCH",
+        other => anyhow::bail!("--class {other:?}: must be training, inference or batch"),
+    })
+}
+
+fn row(j: &Value) -> String {
+    let s = |k: &str| j[k].as_str().unwrap_or("-").to_string();
+    format!(
+        "{:<15} {:<20} {:<10} {:>7} {:<12} {}",
+        s("id"),
+        j["spec"]["name"].as_str().unwrap_or("?"),
+        s("state"),
+        j["attempt"],
+        s("node"),
+        s("reason")
+    )
+}
+
+pub async fn run(cmd: JobsCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        JobsCommand::Submit {
+            conn,
+            file,
+            name,
+            gpus,
+            duration,
+            deadline,
+            priority,
+            class,
+            checkpoint_dir,
+            preemptible_ok,
+            cloud_ok,
+            max_retries,
+            env,
+            command,
+        } => {
+            let spec = match file {
+                Some(f) => {
+                    let text = if f == "-" {
+                        std::io::read_to_string(std::io::stdin())?
+                    } else {
+                        std::fs::read_to_string(&f).map_err(|e| anyhow::anyhow!("{f}: {e}"))?
+                    };
+                    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{f}: not JSON: {e}"))?
+                }
+                None => {
+                    let Some((program, args)) = command.split_first() else {
+                        anyhow::bail!("give the command after `--`, e.g. costmesh jobs submit --name t -- ./train.sh");
+                    };
+                    let secs = humantime_serde::re::humantime::parse_duration(&duration)
+                        .map_err(|e| anyhow::anyhow!("--duration {duration:?}: {e}"))?
+                        .as_secs();
+                    let mut vars = BTreeMap::new();
+                    for kv in &env {
+                        let (k, v) =
+                            kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--env {kv:?}: expected KEY=VALUE"))?;
+                        vars.insert(k.to_string(), v.to_string());
+                    }
+                    let mut spec = json!({
+                        "name": name.unwrap_or_else(|| program.rsplit('/').next().unwrap_or(program).to_string()),
+                        "command": program,
+                        "args": args,
+                        "env": vars,
+                        "gpus": gpus,
+                        "estimatedDurationS": secs.to_string(),
+                        "priority": priority,
+                        "class": class_name(&class)?,
+                        "checkpointDir": checkpoint_dir,
+                        "preemptibleOk": preemptible_ok,
+                        "cloudOk": cloud_ok,
+                        "maxRetries": max_retries,
+                    });
+                    if let Some(d) = deadline {
+                        let t = chrono::DateTime::parse_from_rfc3339(&d)
+                            .map_err(|e| anyhow::anyhow!("--deadline {d:?}: {e} (RFC 3339 expected)"))?;
+                        spec["deadline"] = json!(t.with_timezone(&chrono::Utc).to_rfc3339());
+                    }
+                    spec
+                }
+            };
+            let client = Client::new(&conn).await?;
+            let v = client.api("submit", spec).await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", v["job"]["id"].as_str().unwrap_or("?"));
+            }
+        }
+        JobsCommand::Ls { conn } => {
+            let v = Client::new(&conn).await?.api("list", json!({})).await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<15} {:<20} {:<10} {:>7} {:<12} REASON", "ID", "NAME", "STATE", "ATTEMPT", "NODE");
+                for j in v["jobs"].as_array().into_iter().flatten() {
+                    println!("{}", row(j));
+                }
+            }
+        }
+        JobsCommand::Show { conn, id } => {
+            let v = Client::new(&conn).await?.api("show", json!({ "id": id })).await?;
+            println!("{}", serde_json::to_string_pretty(&v["job"])?);
+        }
+        JobsCommand::Cancel { conn, id } => {
+            let v = Client::new(&conn).await?.api("cancel", json!({ "id": id })).await?;
+            println!("{} {}", id, v["job"]["state"].as_str().unwrap_or("?"));
+        }
+        JobsCommand::Nodes { conn } => {
+            let v = Client::new(&conn).await?.api("nodes", json!({})).await?;
+            println!("{}", serde_json::to_string_pretty(&v["nodes"])?);
+        }
+        JobsCommand::Logs { conn, id, attempt, tail_bytes } => {
+            let client = Client::new(&conn).await?;
+            let job = client.api("show", json!({ "id": id })).await?["job"].clone();
+            let Some(node) = job["node"].as_str().map(str::to_string) else {
+                anyhow::bail!("job {id} has not run yet (state {})", job["state"]);
+            };
+            let attempt = attempt.unwrap_or(job["attempt"].as_u64().unwrap_or(1) as u32);
+            let v = client
+                .ask(
+                    &client.subjects.node_logs(&node),
+                    json!({"job_id": id, "attempt": attempt, "tail_bytes": tail_bytes}),
+                )
+                .await?;
+            print!("{}", v["log"].as_str().unwrap_or(""));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
