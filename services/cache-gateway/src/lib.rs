@@ -20,11 +20,15 @@ pub mod store;
 
 use std::time::Duration;
 
+use std::sync::atomic::AtomicU64;
+
 use costmesh_contracts::AnyEvent;
 use costmesh_runtime::config::{key, AdminConfig, ConfigError, Validate};
 use costmesh_runtime::events::HandlerError;
 use costmesh_runtime::host::ServiceConfig;
 use costmesh_runtime::ServiceContext;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 
 /// Which pool a backend is in.
@@ -329,6 +333,15 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         stats.budget_changes.clone(),
     );
     let redis_url = ctx.redis_url.as_ref().map(|u| u.expose().to_string());
+    let hit_rate: Family<proxy::RouteLabels, Gauge<f64, AtomicU64>> = Family::default();
+    let target: Gauge<f64, AtomicU64> = Gauge::default();
+    target.set(cfg.hit_rate_target);
+    ctx.register(
+        "costmesh_cache_hit_rate",
+        "Share of requests answered from cache (fresh or stale) since start",
+        hit_rate.clone(),
+    );
+    ctx.register("costmesh_cache_hit_rate_target", "The hit-rate target (seed: 85 %)", target);
     let gw = gateway(&cfg, redis_url.as_deref(), stats).await?.with_clock(ctx.clock.clone());
     let gw_stats = gw.stats.clone();
     let gw_budget = gw.budget_state.clone();
@@ -345,6 +358,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
 
     // Cumulative counters for the cost-watcher (a lost report loses nothing).
     {
+        let hit_rate = hit_rate.clone();
         let (ctx2, stats, routes) =
             (ctx.clone(), gw_stats.clone(), cfg.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>());
         let instance = format!("cache-gateway/{}", uuid::Uuid::new_v4().simple());
@@ -362,6 +376,12 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                     time: Some(costmesh_contracts::timestamp(now)),
                     routes: routes.iter().map(|r| stats.route_stats(r)).collect(),
                 };
+                for r in &report.routes {
+                    if r.requests > 0 {
+                        let rate = (r.hits + r.stale) as f64 / r.requests as f64;
+                        hit_rate.get_or_create(&proxy::RouteLabels { route: r.route.clone() }).set(rate);
+                    }
+                }
                 if let Err(e) = ctx2.events.publish(&ctx2.subjects().cache_stats(), &report).await {
                     tracing::warn!(error = %e, "cache stats publish failed");
                 }

@@ -303,6 +303,8 @@ pub struct Gateway {
     pub stale_while_revalidate: u64,
     pub stale_if_error: u64,
     pub outlier: crate::OutlierConfig,
+    /// Whole-answer limit for buffered calls (streams get it between reads).
+    pub backend_timeout: Duration,
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
 }
 
@@ -311,7 +313,11 @@ impl Gateway {
         for (name, r) in routes.iter_mut() {
             r.counters = stats.for_route(name);
         }
-        let client = reqwest::Client::builder().timeout(backend_timeout).build().unwrap_or_default();
+        let client = reqwest::Client::builder()
+            .connect_timeout(backend_timeout.min(Duration::from_secs(5)))
+            .read_timeout(backend_timeout)
+            .build()
+            .unwrap_or_default();
         Self {
             routes: Arc::new(routes),
             store,
@@ -323,6 +329,7 @@ impl Gateway {
             stale_while_revalidate: 0,
             stale_if_error: 0,
             outlier: Default::default(),
+            backend_timeout,
             inflight: Default::default(),
         }
     }
@@ -632,6 +639,11 @@ async fn proxy(
     }
     m.misses.inc();
     let store_it = cacheable_method && !d.no_store;
+    if !store_it {
+        // Nothing will be kept: stream the answer through.
+        let (why, detail) = if d.no_store { ("bypass", "; detail=no-store") } else { ("method", "") };
+        return stream_backend(&gw, route, &fwd, why, detail).await;
+    }
 
     // Identical concurrent misses wait for one backend call.
     let follow = if store_it {
@@ -677,12 +689,8 @@ async fn proxy(
             if stored {
                 gw.store_entry(&key, route, (*c).clone(), budget).await;
             }
-            let status = if d.no_store {
-                format!("{CACHE_NAME}; fwd=bypass; fwd-status={}; detail=no-store", c.status)
-            } else if d.no_cache {
+            let status = if d.no_cache {
                 format!("{CACHE_NAME}; fwd=request; fwd-status={}{}", c.status, if stored { "; stored" } else { "" })
-            } else if !cacheable_method {
-                format!("{CACHE_NAME}; fwd=method; fwd-status={}", c.status)
             } else {
                 format!("{CACHE_NAME}; fwd={fwd_why}; fwd-status={}{}", c.status, if stored { "; stored" } else { "" })
             };
@@ -704,11 +712,16 @@ const HOP_BY_HOP: &[&str] = &[
     "content-length",
 ];
 
-/// Calls one of the route's backends. Only a request that never reached a
+/// Sends the request to one of the route's backends and returns its answer
+/// (headers read, body not yet). Only a request that never reached a
 /// backend (connection refused) is retried, on another backend; 5xx answers
 /// and timeouts count towards the backend's outlier ejection.
-async fn call_backend(gw: &Gateway, route: &Route, fwd: &Forward) -> Result<(Cached, bool), (StatusCode, String)> {
-    let started = Instant::now();
+async fn send(
+    gw: &Gateway,
+    route: &Route,
+    fwd: &Forward,
+    total_timeout: bool,
+) -> Result<(reqwest::Response, usize), (StatusCode, String)> {
     let mut avoid = None;
     let (resp, i) = loop {
         let now_ms = gw.clock.now().timestamp_millis();
@@ -718,6 +731,9 @@ async fn call_backend(gw: &Gateway, route: &Route, fwd: &Forward) -> Result<(Cac
         let b = &route.backends[i];
         let url = format!("{}{}", b.url.trim_end_matches('/'), fwd.path);
         let mut req = gw.client.request(fwd.method.clone(), &url).body(fwd.body.clone());
+        if total_timeout {
+            req = req.timeout(gw.backend_timeout);
+        }
         for (k, v) in &fwd.headers {
             if !HOP_BY_HOP.contains(&k.as_str()) {
                 req = req.header(k, v);
@@ -743,19 +759,48 @@ async fn call_backend(gw: &Gateway, route: &Route, fwd: &Forward) -> Result<(Cac
             }
         }
     };
-    let base = &route.backends[i].url;
-    let status = resp.status().as_u16();
-    if status >= 500 {
+    if resp.status().as_u16() >= 500 {
         note_failure(gw, route, i, &fwd.route);
     } else {
         route.record_success(i);
     }
+    Ok((resp, i))
+}
+
+/// Calls a backend and reads the whole answer (for the cache).
+async fn call_backend(gw: &Gateway, route: &Route, fwd: &Forward) -> Result<(Cached, bool), (StatusCode, String)> {
+    let started = Instant::now();
+    let (resp, i) = send(gw, route, fwd, true).await?;
+    let base = &route.backends[i].url;
+    let status = resp.status().as_u16();
     let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let cc = resp.headers().get("cache-control").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let body = resp.bytes().await.map_err(|e| (StatusCode::BAD_GATEWAY, format!("backend {base} body: {e}")))?;
     route.counters.backend_ms.inc_by(started.elapsed().as_millis() as u64);
     let cacheable = (200..300).contains(&status) && !cc.contains("no-store") && !cc.contains("private");
     Ok((Cached { status, content_type, stored_at: gw.now_s(), ttl: 0, grace: 0, body }, cacheable))
+}
+
+/// Calls a backend and streams its answer to the client as it comes (for
+/// requests the cache does not keep). Between reads the backend may pause
+/// up to `backend_timeout`; the whole answer may take longer.
+async fn stream_backend(gw: &Gateway, route: &Route, fwd: &Forward, why: &str, detail: &str) -> Response {
+    let started = Instant::now();
+    let resp = match send(gw, route, fwd, false).await {
+        Ok((r, _)) => r,
+        Err((status, msg)) => return error(status, msg),
+    };
+    route.counters.backend_ms.inc_by(started.elapsed().as_millis() as u64);
+    let status = resp.status();
+    let mut out = Response::builder().status(status.as_u16());
+    for (k, v) in resp.headers() {
+        if !HOP_BY_HOP.contains(&k.as_str()) {
+            out = out.header(k, v);
+        }
+    }
+    out.header("cache-status", format!("{CACHE_NAME}; fwd={why}; fwd-status={}{detail}", status.as_u16()))
+        .body(axum::body::Body::from_stream(resp.bytes_stream()))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 fn note_failure(gw: &Gateway, route: &Route, i: usize, route_name: &str) {

@@ -390,3 +390,54 @@ async fn get_requests_cache_per_query_string() {
     assert!(a2.0.starts_with("costmesh; hit"), "{a2:?}");
     assert_eq!(a2.1, a1.1);
 }
+
+#[tokio::test]
+async fn answers_the_cache_does_not_keep_are_streamed_through() {
+    // A backend that sends one chunk, then waits for the gate before the rest.
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let app = Router::new().route(
+        "/v1/stream",
+        post(move || {
+            let g = g.clone();
+            async move {
+                let chunks = futures::stream::unfold(0, move |i| {
+                    let g = g.clone();
+                    async move {
+                        match i {
+                            0 => Some((Ok::<_, std::io::Error>(bytes::Bytes::from("first;")), 1)),
+                            1 => {
+                                let _p = g.acquire().await.unwrap();
+                                Some((Ok(bytes::Bytes::from("second")), 2))
+                            }
+                            _ => None,
+                        }
+                    }
+                });
+                axum::body::Body::from_stream(chunks)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let b = Backend { calls: Default::default(), gate: Arc::new(Semaphore::new(0)), fail: Default::default(), url };
+    let addr = gateway(&b, None, Stats::default()).await;
+
+    let mut r = reqwest::Client::new()
+        .post(format!("{addr}/llm/v1/stream"))
+        .header("cache-control", "no-store")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["cache-status"], "costmesh; fwd=bypass; fwd-status=200; detail=no-store");
+    // The first chunk arrives while the backend still holds the rest.
+    let first = tokio::time::timeout(Duration::from_secs(10), r.chunk()).await.unwrap().unwrap().unwrap();
+    assert_eq!(&first[..], b"first;");
+    gate.add_permits(1);
+    let mut rest = Vec::new();
+    while let Some(c) = r.chunk().await.unwrap() {
+        rest.extend_from_slice(&c);
+    }
+    assert_eq!(rest, b"second");
+}

@@ -45,7 +45,8 @@ async fn node(test: &str) -> Node {
     // Job events are durable: read them from the stream, so none is missed
     // across a NATS restart.
     let ev = events.clone();
-    let consumer = ctx.events.durable("test-observer", vec![subjects.jobs_all()], Duration::from_secs(30)).await.unwrap();
+    let consumer =
+        ctx.events.durable("test-observer", vec![subjects.jobs_all()], Duration::from_secs(30)).await.unwrap();
     let (events_bus, token) = (ctx.events.clone(), shutdown.clone());
     tokio::spawn(async move {
         events_bus
@@ -70,7 +71,8 @@ async fn node(test: &str) -> Node {
 
 impl Node {
     async fn send<E: costmesh_contracts::Event>(&self, subject: &str, e: &E) {
-        let (h, p) = costmesh_contracts::encode(e, &EventMeta::new::<E>("test", chrono::Utc::now(), ContentType::Protobuf));
+        let (h, p) =
+            costmesh_contracts::encode(e, &EventMeta::new::<E>("test", chrono::Utc::now(), ContentType::Protobuf));
         self.bus.publish_durable(subject, h, p).await.unwrap();
     }
 
@@ -108,7 +110,11 @@ impl Node {
             if let Some(e) = self.events.lock().unwrap().iter().find(|e| pred(e)) {
                 return e.clone();
             }
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}: {:#?}", self.events.lock().unwrap());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {:#?}",
+                self.events.lock().unwrap()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -176,6 +182,8 @@ async fn a_job_keeps_running_while_nats_is_down_and_its_events_arrive_after() {
     // The job finishes while the node has no NATS.
     costmesh_testkit::eventually(WAIT, "job done", || async { n.log("long", 1).contains("done") }).await;
     n.nats.start();
-    let e = n.wait("exited, reported after the reconnect", |e| e.job_id == "long" && e.kind() == JobEventKind::Exited).await;
+    let e = n
+        .wait("exited, reported after the reconnect", |e| e.job_id == "long" && e.kind() == JobEventKind::Exited)
+        .await;
     assert_eq!(e.exit_code, 0);
 }

@@ -96,6 +96,11 @@ fn main() {
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let json = times[times.len() / 2];
-    println!("{:<28} pass {:>8.2} ms  {:>10.0} records/s", "peer: JSON-encode each job", json * 1e3, jobs.len() as f64 / json);
+    println!(
+        "{:<28} pass {:>8.2} ms  {:>10.0} records/s",
+        "peer: JSON-encode each job",
+        json * 1e3,
+        jobs.len() as f64 / json
+    );
     println!("decision/JSON-encode time ratio: flat {:.2}x, time-of-use {:.2}x", flat / json, tou / json);
 }
