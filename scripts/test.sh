@@ -10,3 +10,5 @@ cargo test --workspace --locked "$@"
 promtool check config compose/prometheus/prometheus.yml
 promtool check rules compose/prometheus/alerts.yml
 promtool test rules compose/prometheus/alerts.test.yml
+# The compose deployment parses and resolves (no container engine needed).
+docker-compose -f compose/docker-compose.yml config -q

@@ -371,3 +371,94 @@ async fn jobs_submit_ls_show_logs_cancel_against_the_running_mesh() {
     let (ok, _, err) = jobs(s(&["submit", "--gpus", "0", "--", "/bin/true"])).await;
     assert!(!ok && err.contains("gpus: must be at least 1"), "{err}");
 }
+
+/// Every `COSTMESH__*` variable compose sets is a real config key with a
+/// valid value (defaults from `compose/.env` substituted), so the compose
+/// deployment cannot drift from the config reference.
+#[tokio::test]
+async fn compose_environment_is_valid_config() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let compose = std::fs::read_to_string(root.join("compose/docker-compose.yml")).unwrap();
+    let dotenv: std::collections::BTreeMap<String, String> = std::fs::read_to_string(root.join("compose/.env"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut env = Vec::new();
+    for line in compose.lines() {
+        let Some((k, v)) = line.trim().split_once(':') else { continue };
+        if !k.starts_with("COSTMESH__") {
+            continue;
+        }
+        let mut v = v.trim().trim_matches('\'').trim_matches('"').to_string();
+        // ${NAME:-default}: the .env value, else the default.
+        while let Some(start) = v.find("${") {
+            let end = start + v[start..].find('}').expect("closing brace");
+            let inner = &v[start + 2..end];
+            let (name, default) = inner.split_once(":-").unwrap_or((inner, ""));
+            assert!(dotenv.contains_key(name), "compose uses ${{{name}}} but compose/.env does not set it");
+            let value = dotenv.get(name).cloned().unwrap_or_else(|| default.to_string());
+            v.replace_range(start..=end, &value);
+        }
+        env.push((k.to_string(), v));
+    }
+    assert!(env.len() > 15, "found only {} COSTMESH__ variables", env.len());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+        .args(["up", "--print-config"])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "compose env refused: {}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("http://demo-model:9000"), "{printed}");
+}
+
+/// The Python integration example (examples/python/integrate.py, nats-py)
+/// against a real nats-server and the services: it publishes JSON telemetry
+/// and reads the budget event the cost-watcher answers with.
+#[tokio::test]
+async fn the_python_integration_example_runs_against_the_mesh() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".tools/py/bin/python");
+    assert!(python.is_file(), "run scripts/install-test-deps.sh first (it installs nats-py into .tools/py)");
+    let nats = costmesh_testkit::NatsServer::start_new();
+    let prefix = costmesh_testkit::unique_prefix("python");
+    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    up.args(["up", "--quiet", "--nats", &nats.url()])
+        .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
+        .env("COSTMESH__MESH__SUBJECT_PREFIX", &prefix)
+        .env("COSTMESH__MESH__CONTENT_TYPE", "json")
+        .env("COSTMESH__COST_WATCHER__MONTHLY_BUDGET", "10")
+        .env("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL", "1s")
+        .env("COSTMESH__GPU_AGENT__SIM__DEMO_LOAD", "false")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for s in ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"] {
+        up.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), "127.0.0.1:0");
+    }
+    let _up = up.spawn().unwrap();
+    // Ready when the cost-watcher answers.
+    costmesh_testkit::eventually(Duration::from_secs(20), "the cost-watcher answers", || async {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+            .args(["cost", "--json", "--nats", &nats.url(), "--prefix", &prefix])
+            .output()
+            .await
+            .is_ok_and(|o| o.status.success())
+    })
+    .await;
+    let out = tokio::process::Command::new(&python)
+        .arg(root.join("examples/python/integrate.py"))
+        .env("NATS_URL", nats.url())
+        .env("COSTMESH_PREFIX", &prefix)
+        .env("TIMEOUT_S", "30")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("BUDGET_STATE_EXCEEDED"), "{stdout}");
+}

@@ -14,6 +14,7 @@
 //! [`start`]: NatsServer::start
 #![forbid(unsafe_code)]
 
+pub mod metadata;
 pub mod otlp;
 pub mod pubsub;
 

@@ -1,0 +1,379 @@
+//! End-to-end scenarios: the five service binaries as separate processes
+//! against a private nats-server (JetStream) and redis-server, with
+//! simulated GPUs, local GCE metadata servers, a local Pub/Sub server and an
+//! OTLP receiver, all on loopback. Waits are on events with timeouts.
+//!
+//! The binaries come from the same target directory as this test
+//! (`cargo test --workspace` builds them: every service has integration tests).
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::any;
+use axum::Router;
+use costmesh_bus::{Bus, NatsBus};
+use costmesh_contracts::v1::{BudgetState, JobEventKind};
+use costmesh_contracts::{AnyEvent, Subjects};
+use costmesh_testkit::metadata::MetadataServer;
+use costmesh_testkit::otlp::OtlpReceiver;
+use costmesh_testkit::pubsub::FakePubSub;
+use costmesh_testkit::{free_port, NatsServer, RedisServer};
+use serde_json::{json, Value};
+
+mod scenarios;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    for b in ["gpu-agent", "scheduler", "storage-janitor", "cost-watcher", "cache-gateway"] {
+        assert!(dir.join(b).is_file(), "{} missing: run `cargo build --workspace --bins` first", dir.join(b).display());
+    }
+    dir
+}
+
+fn workspace_root() -> PathBuf {
+    let here = std::env::current_dir().unwrap();
+    here.ancestors().find(|d| d.join("Cargo.lock").is_file()).unwrap().to_path_buf()
+}
+
+/// A simulated GPU host.
+pub struct Host {
+    pub name: &'static str,
+    pub cloud: bool,
+    pub preemptible: bool,
+}
+
+/// A model backend that counts its calls.
+pub struct Model {
+    pub url: String,
+    pub calls: Arc<AtomicUsize>,
+}
+
+async fn model(tag: &'static str) -> Model {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let app = Router::new().fallback(any(move || {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move { ([("content-type", "application/json")], format!(r#"{{"from":"{tag}"}}"#)) }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Model { url, calls }
+}
+
+struct Proc {
+    name: String,
+    child: tokio::process::Child,
+    admin: u16,
+}
+
+/// The whole mesh as processes.
+pub struct Mesh {
+    pub nats: NatsServer,
+    pub redis: RedisServer,
+    pub pubsub: FakePubSub,
+    pub otlp: OtlpReceiver,
+    pub metadata: HashMap<&'static str, MetadataServer>,
+    pub bus: Bus,
+    pub subjects: Subjects,
+    pub work: tempfile::TempDir,
+    pub gateway: String,
+    pub regular: Model,
+    pub spot: Model,
+    /// Every event seen on the prefix, in order: (subject, event).
+    pub events: Arc<Mutex<Vec<(String, AnyEvent)>>>,
+    procs: Vec<Proc>,
+}
+
+impl Mesh {
+    pub async fn start(test: &str, hosts: &[Host], extra_env: &[(&str, &str)]) -> Mesh {
+        let bins = bin_dir();
+        let nats = NatsServer::start_new();
+        let redis = RedisServer::start_new();
+        let pubsub = FakePubSub::start().await;
+        let otlp = OtlpReceiver::start().await;
+        let prefix = costmesh_testkit::unique_prefix(test);
+        let bus = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());
+        let subjects = Subjects::new(&prefix).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let (regular, spot) = (model("regular").await, model("spot").await);
+
+        // Record every event.
+        let events: Arc<Mutex<Vec<(String, AnyEvent)>>> = Default::default();
+        let mut sub = bus.subscribe(&subjects.all()).await.unwrap();
+        bus.flush().await.unwrap();
+        let ev = events.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                if let Ok((_, e)) = costmesh_contracts::decode_any(&m.headers, &m.payload) {
+                    ev.lock().unwrap().push((m.subject.clone(), e));
+                }
+            }
+        });
+
+        let gateway_port = free_port();
+        let common: Vec<(String, String)> = vec![
+            ("COSTMESH__NATS__URL".into(), nats.url()),
+            ("COSTMESH__MESH__SUBJECT_PREFIX".into(), prefix.clone()),
+            ("COSTMESH__LOG__LEVEL".into(), "info".into()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), otlp.endpoint()),
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()),
+        ];
+        let mut metadata = HashMap::new();
+        let mut procs = Vec::new();
+        let mut spawn = |name: &str, bin: &str, section: &str, env: Vec<(String, String)>| {
+            let admin = free_port();
+            let log = std::fs::File::create(work.path().join(format!("{name}.log"))).unwrap();
+            let mut cmd = tokio::process::Command::new(bins.join(bin));
+            cmd.envs(common.iter().cloned())
+                .env(format!("COSTMESH__{section}__ADMIN__LISTEN"), format!("127.0.0.1:{admin}"))
+                .envs(env)
+                .envs(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .kill_on_drop(true);
+            procs.push(Proc { name: name.to_string(), child: cmd.spawn().unwrap(), admin });
+        };
+        for h in hosts {
+            let meta = MetadataServer::start().await;
+            let e = |k: &str, v: String| (format!("COSTMESH__GPU_AGENT__{k}"), v);
+            spawn(
+                h.name,
+                "gpu-agent",
+                "GPU_AGENT",
+                vec![
+                    e("NODE", h.name.into()),
+                    e("BACKEND", "sim".into()),
+                    e("SAMPLE_INTERVAL", "500ms".into()),
+                    e("CLOUD", h.cloud.to_string()),
+                    e("PREEMPTIBLE", h.preemptible.to_string()),
+                    e("PREEMPTION__ENABLED", h.preemptible.to_string()),
+                    e("PREEMPTION__METADATA_URL", meta.url().to_string()),
+                    e("JOBS__LOGS_ROOT", work.path().join("logs").join(h.name).display().to_string()),
+                    e("JOBS__STOP_GRACE", "5s".into()),
+                ],
+            );
+            metadata.insert(h.name, meta);
+        }
+        spawn(
+            "scheduler",
+            "scheduler",
+            "SCHEDULER",
+            vec![
+                ("COSTMESH__SCHEDULER__RETRY_BACKOFF".into(), "1s".into()),
+                ("COSTMESH__SCHEDULER__DECIDE_INTERVAL".into(), "1s".into()),
+            ],
+        );
+        let base = work.path().join("storage");
+        std::fs::create_dir_all(base.join("logs")).unwrap();
+        spawn(
+            "storage-janitor",
+            "storage-janitor",
+            "STORAGE_JANITOR",
+            vec![
+                ("COSTMESH__STORAGE_JANITOR__BASE_DIR".into(), base.display().to_string()),
+                // Passes only when asked (a full disk here must not add passes).
+                ("COSTMESH__STORAGE_JANITOR__DISK_PRESSURE_PCT".into(), "100".into()),
+            ],
+        );
+        spawn(
+            "cost-watcher",
+            "cost-watcher",
+            "COST_WATCHER",
+            vec![
+                ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL".into(), "1s".into()),
+                (
+                    "COSTMESH__COST_WATCHER__BILLING__SUBSCRIPTION".into(),
+                    "projects/costmesh-test/subscriptions/budget".into(),
+                ),
+                ("COSTMESH__COST_WATCHER__BILLING__ENDPOINT".into(), pubsub.endpoint()),
+                ("COSTMESH__COST_WATCHER__BILLING__CREDENTIALS".into(), "anonymous".into()),
+            ],
+        );
+        let routes = format!(
+            r#"[{{ name = "chat", backends = ["{}", {{ url = "{}", pool = "preemptible", node = "spot-1" }}] }}, {{ name = "batch", priority = "low", backends = ["{}"] }}]"#,
+            regular.url, spot.url, regular.url
+        );
+        spawn(
+            "cache-gateway",
+            "cache-gateway",
+            "CACHE_GATEWAY",
+            vec![
+                ("COSTMESH__REDIS__URL".into(), redis.url()),
+                ("COSTMESH__CACHE_GATEWAY__LISTEN".into(), format!("127.0.0.1:{gateway_port}")),
+                ("COSTMESH__CACHE_GATEWAY__ROUTES".into(), routes),
+                ("COSTMESH__CACHE_GATEWAY__HEALTH_INTERVAL".into(), "200ms".into()),
+                ("COSTMESH__CACHE_GATEWAY__STATS_INTERVAL".into(), "1s".into()),
+            ],
+        );
+        let mesh = Mesh {
+            nats,
+            redis,
+            pubsub,
+            otlp,
+            metadata,
+            bus,
+            subjects,
+            work,
+            gateway: format!("127.0.0.1:{gateway_port}"),
+            regular,
+            spot,
+            events,
+            procs,
+        };
+        mesh.wait_ready().await;
+        mesh.wait_nodes(hosts.len()).await;
+        mesh
+    }
+
+    /// Every process answers `/readyz` with 200.
+    pub async fn wait_ready(&self) {
+        for p in &self.procs {
+            let addr = format!("127.0.0.1:{}", p.admin);
+            let name = p.name.clone();
+            costmesh_testkit::eventually(WAIT, &format!("{name} ready"), || {
+                let addr = addr.clone();
+                async move { costmesh_testkit::http_get(&addr, "/readyz").await.is_ok_and(|(s, _)| s == 200) }
+            })
+            .await;
+        }
+    }
+
+    /// No process has exited.
+    pub fn all_alive(&mut self) {
+        for p in &mut self.procs {
+            assert!(p.child.try_wait().unwrap().is_none(), "{} exited; see {}", p.name, self.log_path(&p.name).display());
+        }
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.work.path().join(format!("{name}.log"))
+    }
+
+    pub async fn wait_nodes(&self, n: usize) {
+        costmesh_testkit::eventually(WAIT, "the scheduler knows every node", || async {
+            let v = self.api("nodes", json!({})).await;
+            v["nodes"].as_array().is_some_and(|a| a.iter().filter(|n| n["alive"] == true).count() >= n)
+        })
+        .await;
+    }
+
+    pub async fn api(&self, verb: &str, body: Value) -> Value {
+        match self
+            .bus
+            .request(
+                &self.subjects.api("scheduler", verb),
+                Default::default(),
+                bytes::Bytes::from(body.to_string()),
+                Duration::from_secs(5),
+            )
+            .await
+        {
+            Ok(m) => serde_json::from_slice(&m.payload).unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
+    pub async fn submit(&self, spec: Value) -> String {
+        let r = self.api("submit", spec).await;
+        r["job"]["id"].as_str().unwrap_or_else(|| panic!("submit refused: {r}")).to_string()
+    }
+
+    pub async fn wait_job(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let j = self.api("show", json!({ "id": id })).await["job"].clone();
+            if pred(&j) {
+                return j;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}: {j}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Events whose subject starts with `<prefix>.<rest>`.
+    pub fn seen(&self, rest: &str) -> Vec<(String, AnyEvent)> {
+        let p = format!("{}.{rest}", self.subjects.prefix());
+        self.events.lock().unwrap().iter().filter(|(s, _)| s.starts_with(&p)).cloned().collect()
+    }
+
+    pub async fn wait_seen(&self, rest: &str, what: &str, n: usize) {
+        costmesh_testkit::eventually(WAIT, what, || async { self.seen(rest).len() >= n }).await;
+    }
+
+    pub fn job_events(&self, job: &str, kind: JobEventKind) -> Vec<costmesh_contracts::v1::JobEvent> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, e)| match e {
+                AnyEvent::JobEvent(j) if j.job_id == job && j.kind() == kind => Some(j.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn budget_events(&self, state: BudgetState) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| matches!(e, AnyEvent::BudgetEvent(b) if b.state() == state))
+            .count()
+    }
+
+    /// One request through the gateway: (status, cache-status).
+    pub async fn ask(&self, route: &str, body: &str, no_store: bool) -> (u16, String) {
+        let mut req = reqwest::Client::new()
+            .post(format!("http://{}/{route}/v1/generate", self.gateway))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if no_store {
+            req = req.header("cache-control", "no-store");
+        }
+        match req.send().await {
+            Ok(r) => {
+                let cs = r.headers().get("cache-status").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                (r.status().as_u16(), cs)
+            }
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    /// The example training job, on `gpus` GPUs.
+    pub fn train_job(&self, name: &str, extra: Value) -> Value {
+        let mut spec = json!({
+            "name": name,
+            "command": workspace_root().join("examples/jobs/train.sh").display().to_string(),
+            "gpus": 1,
+            "estimatedDurationS": "1800",
+            "class": "JOB_CLASS_TRAINING",
+            "checkpointDir": self.work.path().join("ckpt").join(name).display().to_string(),
+            "maxRetries": 3,
+        });
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            spec[k] = v;
+        }
+        spec
+    }
+
+    /// A job attempt's log on its node.
+    pub fn job_log(&self, node: &str, job: &str, attempt: u32) -> String {
+        std::fs::read_to_string(self.work.path().join("logs").join(node).join(job).join(format!("{attempt}.log")))
+            .unwrap_or_default()
+    }
+
+    /// Spans received for `trace_id`, by service.
+    pub fn trace_services(&self, trace_id: &[u8]) -> BTreeMap<String, usize> {
+        let mut by = BTreeMap::new();
+        for s in self.otlp.spans().into_iter().filter(|s| s.trace_id == trace_id) {
+            *by.entry(s.service).or_insert(0) += 1;
+        }
+        by
+    }
+}

@@ -1,0 +1,192 @@
+//! The scenarios.
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use costmesh_contracts::v1::{BudgetState, JobEventKind};
+use costmesh_contracts::AnyEvent;
+use serde_json::json;
+
+use super::{Host, Mesh, WAIT};
+
+const fn host(name: &'static str, cloud: bool, preemptible: bool) -> Host {
+    Host { name, cloud, preemptible }
+}
+
+/// Requests through the gateway in a loop until stopped; counts failures.
+fn client_loop(m: &Mesh) -> (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let (stop, ok, failed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let gw = m.gateway.clone();
+    let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+    let task = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut i = 0u64;
+        while !s.load(Ordering::SeqCst) {
+            i += 1;
+            let r = client
+                .post(format!("http://{gw}/chat/v1/generate"))
+                .header("content-type", "application/json")
+                .header("cache-control", "no-store")
+                .body(format!(r#"{{"i":{i}}}"#))
+                .send()
+                .await;
+            match r {
+                Ok(r) if r.status().is_success() => o.fetch_add(1, Ordering::SeqCst),
+                _ => f.fetch_add(1, Ordering::SeqCst),
+            };
+        }
+    });
+    (stop, ok, failed, task)
+}
+
+/// The metadata server flips `preempted`: the job checkpoints and resumes
+/// on another node, the gateway drains that node's backend, no client
+/// request fails.
+#[tokio::test]
+async fn preemption_moves_the_job_and_drains_the_backend_without_a_failed_request() {
+    let hosts = [host("local-1", false, false), host("spot-1", true, true), host("spot-2", true, true)];
+    let m = Mesh::start("e2epreempt", &hosts, &[]).await;
+    // Own GPUs first: a local job takes local-1, so the spot-friendly job goes to spot-1.
+    let local = m.submit(m.train_job("local", json!({}))).await;
+    m.wait_job(&local, "local running", |j| j["state"] == "running").await;
+    let spotty = m.submit(m.train_job("spotty", json!({"cloudOk": true, "preemptibleOk": true}))).await;
+    let j = m.wait_job(&spotty, "spotty running", |j| j["state"] == "running").await;
+    assert_eq!(j["node"], "spot-1", "{j}");
+    costmesh_testkit::eventually(WAIT, "the job ready", || async { m.job_log("spot-1", &spotty, 1).contains(": ready") })
+        .await;
+
+    let (stop, ok, failed, task) = client_loop(&m);
+    costmesh_testkit::eventually(WAIT, "traffic on the spot backend", || async {
+        m.spot.calls.load(Ordering::SeqCst) > 5
+    })
+    .await;
+    m.metadata["spot-1"].set_preempted(true);
+
+    let moved = m.wait_job(&spotty, "spotty resumed elsewhere", |j| j["state"] == "running" && j["attempt"] == 2).await;
+    assert_eq!(moved["node"], "spot-2", "{moved}");
+    let checkpoints = m.job_events(&spotty, JobEventKind::Checkpointed);
+    let resumed_from = moved["last_checkpoint"].as_str().unwrap_or_default().to_string();
+    assert!(!checkpoints.is_empty() && !resumed_from.is_empty(), "no checkpoint before the move: {moved}");
+    costmesh_testkit::eventually(WAIT, "the resumed job's log", || async {
+        m.job_log("spot-2", &spotty, 2).contains(&format!("resumed from {resumed_from}"))
+    })
+    .await;
+    // The drained spot backend gets nothing more.
+    let spot_calls = m.spot.calls.load(Ordering::SeqCst);
+    let before = ok.load(Ordering::SeqCst);
+    costmesh_testkit::eventually(WAIT, "more traffic after the drain", || async { ok.load(Ordering::SeqCst) > before + 50 })
+        .await;
+    stop.store(true, Ordering::SeqCst);
+    task.await.unwrap();
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "client requests failed during the preemption");
+    assert!(m.spot.calls.load(Ordering::SeqCst) <= spot_calls + 1, "the drained backend still got traffic");
+    assert_eq!(m.seen("preemption.spot-1").len(), 1);
+}
+
+fn notification(cost_usd: f64) -> Vec<u8> {
+    format!(
+        r#"{{"budgetDisplayName":"cloud-inference","costAmount":{cost_usd},"costIntervalStart":"2026-11-01T00:00:00Z","budgetAmount":100.0,"budgetAmountType":"SPECIFIED_AMOUNT","currencyCode":"USD"}}"#
+    )
+    .into_bytes()
+}
+
+fn attrs() -> std::collections::HashMap<String, String> {
+    [("billingAccountId", "01D4EE-079462-DFD6EC"), ("budgetId", "b-cloud"), ("schemaVersion", "1.0")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Pub/Sub budget notifications cross 80 % then 100 %: each budget event
+/// exactly once; the janitor runs its extra pass, the scheduler stops cloud
+/// work, the gateway sheds its low-priority route; one trace spans the
+/// cost-watcher and the services that reacted.
+#[tokio::test]
+async fn budget_notifications_gate_cloud_work_degrade_the_gateway_and_trace_across_services() {
+    let hosts = [host("local-1", false, false), host("cloud-1", true, false)];
+    let m = Mesh::start("e2ebudget", &hosts, &[]).await;
+    let local = m.submit(m.train_job("local", json!({}))).await;
+    m.wait_job(&local, "local running", |j| j["state"] == "running").await;
+    let cloud = m.submit(m.train_job("cloudy", json!({"cloudOk": true}))).await;
+    let j = m.wait_job(&cloud, "cloud job running", |j| j["state"] == "running").await;
+    assert_eq!(j["node"], "cloud-1");
+    assert_eq!(m.ask("batch", r#"{"q":1}"#, false).await.0, 200);
+    let reports_before = m.seen("storage.report").len();
+
+    m.pubsub.publish(notification(85.0), attrs());
+    m.wait_seen("budget.cloud-inference.warning", "the warning", 1).await;
+    m.wait_seen("storage.report", "the janitor's extra pass", reports_before + 1).await;
+
+    m.pubsub.publish(notification(105.0), attrs());
+    m.wait_seen("budget.cloud-inference.exceeded", "exceeded", 1).await;
+    let stopped = m.wait_job(&cloud, "cloud job stopped", |j| j["state"] == "queued").await;
+    assert!(stopped["reason"].as_str().unwrap().starts_with("budget exceeded"), "{stopped}");
+    costmesh_testkit::eventually(WAIT, "the low-priority route shed", || async {
+        m.ask("batch", r#"{"q":2}"#, false).await.0 == 503
+    })
+    .await;
+    assert_eq!(m.ask("chat", r#"{"q":3}"#, false).await.0, 200, "normal routes keep working");
+    assert_eq!(m.api("show", json!({"id": local})).await["job"]["state"], "running", "local work goes on");
+
+    // A redelivered notification changes nothing: each state exactly once.
+    m.pubsub.publish(notification(105.0), attrs());
+    costmesh_testkit::eventually(WAIT, "the repeat acknowledged", || async { m.pubsub.outstanding() == 0 }).await;
+    m.wait_seen("budget", "budget events", 2).await;
+    assert_eq!(m.budget_events(BudgetState::Warning), 1);
+    assert_eq!(m.budget_events(BudgetState::Exceeded), 1);
+    assert_eq!(m.job_events(&cloud, JobEventKind::Interrupted).len(), 1);
+
+    // One trace: the exceeded event from the cost-watcher to its consumers.
+    let publish = || {
+        m.otlp.spans().into_iter().find(|s| {
+            s.service == "cost-watcher"
+                && s.name == "publish"
+                && s.attributes.iter().any(|(k, v)| k == "subject" && v.ends_with("budget.cloud-inference.exceeded"))
+        })
+    };
+    costmesh_testkit::eventually(WAIT, "the exceeded event's publish span", || async { publish().is_some() }).await;
+    let trace = publish().unwrap().trace_id;
+    costmesh_testkit::eventually(WAIT, "a trace across three services", || async { m.trace_services(&trace).len() >= 3 })
+        .await;
+    let services = m.trace_services(&trace);
+    assert!(services.contains_key("scheduler") && services.contains_key("cache-gateway"), "{services:?}");
+}
+
+/// nats-server killed and restarted mid-scenario, then Redis: no durable
+/// event lost, every service recovers by itself, no process exits.
+#[tokio::test]
+async fn nats_then_redis_restarts_lose_no_durable_event_and_every_service_recovers() {
+    let hosts = [host("local-1", false, false)];
+    let mut m = Mesh::start("e2efaults", &hosts, &[]).await;
+    let short = m.submit(m.train_job("short", json!({"env": {"STEPS": "40", "STEP_SECONDS": "0.05"}}))).await;
+    m.wait_job(&short, "short running", |j| j["state"] == "running").await;
+
+    m.nats.stop();
+    // The job finishes while NATS is down; its node writes the log meanwhile.
+    costmesh_testkit::eventually(WAIT, "the job done", || async { m.job_log("local-1", &short, 1).contains("finished") })
+        .await;
+    m.nats.start();
+    // Its exit, published after the reconnect, reaches the scheduler.
+    m.wait_job(&short, "short succeeded", |j| j["state"] == "succeeded").await;
+    m.wait_ready().await;
+    let next = m.submit(m.train_job("after-nats", json!({}))).await;
+    m.wait_job(&next, "a new job runs", |j| j["state"] == "running").await;
+
+    // Redis down: the gateway still answers every request; back: caching resumes.
+    m.redis.stop();
+    for i in 0..20 {
+        let (status, cs) = m.ask("chat", &format!(r#"{{"r":{i}}}"#), false).await;
+        assert_eq!(status, 200, "request {i} during the Redis outage: {cs}");
+    }
+    m.redis.start();
+    costmesh_testkit::eventually(WAIT, "caching after Redis returns", || async {
+        let body = r#"{"after":"redis"}"#;
+        m.ask("chat", body, false).await;
+        m.ask("chat", body, false).await.1.contains("hit")
+    })
+    .await;
+    m.wait_ready().await;
+    m.all_alive();
+    tokio::time::sleep(Duration::from_millis(0)).await;
+    assert!(m.seen("jobs").iter().any(|(_, e)| matches!(e, AnyEvent::JobEvent(j) if j.job_id == short && j.kind() == JobEventKind::Exited)));
+}
