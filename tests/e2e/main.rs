@@ -246,13 +246,10 @@ impl Mesh {
 
     /// No process has exited.
     pub fn all_alive(&mut self) {
+        let dir = self.work.path().to_path_buf();
         for p in &mut self.procs {
-            assert!(p.child.try_wait().unwrap().is_none(), "{} exited; see {}", p.name, self.log_path(&p.name).display());
+            assert!(p.child.try_wait().unwrap().is_none(), "{} exited; see {}/{}.log", p.name, dir.display(), p.name);
         }
-    }
-
-    pub fn log_path(&self, name: &str) -> PathBuf {
-        self.work.path().join(format!("{name}.log"))
     }
 
     pub async fn wait_nodes(&self, n: usize) {
@@ -318,13 +315,15 @@ impl Mesh {
             .collect()
     }
 
-    pub fn budget_events(&self, state: BudgetState) -> usize {
-        self.events
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, e)| matches!(e, AnyEvent::BudgetEvent(b) if b.state() == state))
-            .count()
+    /// Budget events seen, by (scope, state).
+    pub fn budget_counts(&self) -> BTreeMap<(String, BudgetState), usize> {
+        let mut by = BTreeMap::new();
+        for (_, e) in self.events.lock().unwrap().iter() {
+            if let AnyEvent::BudgetEvent(b) = e {
+                *by.entry((b.scope.clone(), b.state())).or_insert(0) += 1;
+            }
+        }
+        by
     }
 
     /// One request through the gateway: (status, cache-status).

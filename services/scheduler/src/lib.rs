@@ -129,9 +129,14 @@ impl Default for Config {
     }
 }
 
+/// A time of day, `HH:MM` (or `HH:MM:SS`, which an environment value such
+/// as `23:00` becomes once read as TOML).
+pub fn time_of_day(v: &str) -> Option<chrono::NaiveTime> {
+    chrono::NaiveTime::parse_from_str(v, "%H:%M").or_else(|_| chrono::NaiveTime::parse_from_str(v, "%H:%M:%S")).ok()
+}
+
 fn hhmm(p: &str, name: &str, v: &str) -> Result<chrono::NaiveTime, ConfigError> {
-    chrono::NaiveTime::parse_from_str(v, "%H:%M")
-        .map_err(|_| ConfigError::new(key(p, name), v, "must be a time of day as HH:MM"))
+    time_of_day(v).ok_or_else(|| ConfigError::new(key(p, name), v, "must be a time of day as HH:MM"))
 }
 
 fn at_least(p: &str, name: &str, v: Duration, min: Duration) -> Result<(), ConfigError> {

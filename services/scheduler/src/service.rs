@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use chrono::{DateTime, Datelike, NaiveTime, Timelike, Utc, Weekday};
+use chrono::{DateTime, Datelike, Timelike, Utc, Weekday};
 use costmesh_bus::{BusErrorKind, Kv};
 use costmesh_contracts::v1::{
     Action, BudgetEvent, BudgetState, GpuSample, JobAssignment, JobClass, JobEvent, JobEventKind, JobSignal,
@@ -208,7 +208,7 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
 }
 
 fn planner(cfg: &Config, ctx: &ServiceContext) -> Planner {
-    let t = |v: &str| NaiveTime::parse_from_str(v, "%H:%M").unwrap_or_default();
+    let t = |v: &str| crate::time_of_day(v).unwrap_or_default();
     let d = |v: std::time::Duration| chrono::Duration::from_std(v).unwrap_or(chrono::Duration::MAX);
     Planner {
         tz: ctx.mesh.tz(),
@@ -530,7 +530,7 @@ impl Sched {
             Days::Weekdays => !weekend,
             Days::Weekends => weekend,
         };
-        let t = |v: &str| NaiveTime::parse_from_str(v, "%H:%M").map(|t| t.hour() * 60 + t.minute()).unwrap_or(0);
+        let t = |v: &str| crate::time_of_day(v).map(|t| t.hour() * 60 + t.minute()).unwrap_or(0);
         let m = l.hour() * 60 + l.minute();
         day_ok && m >= t(&self.cfg.idle.business_start) && m < t(&self.cfg.idle.business_end)
     }

@@ -39,7 +39,11 @@ fn minutes(s: &str) -> Option<u32> {
     if s == "24:00" {
         return Some(24 * 60);
     }
-    NaiveTime::parse_from_str(s, "%H:%M").ok().map(|t| t.hour() * 60 + t.minute())
+    // HH:MM, or HH:MM:SS (what `23:00` becomes when an environment value is read as TOML).
+    NaiveTime::parse_from_str(s, "%H:%M")
+        .or_else(|_| NaiveTime::parse_from_str(s, "%H:%M:%S"))
+        .ok()
+        .map(|t| t.hour() * 60 + t.minute())
 }
 
 impl Tariff {

@@ -39,7 +39,11 @@ async fn preempted(
         }
     }
     let v = *rx.borrow();
-    (StatusCode::OK, [("metadata-flavor", "Google"), ("etag", etag_of(v))], if v { "TRUE" } else { "FALSE" }.to_string())
+    (
+        StatusCode::OK,
+        [("metadata-flavor", "Google"), ("etag", etag_of(v))],
+        if v { "TRUE" } else { "FALSE" }.to_string(),
+    )
 }
 
 impl MetadataServer {
