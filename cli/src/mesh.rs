@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use costmesh_runtime::clock::Clock;
 use costmesh_runtime::config::{self, CommonConfig, ConfigError, SecretUrl, Validate};
 use costmesh_runtime::host::ServiceConfig;
 use costmesh_runtime::service::{cancel_on_signal, connect_bus};
@@ -141,7 +140,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let bus = connect_bus(&cfg.common.nats, "costmesh-up").await?;
-    let clock = Clock::system();
+    let clock = cfg.common.mesh.clock();
     let mesh = &cfg.common.mesh;
     let mut tasks = JoinSet::new();
 

@@ -282,7 +282,11 @@ impl Mesh {
     }
 
     pub async fn wait_job(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
+        self.wait_job_for(WAIT, id, what, pred).await
+    }
+
+    pub async fn wait_job_for(&self, wait: Duration, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let j = self.api("show", json!({ "id": id })).await["job"].clone();
             if pred(&j) {

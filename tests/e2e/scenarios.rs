@@ -1,6 +1,7 @@
 //! The scenarios.
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use costmesh_contracts::v1::{BudgetState, JobEventKind};
 use costmesh_contracts::AnyEvent;
@@ -202,4 +203,68 @@ async fn nats_then_redis_restarts_lose_no_durable_event_and_every_service_recove
         .seen("jobs")
         .iter()
         .any(|(_, e)| matches!(e, AnyEvent::JobEvent(j) if j.job_id == short && j.kind() == JobEventKind::Exited)));
+}
+
+/// A day in the life, on a simulated clock shared by every process (1200x:
+/// one real second is twenty minutes): telemetry flows and energy cost accrues
+/// in the ledger, a large training job submitted in the afternoon starts in
+/// the off-peak window at 23:00 and checkpoints every 15 minutes, the
+/// janitor's report reaches the ledger and the gateway's hit rate reaches
+/// the cost-watcher's KPI.
+#[tokio::test]
+async fn a_day_in_the_life_on_a_simulated_clock() {
+    let epoch = chrono::Utc::now().to_rfc3339();
+    let clock = [
+        ("COSTMESH__MESH__SIMULATED_CLOCK__START", "2026-07-01T05:50:00Z"), // 13:50 in Taipei
+        ("COSTMESH__MESH__SIMULATED_CLOCK__EPOCH", epoch.as_str()),
+        ("COSTMESH__MESH__SIMULATED_CLOCK__SPEED", "1200"),
+        // Intervals are simulated time too.
+        ("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "60s"),
+        ("COSTMESH__SCHEDULER__DECIDE_INTERVAL", "1m"),
+        ("COSTMESH__SCHEDULER__NODE_TIMEOUT", "10m"),
+        ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL", "5m"),
+        ("COSTMESH__CACHE_GATEWAY__STATS_INTERVAL", "10m"),
+        ("COSTMESH__STORAGE_JANITOR__INTERVAL", "1h"),
+        ("COSTMESH__STORAGE_JANITOR__PRESSURE_CHECK", "1h"),
+    ];
+    let m = Mesh::start("e2eday", &[host("local-1", false, false)], &clock).await;
+
+    // The afternoon: a large training job, and inference traffic that repeats.
+    let big = m.submit(m.train_job("nightly", json!({"estimatedDurationS": "14400"}))).await;
+    let deferred = m.wait_job(&big, "deferred to off-peak", |j| j["planned_start"].is_string()).await;
+    assert_eq!(deferred["planned_start"], "2026-07-01T15:00:00Z", "{deferred}");
+    for i in 0..40 {
+        let (status, _) = m.ask("chat", &format!(r#"{{"q":{}}}"#, i % 4), false).await;
+        assert_eq!(status, 200);
+    }
+
+    // 23:00 in Taipei: it starts, and checkpoints every 15 minutes.
+    // (about half a real minute away)
+    let started = m.wait_job_for(Duration::from_secs(90), &big, "started off-peak", |j| j["state"] == "running").await;
+    let at: chrono::DateTime<chrono::Utc> = started["assigned_at"].as_str().unwrap().parse().unwrap();
+    let window: chrono::DateTime<chrono::Utc> = "2026-07-01T15:00:00Z".parse().unwrap();
+    assert!(at >= window && at < window + chrono::Duration::minutes(5), "assigned at {at}");
+    costmesh_testkit::eventually(WAIT, "two periodic checkpoints", || async {
+        m.job_events(&big, JobEventKind::Checkpointed).len() >= 2
+    })
+    .await;
+
+    // The ledger: energy cost, the janitor's storage report, the gateway's hit rate.
+    let summary = || async {
+        let r = m
+            .bus
+            .request(&m.subjects.api("cost-watcher", "summary"), Default::default(), Default::default(), WAIT)
+            .await
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()
+    };
+    costmesh_testkit::eventually(WAIT, "energy, storage and cache in the ledger", || async {
+        let v = summary().await;
+        v["energy_kwh"].as_f64().is_some_and(|e| e > 0.0)
+            && v["cost"]["local"].as_f64().is_some_and(|c| c > 0.0)
+            && v["kpis"]["storage_utilisation"].as_f64().is_some()
+            && v["kpis"]["cache_hit_rate"].as_f64().is_some_and(|h| h >= 0.85)
+    })
+    .await;
+    assert!(!m.seen("storage.report").is_empty());
 }

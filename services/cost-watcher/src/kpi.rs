@@ -12,6 +12,9 @@ pub struct Kpis {
     pub cost_per_training_hour: Option<f64>,
     /// cloud / inference requests. Target < 0.01.
     pub cost_per_inference_request: Option<f64>,
+    /// Inference requests answered from the gateway's cache (fresh or
+    /// stale) / all inference requests. Target >= 0.85.
+    pub cache_hit_rate: Option<f64>,
     /// Time-weighted mean GPU utilisation, 0-1. Target > 0.8.
     pub gpu_utilisation: Option<f64>,
     /// used / provisioned bytes of the data filesystem, 0-1. Target > 0.7.
@@ -40,6 +43,7 @@ pub fn compute(s: &State, period: &str, price_per_kwh: f64, budget_micros: i64) 
         period: period.to_string(),
         cost_per_training_hour: ratio(electricity + cloud, u.busy_gpu_seconds / 3600.0),
         cost_per_inference_request: ratio(cloud, u.inference_requests as f64),
+        cache_hit_rate: ratio(u.cache_answers as f64, u.inference_requests as f64),
         gpu_utilisation: ratio(u.util_pct_seconds / 100.0, u.gpu_seconds),
         storage_utilisation: s.storage.and_then(|(used, prov, _)| ratio(used as f64, prov as f64)),
         network_share: ratio(network, total),
@@ -65,6 +69,7 @@ mod tests {
                 busy_gpu_seconds: 20.0 * 3600.0,
                 util_pct_seconds: 50.0 * 40.0 * 3600.0,
                 inference_requests: 1000,
+                cache_answers: 870,
             },
         );
         s.add(p, "cloud", 5_000_000);
@@ -73,6 +78,7 @@ mod tests {
         let k = compute(&s, p, 2.6, 100_000_000);
         assert!((k.cost_per_training_hour.unwrap() - 31.0 / 20.0).abs() < 1e-9);
         assert!((k.cost_per_inference_request.unwrap() - 0.005).abs() < 1e-12);
+        assert!((k.cache_hit_rate.unwrap() - 0.87).abs() < 1e-12);
         assert!((k.gpu_utilisation.unwrap() - 0.5).abs() < 1e-12);
         assert!((k.storage_utilisation.unwrap() - 0.7).abs() < 1e-12);
         assert!((k.network_share.unwrap() - 1.0 / 32.0).abs() < 1e-12);
@@ -80,5 +86,6 @@ mod tests {
         assert_eq!(k.forecast_accuracy, None);
         let empty = compute(&State::default(), p, 2.6, 1);
         assert_eq!(empty.cost_per_inference_request, None);
+        assert_eq!(empty.cache_hit_rate, None);
     }
 }

@@ -61,6 +61,9 @@ pub struct State {
     pub last_sample: BTreeMap<String, DateTime<Utc>>,
     /// Cache-gateway counters last seen: instance -> (started_at seconds, requests).
     pub cache_seen: BTreeMap<String, (i64, u64)>,
+    /// The same for cache answers (hits + stale serves): instance -> (started_at, answers).
+    #[serde(default)]
+    pub cache_hits_seen: BTreeMap<String, (i64, u64)>,
     /// The latest storage report: (used, provisioned) bytes, and when it came.
     pub storage: Option<(u64, u64, DateTime<Utc>)>,
     /// The period the watcher last evaluated (for rollover).
@@ -111,6 +114,9 @@ pub struct Usage {
     pub util_pct_seconds: f64,
     /// Inference requests served (cache-gateway statistics).
     pub inference_requests: u64,
+    /// Of those, answered from the cache (fresh or stale).
+    #[serde(default)]
+    pub cache_answers: u64,
 }
 
 /// A GCP budget as its latest notification described it (ledger micros).

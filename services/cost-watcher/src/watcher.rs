@@ -139,6 +139,7 @@ fn evaluate(
     for (name, v) in [
         ("cost_per_training_hour", k.cost_per_training_hour),
         ("cost_per_inference_request", k.cost_per_inference_request),
+        ("cache_hit_rate", k.cache_hit_rate),
         ("gpu_utilisation", k.gpu_utilisation),
         ("storage_utilisation", k.storage_utilisation),
         ("network_share", k.network_share),
@@ -232,6 +233,21 @@ pub fn summary(s: &State, cfg: &Config, now: DateTime<Utc>, tz: chrono_tz::Tz, c
         "kpis": crate::kpi::compute(s, &period, price, budget_micros),
         "energy_kwh": s.energy.total_kwh(),
     })
+}
+
+/// How much a gateway's cumulative counter grew since it was last seen
+/// (`seen`: instance -> (started_at, value)); a restarted gateway, or one
+/// seen for the first time, counts from zero since its start.
+fn growth(seen: &mut std::collections::BTreeMap<String, (i64, u64)>, instance: &str, started: i64, value: u64) -> u64 {
+    let prev = seen.get(instance).copied();
+    let added = match prev {
+        Some((s0, v0)) if s0 == started => value.saturating_sub(v0),
+        Some(_) | None => value,
+    };
+    if prev.is_none_or(|(s0, v0)| s0 != started || value > v0) {
+        seen.insert(instance.to_string(), (started, value));
+    }
+    added
 }
 
 /// Runs the cost-watcher until shutdown.
@@ -379,19 +395,14 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                     async move {
                         let started = c.started_at.as_ref().map(|t| t.seconds).unwrap_or(0);
                         let requests: u64 = c.routes.iter().map(|r| r.requests).sum();
+                        let answers: u64 = c.routes.iter().map(|r| r.hits + r.stale).sum();
                         let period = ledger::period_of(clock.now(), tz);
                         let mut sh = shared.lock().expect("state lock");
-                        let prev = sh.state.cache_seen.get(&c.instance).copied();
-                        let added = match prev {
-                            Some((s0, r0)) if s0 == started => requests.saturating_sub(r0),
-                            // A restarted gateway (or one seen for the first
-                            // time) counts from zero since its start.
-                            Some(_) | None => requests,
-                        };
-                        if prev.is_none_or(|(s0, r0)| s0 != started || requests > r0) {
-                            sh.state.cache_seen.insert(c.instance.clone(), (started, requests));
-                        }
-                        sh.state.usage.entry(period).or_default().inference_requests += added;
+                        let added = growth(&mut sh.state.cache_seen, &c.instance, started, requests);
+                        let answered = growth(&mut sh.state.cache_hits_seen, &c.instance, started, answers);
+                        let u = sh.state.usage.entry(period).or_default();
+                        u.inference_requests += added;
+                        u.cache_answers += answered;
                         sh.dirty = true;
                         Ok(())
                     }

@@ -142,6 +142,21 @@ pub struct MeshConfig {
     pub currency: String,
     /// Encoding of published events: `protobuf` or `json`.
     pub content_type: costmesh_contracts::ContentType,
+    /// Simulated time for demos and end-to-end tests (absent: the system clock).
+    pub simulated_clock: Option<SimulatedClock>,
+}
+
+/// `[mesh.simulated_clock]`: every service given the same values reads the
+/// same time: `start` at the real instant `epoch`, running `speed` times
+/// faster than real time. Times are RFC 3339 strings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatedClock {
+    pub start: String,
+    /// The real time at which the clock reads `start` (default: when the process starts).
+    #[serde(default)]
+    pub epoch: Option<String>,
+    pub speed: f64,
 }
 
 impl Default for MeshConfig {
@@ -151,13 +166,30 @@ impl Default for MeshConfig {
             time_zone: "Asia/Taipei".into(),
             currency: "TWD".into(),
             content_type: costmesh_contracts::ContentType::Protobuf,
+            simulated_clock: None,
         }
     }
+}
+
+fn rfc3339(v: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(v).ok().map(|t| t.with_timezone(&chrono::Utc))
 }
 
 impl MeshConfig {
     pub fn tz(&self) -> chrono_tz::Tz {
         self.time_zone.parse().unwrap_or(chrono_tz::Asia::Taipei)
+    }
+
+    /// The clock services run on: the system clock, or the simulated one.
+    pub fn clock(&self) -> crate::Clock {
+        match &self.simulated_clock {
+            None => crate::Clock::system(),
+            Some(c) => crate::Clock::scaled(
+                rfc3339(&c.start).unwrap_or_else(chrono::Utc::now),
+                c.epoch.as_deref().and_then(rfc3339).unwrap_or_else(chrono::Utc::now),
+                c.speed,
+            ),
+        }
     }
 }
 
@@ -170,6 +202,18 @@ impl Validate for MeshConfig {
         })?;
         if self.currency.len() != 3 || !self.currency.chars().all(|c| c.is_ascii_uppercase()) {
             return Err(ConfigError::new(key(p, "currency"), &self.currency, "must be an ISO 4217 code such as TWD"));
+        }
+        if let Some(c) = &self.simulated_clock {
+            let k = |f: &str| key(p, &format!("simulated_clock.{f}"));
+            if rfc3339(&c.start).is_none() {
+                return Err(ConfigError::new(k("start"), &c.start, "not an RFC 3339 time"));
+            }
+            if let Some(e) = c.epoch.as_deref().filter(|e| rfc3339(e).is_none()) {
+                return Err(ConfigError::new(k("epoch"), e, "not an RFC 3339 time"));
+            }
+            if !(c.speed.is_finite() && c.speed > 0.0 && c.speed <= 100_000.0) {
+                return Err(ConfigError::new(k("speed"), c.speed, "must be above 0 and at most 100000"));
+            }
         }
         Ok(())
     }

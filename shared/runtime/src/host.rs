@@ -13,7 +13,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::Clock;
 use crate::config::{self, AdminConfig, ConfigError, Loaded, Validate, EXIT_BAD_CONFIG};
 use crate::service::{cancel_on_signal, connect_bus, ServiceContext};
 
@@ -129,9 +128,15 @@ where
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let bus = connect_bus(&cfg.common.nats, service).await?;
-    let ctx =
-        ServiceContext::new(service, cfg.service.instance(), bus, &cfg.common.mesh, Clock::system(), shutdown.clone())
-            .with_redis(cfg.common.redis.url.clone());
+    let ctx = ServiceContext::new(
+        service,
+        cfg.service.instance(),
+        bus,
+        &cfg.common.mesh,
+        cfg.common.mesh.clock(),
+        shutdown.clone(),
+    )
+    .with_redis(cfg.common.redis.url.clone());
     let listener = tokio::net::TcpListener::bind(&cfg.service.admin().listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding admin endpoint {}: {e}", cfg.service.admin().listen))?;
