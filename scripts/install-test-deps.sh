@@ -87,8 +87,17 @@ say "docker-compose: $(docker-compose version --short 2>/dev/null || docker-comp
 NATS_PY_VERSION=2.9.0
 if ! .tools/py/bin/python -c "import nats" >/dev/null 2>&1; then
   say "installing nats-py $NATS_PY_VERSION into .tools/py"
-  python3 -m venv .tools/py
-  .tools/py/bin/python -m pip install -q "nats-py==$NATS_PY_VERSION"
+  rm -rf .tools/py
+  if python3 -m venv .tools/py >/dev/null 2>&1; then
+    .tools/py/bin/python -m pip install -q "nats-py==$NATS_PY_VERSION"
+  else
+    # No venv module (Debian without python3-venv): a plain target directory
+    # and a wrapper that puts it on the path.
+    mkdir -p .tools/py/bin
+    python3 -m pip install -q --target .tools/py/lib "nats-py==$NATS_PY_VERSION"
+    printf '#!/bin/sh\nPYTHONPATH="%s${PYTHONPATH:+:$PYTHONPATH}" exec python3 "$@"\n' "$PWD/.tools/py/lib" > .tools/py/bin/python
+    chmod +x .tools/py/bin/python
+  fi
 fi
 say "nats-py: $(.tools/py/bin/python -c 'import importlib.metadata as m; print(m.version("nats-py"))')"
 exit 0
