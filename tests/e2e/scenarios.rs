@@ -221,7 +221,7 @@ async fn a_day_in_the_life_on_a_simulated_clock() {
         // Intervals are simulated time too.
         ("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "60s"),
         ("COSTMESH__SCHEDULER__DECIDE_INTERVAL", "1m"),
-        ("COSTMESH__SCHEDULER__NODE_TIMEOUT", "10m"),
+        ("COSTMESH__SCHEDULER__NODE_TIMEOUT", "2h"),
         ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL", "5m"),
         ("COSTMESH__CACHE_GATEWAY__STATS_INTERVAL", "10m"),
         ("COSTMESH__STORAGE_JANITOR__INTERVAL", "1h"),
@@ -243,7 +243,8 @@ async fn a_day_in_the_life_on_a_simulated_clock() {
     let started = m.wait_job_for(Duration::from_secs(90), &big, "started off-peak", |j| j["state"] == "running").await;
     let at: chrono::DateTime<chrono::Utc> = started["assigned_at"].as_str().unwrap().parse().unwrap();
     let window: chrono::DateTime<chrono::Utc> = "2026-07-01T15:00:00Z".parse().unwrap();
-    assert!(at >= window && at < window + chrono::Duration::minutes(5), "assigned at {at}");
+    // Exactly at 23:00 unless this machine lags (30 simulated min = 1.5 real s).
+    assert!(at >= window && at < window + chrono::Duration::minutes(30), "assigned at {at}");
     costmesh_testkit::eventually(WAIT, "two periodic checkpoints", || async {
         m.job_events(&big, JobEventKind::Checkpointed).len() >= 2
     })
