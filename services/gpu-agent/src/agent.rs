@@ -487,7 +487,8 @@ pub async fn run_with_backend(
             ctx.shutdown.clone(),
         ));
     }
-    crate::jobs::Runner::start(&cfg.node, cfg.jobs.clone(), ctx.clone(), Some(AgentHandle(agent.clone()))).await?;
+    let runner =
+        crate::jobs::Runner::start(&cfg.node, cfg.jobs.clone(), ctx.clone(), Some(AgentHandle(agent.clone()))).await?;
     // Armed before anyone learns the agent is up, so no tick is missed.
     let mut ticker = ctx.clock.ticker(cfg.sample_interval);
     ctx.health.set("bus", true);
@@ -504,6 +505,7 @@ pub async fn run_with_backend(
         agent.lock().expect("agent lock").tick(due, &mut out);
         publish(&ctx, &gauges, out).await;
     }
+    runner.shutdown(std::time::Duration::from_secs(5)).await;
     if cfg.mode == Mode::Enforce {
         agent.lock().expect("agent lock").restore();
     }

@@ -22,7 +22,9 @@
 //!
 //! Events (started, checkpointed, exited, failed) go through an outbox that
 //! retries until NATS takes them: a node that loses NATS keeps its jobs
-//! running and reports what happened when it reconnects.
+//! running and reports what happened when it reconnects. When the agent
+//! itself stops, it stops its jobs (SIGTERM, then SIGKILL after the grace)
+//! and reports them as interrupted, so the scheduler runs them again.
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -65,9 +67,29 @@ pub struct Runner {
     /// Newest attempt seen per job (the fence).
     seen: Arc<Mutex<HashMap<String, u32>>>,
     running: Arc<Mutex<HashMap<String, Running>>>,
-    outbox: mpsc::UnboundedSender<JobEvent>,
+    outbox: Outbox,
     agent: Option<AgentHandle>,
     ctx: ServiceContext,
+    /// Set once the agent is shutting down: jobs that end now were stopped
+    /// by the agent, and are reported as interrupted (the scheduler requeues them).
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Job events waiting to be published, and how many are not yet out.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::UnboundedSender<JobEvent>,
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Outbox {
+    fn send(&self, e: JobEvent) {
+        self.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.tx.send(e).is_err() {
+            // The publisher is gone (the agent is exiting): it will never go out.
+            self.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 impl Runner {
@@ -79,15 +101,17 @@ impl Runner {
         agent: Option<AgentHandle>,
     ) -> anyhow::Result<Runner> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(publish_outbox(ctx.clone(), rx));
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(publish_outbox(ctx.clone(), rx, pending.clone()));
         let runner = Runner {
             node: node.to_string(),
             cfg,
             seen: Default::default(),
             running: Default::default(),
-            outbox: tx,
+            outbox: Outbox { tx, pending },
             agent,
             ctx: ctx.clone(),
+            stopping: Default::default(),
         };
         let r = runner.clone();
         ctx.spawn_durable::<AnyEvent, _, _>(
@@ -149,7 +173,7 @@ impl Runner {
         if !self.cfg.enabled {
             let mut e = self.event(&a.job_id, a.attempt, JobEventKind::Failed, &a.gpu_indices);
             e.reason = "this node does not run jobs (gpu_agent.jobs.enabled = false)".into();
-            let _ = self.outbox.send(e);
+            self.outbox.send(e);
             return Ok(());
         }
         let log_path = self.log_path(&a.job_id, a.attempt);
@@ -163,7 +187,7 @@ impl Runner {
             Err(e) => {
                 let mut ev = self.event(&a.job_id, a.attempt, JobEventKind::Failed, &a.gpu_indices);
                 ev.reason = format!("cannot open log file {}: {e}", log_path.display());
-                let _ = self.outbox.send(ev);
+                self.outbox.send(ev);
                 return Ok(());
             }
         };
@@ -194,7 +218,7 @@ impl Runner {
                 let _ = log.write_all(format!("costmesh: {why}\n").as_bytes()).await;
                 let mut ev = self.event(&a.job_id, a.attempt, JobEventKind::Failed, &a.gpu_indices);
                 ev.reason = why;
-                let _ = self.outbox.send(ev);
+                self.outbox.send(ev);
                 return Ok(());
             }
         };
@@ -211,7 +235,7 @@ impl Runner {
         }
         let mut started = self.event(&a.job_id, a.attempt, JobEventKind::Started, &a.gpu_indices);
         started.reason = format!("pid {}", pid.unwrap_or(0));
-        let _ = self.outbox.send(started);
+        self.outbox.send(started);
 
         // stdout: into the log, checkpoint lines reported; stderr: into the log.
         let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
@@ -226,7 +250,7 @@ impl Runner {
                     let mut ev = r.event(&job, attempt, JobEventKind::Checkpointed, &gpu_list);
                     ev.checkpoint_path = path.trim().to_string();
                     tracing::info!(%job, attempt, path = %ev.checkpoint_path, "job checkpointed");
-                    let _ = r.outbox.send(ev);
+                    r.outbox.send(ev);
                 }
                 let _ = out_tx.send(line);
             }
@@ -262,7 +286,9 @@ impl Runner {
                     agent.set_load(*g, 0);
                 }
             }
-            let mut ev = r.event(&job, attempt, JobEventKind::Exited, &gpus);
+            let stopped_by_agent = r.stopping.load(std::sync::atomic::Ordering::SeqCst);
+            let kind = if stopped_by_agent { JobEventKind::Interrupted } else { JobEventKind::Exited };
+            let mut ev = r.event(&job, attempt, kind, &gpus);
             match status {
                 Ok(s) => {
                     use std::os::unix::process::ExitStatusExt;
@@ -277,8 +303,11 @@ impl Runner {
                     ev.reason = format!("waiting for the process failed: {e}");
                 }
             }
-            tracing::info!(%job, attempt, code = ev.exit_code, "job exited");
-            let _ = r.outbox.send(ev);
+            if stopped_by_agent {
+                ev.reason = format!("stopped because the gpu-agent is shutting down ({})", ev.reason);
+            }
+            tracing::info!(%job, attempt, code = ev.exit_code, reason = %ev.reason, "job ended");
+            r.outbox.send(ev);
         });
         Ok(())
     }
@@ -328,6 +357,39 @@ impl Runner {
         Ok(())
     }
 
+    /// The agent is stopping: asks every job to stop (SIGTERM, SIGKILL after
+    /// the grace), waits for them, then for their events to be published
+    /// (up to `publish_wait`), so the scheduler learns they were interrupted.
+    pub async fn shutdown(&self, publish_wait: Duration) {
+        use std::sync::atomic::Ordering;
+        self.stopping.store(true, Ordering::SeqCst);
+        let pids: Vec<(String, u32)> =
+            self.running.lock().expect("jobs lock").iter().filter_map(|(j, r)| r.pid.map(|p| (j.clone(), p))).collect();
+        if pids.is_empty() && self.outbox.pending.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        for (job, pid) in &pids {
+            tracing::warn!(%job, pid, "gpu-agent shutting down: stopping job (SIGTERM)");
+            let _ = nix::sys::signal::kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + self.cfg.stop_grace;
+        while !self.running.lock().expect("jobs lock").is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (job, pid) in pids.iter().filter(|(j, _)| self.running.lock().expect("jobs lock").contains_key(j)) {
+            tracing::warn!(%job, pid, "job ignored SIGTERM for the grace period: SIGKILL");
+            let _ = nix::sys::signal::kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+        let deadline = tokio::time::Instant::now() + publish_wait;
+        while self.outbox.pending.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.outbox.pending.load(Ordering::SeqCst);
+        if left > 0 {
+            tracing::warn!(left, "job events not published before exit (NATS unreachable)");
+        }
+    }
+
     /// Answers `{"job_id": .., "attempt": .., "tail_bytes": ..}` with the end of that log.
     async fn serve_logs(&self, mut sub: costmesh_bus::Subscription) {
         #[derive(serde::Deserialize)]
@@ -366,7 +428,11 @@ impl Runner {
 }
 
 /// Publishes job events in order, retrying each until NATS takes it.
-async fn publish_outbox(ctx: ServiceContext, mut rx: mpsc::UnboundedReceiver<JobEvent>) {
+async fn publish_outbox(
+    ctx: ServiceContext,
+    mut rx: mpsc::UnboundedReceiver<JobEvent>,
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+) {
     let (mut seq, run) = (0u64, uuid::Uuid::new_v4().simple().to_string());
     while let Some(ev) = rx.recv().await {
         seq += 1;
@@ -375,7 +441,10 @@ async fn publish_outbox(ctx: ServiceContext, mut rx: mpsc::UnboundedReceiver<Job
         let mut backoff = Duration::from_millis(100);
         loop {
             match ctx.events.publish_durable_with_id(&subject, &ev, &id).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, %subject, "job event not published yet; keeping it and retrying");
                     tokio::time::sleep(backoff).await;

@@ -47,7 +47,8 @@ async fn node(test: &str) -> Node {
     let ev = events.clone();
     let consumer =
         ctx.events.durable("test-observer", vec![subjects.jobs_all()], Duration::from_secs(30)).await.unwrap();
-    let (events_bus, token) = (ctx.events.clone(), shutdown.clone());
+    // Its own token: the observer outlives the agent's shutdown.
+    let (events_bus, token) = (ctx.events.clone(), CancellationToken::new());
     tokio::spawn(async move {
         events_bus
             .consume_durable::<JobEvent, _, _>(consumer, token, move |_, _, e| {
@@ -186,4 +187,22 @@ async fn a_job_keeps_running_while_nats_is_down_and_its_events_arrive_after() {
         .wait("exited, reported after the reconnect", |e| e.job_id == "long" && e.kind() == JobEventKind::Exited)
         .await;
     assert_eq!(e.exit_code, 0);
+}
+
+#[tokio::test]
+async fn an_agent_shutting_down_stops_its_jobs_and_reports_them_interrupted() {
+    let n = node("jobshutdown").await;
+    n.assign(
+        "j9",
+        1,
+        "bash",
+        &["-c", "trap 'echo stopping; exit 0' TERM; echo ready; while true; do sleep 0.05 & wait $!; done"],
+    )
+    .await;
+    n.wait("started", |e| e.job_id == "j9" && e.kind() == JobEventKind::Started).await;
+    costmesh_testkit::eventually(WAIT, "job ready", || async { n.log("j9", 1).contains("ready") }).await;
+    n.shutdown.cancel();
+    let e = n.wait("interrupted", |e| e.job_id == "j9" && e.kind() == JobEventKind::Interrupted).await;
+    assert!(e.reason.contains("gpu-agent is shutting down"), "{e:?}");
+    assert!(n.log("j9", 1).contains("stopping"), "the job got SIGTERM first");
 }

@@ -125,27 +125,34 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
     // Durable inputs: job events, preemption notices, budget events.
     let filters = vec![ctx.subjects().jobs_all(), ctx.subjects().preemption_all(), ctx.subjects().budget_all()];
     let etx = tx.clone();
-    let events = ctx
-        .spawn_durable::<AnyEvent, _, _>("inputs", filters, move |_, _, event| {
-            let etx = etx.clone();
-            async move {
-                match &event {
-                    AnyEvent::JobEvent(_) | AnyEvent::PreemptionNotice(_) | AnyEvent::BudgetEvent(_) => {}
-                    other => {
-                        return Err(HandlerError::Reject(format!(
-                            "{} does not belong on this subject",
-                            other.type_name()
-                        )))
+    // A short ack wait: a message handed to a consumer that is gone (a
+    // scheduler that just stopped) comes back within seconds; handling is
+    // idempotent and de-duplicated by event id.
+    let sub = ctx.events.durable("inputs", filters, std::time::Duration::from_secs(5)).await?;
+    let (events_bus, events_shutdown) = (ctx.events.clone(), ctx.shutdown.clone());
+    let events = tokio::spawn(async move {
+        events_bus
+            .consume_durable::<AnyEvent, _, _>(sub, events_shutdown, move |_, _, event| {
+                let etx = etx.clone();
+                async move {
+                    match &event {
+                        AnyEvent::JobEvent(_) | AnyEvent::PreemptionNotice(_) | AnyEvent::BudgetEvent(_) => {}
+                        other => {
+                            return Err(HandlerError::Reject(format!(
+                                "{} does not belong on this subject",
+                                other.type_name()
+                            )))
+                        }
                     }
+                    let (done, wait) = oneshot::channel();
+                    etx.send(Msg::Event { event: Box::new(event), done })
+                        .await
+                        .map_err(|_| HandlerError::Retry("scheduler stopping".into()))?;
+                    wait.await.map_err(|_| HandlerError::Retry("scheduler stopping".into()))
                 }
-                let (done, wait) = oneshot::channel();
-                etx.send(Msg::Event { event: Box::new(event), done })
-                    .await
-                    .map_err(|_| HandlerError::Retry("scheduler stopping".into()))?;
-                wait.await.map_err(|_| HandlerError::Retry("scheduler stopping".into()))
-            }
-        })
-        .await?;
+            })
+            .await
+    });
     // Telemetry (core NATS: a lost sample costs nothing).
     {
         let mut sub = ctx.bus().subscribe(&ctx.subjects().gpu_telemetry_all()).await?;
@@ -611,9 +618,16 @@ impl Sched {
 
     async fn on_job_event(&mut self, e: JobEvent) {
         let kind = e.kind();
+        // Interrupted comes from an agent that stopped the job as it shut
+        // down; the scheduler's own interrupted events arrive when the job
+        // is already queued, and are not current.
         if !matches!(
             kind,
-            JobEventKind::Started | JobEventKind::Checkpointed | JobEventKind::Exited | JobEventKind::Failed
+            JobEventKind::Started
+                | JobEventKind::Checkpointed
+                | JobEventKind::Exited
+                | JobEventKind::Failed
+                | JobEventKind::Interrupted
         ) {
             return; // the scheduler's own decisions
         }
@@ -648,6 +662,17 @@ impl Sched {
                     self.retry_or_fail(job, &format!("{} on {node}", e.reason), now).await;
                 }
                 self.power(&node, &gpus, PowerProfile::Idle, "job ended").await;
+            }
+            JobEventKind::Interrupted if current => {
+                let (node, gpus) = (job.node.clone().unwrap_or_default(), job.gpus.clone());
+                // Its agent is going away: no new work there until it samples again.
+                let gone = now - self.planner.node_timeout - chrono::Duration::seconds(1);
+                if let Some(n) = self.nodes.get_mut(&node) {
+                    n.last_seen = gone;
+                    n.gpus.values_mut().for_each(|g| g.seen = gone);
+                }
+                self.retry_or_fail(job, &format!("{} on {node}", e.reason), now).await;
+                self.power(&node, &gpus, PowerProfile::Idle, "job interrupted").await;
             }
             JobEventKind::Failed if current => {
                 let (node, gpus) = (job.node.clone().unwrap_or_default(), job.gpus.clone());

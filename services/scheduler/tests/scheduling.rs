@@ -318,3 +318,21 @@ async fn bad_specs_unknown_ids_and_missing_commands_get_clear_errors() {
     m.wait_state(&ok, "running").await;
     assert_eq!(m.api("list", json!({})).await["jobs"].as_array().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_job_whose_agent_shuts_down_runs_again_elsewhere() {
+    let nodes = [node("n-a", 1, false, false), node("n-b", 1, false, false)];
+    let m = Mesh::start("agentstop", "2026-07-01T06:00:00Z", Default::default(), &nodes).await;
+    let id = m.submit(job("survivor", 1.0, json!({"maxRetries": 2}))).await;
+    m.wait_state(&id, "running").await;
+    let first = m.show(&id).await["node"].as_str().unwrap().to_string();
+    m.job_ready(&first, &id, 1).await;
+    let i = if first == "n-a" { 0 } else { 1 };
+    m.agents[i].cancel();
+    let e = m.wait_event("interrupted by its agent", |e| e.job_id == id && e.kind() == JobEventKind::Interrupted).await;
+    assert!(e.reason.contains("gpu-agent is shutting down"), "{}", e.reason);
+    m.time.advance(Duration::from_secs(30)).await;
+    let again =
+        m.wait_event("started again", |e| e.job_id == id && e.kind() == JobEventKind::Started && e.attempt == 2).await;
+    assert_ne!(again.node, first);
+}
