@@ -392,30 +392,33 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let budget = gw_budget;
     let routes = gw_routes.clone();
     let budget_changes = gw_stats.budget_changes.clone();
+    let clock = ctx.clock.clone();
     // Drained or failed backends come back once they accept connections again.
     {
-        let (routes, shutdown, every) = (gw_routes, ctx.shutdown.clone(), cfg.health_interval);
+        let (routes, shutdown, every, clock) =
+            (gw_routes, ctx.shutdown.clone(), cfg.health_interval, ctx.clock.clone());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(every) => routes.check_returns().await,
+                    _ = tokio::time::sleep(every) => routes.check_returns(clock.now()).await,
                 }
             }
         });
     }
     let task = ctx
         .spawn_durable::<AnyEvent, _, _>("world", filters, move |_, _, event| {
-            let (budget, routes, budget_changes) = (budget.clone(), routes.clone(), budget_changes.clone());
+            let (budget, routes, budget_changes, clock) =
+                (budget.clone(), routes.clone(), budget_changes.clone(), clock.clone());
             async move {
                 match event {
                     AnyEvent::PreemptionNotice(n) => {
+                        // Until the VM's expected power-off (GCE: about 30 s).
                         let until = n
                             .deadline
                             .as_ref()
                             .and_then(costmesh_contracts::from_timestamp)
-                            .map(|d| (d - chrono::Utc::now()).to_std().unwrap_or_default())
-                            .unwrap_or(Duration::from_secs(30));
+                            .unwrap_or_else(|| clock.now() + chrono::Duration::seconds(30));
                         let drained = routes.drain_node(&n.node, until);
                         tracing::warn!(node = %n.node, drained, "preemption notice: backends on this node drained");
                     }

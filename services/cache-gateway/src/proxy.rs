@@ -102,7 +102,7 @@ pub struct Backend {
     pub pool: crate::Pool,
     pub node: Option<String>,
     /// Drained by a preemption notice until at least this instant.
-    drained_until: Mutex<Option<Instant>>,
+    drained_until: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
     /// Failed a connection; out until it accepts connections again.
     failed: std::sync::atomic::AtomicBool,
     /// 5xx answers or timeouts in a row.
@@ -224,9 +224,9 @@ impl Route {
 pub struct Routes(pub Arc<HashMap<String, Route>>);
 
 impl Routes {
-    /// Drains every backend on `node` for at least `for_at_least`; returns how many.
-    pub fn drain_node(&self, node: &str, for_at_least: Duration) -> usize {
-        let until = Instant::now() + for_at_least;
+    /// Drains every backend on `node` until at least `until` (on the
+    /// gateway's clock); returns how many.
+    pub fn drain_node(&self, node: &str, until: chrono::DateTime<chrono::Utc>) -> usize {
         let mut n = 0;
         for r in self.0.values() {
             for b in r.backends.iter().filter(|b| b.node.as_deref() == Some(node)) {
@@ -237,14 +237,14 @@ impl Routes {
         n
     }
 
-    /// Brings back drained backends whose drain time is over, and failed
-    /// ones, once they accept a connection.
-    pub async fn check_returns(&self) {
+    /// Brings back drained backends whose drain time is over at `now`, and
+    /// failed ones, once they accept a connection.
+    pub async fn check_returns(&self, now: chrono::DateTime<chrono::Utc>) {
         for r in self.0.values() {
             for b in &r.backends {
                 let drained = *b.drained_until.lock().expect("backend lock");
-                let waiting = drained.is_some_and(|u| Instant::now() >= u)
-                    || (drained.is_none() && b.failed.load(Ordering::Relaxed));
+                let waiting =
+                    drained.is_some_and(|u| now >= u) || (drained.is_none() && b.failed.load(Ordering::Relaxed));
                 if !waiting {
                     continue;
                 }

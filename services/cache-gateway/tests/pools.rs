@@ -175,7 +175,7 @@ async fn a_backend_that_dies_without_notice_leaves_rotation_and_comes_back() {
         }),
     );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    routes.check_returns().await;
+    routes.check_returns(chrono::Utc::now()).await;
     let a_before = a.load(Ordering::SeqCst);
     for _ in 0..10 {
         assert_eq!(send().await, 200);
