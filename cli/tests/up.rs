@@ -168,18 +168,7 @@ async fn roi_with_the_seeds_inputs_prints_the_seeds_numbers() {
 async fn cost_asks_the_running_cost_watcher() {
     let nats = costmesh_testkit::NatsServer::start_new();
     let prefix = costmesh_testkit::unique_prefix("cost");
-    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
-    up.args(["up", "--quiet", "--nats", &nats.url()])
-        .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
-        .env("COSTMESH__MESH__SUBJECT_PREFIX", &prefix)
-        .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "200ms")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    for s in ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"] {
-        up.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), "127.0.0.1:0");
-    }
-    let _up = up.spawn().unwrap();
+    let _up = spawn_up(&nats.url(), &prefix, &[]);
     let ask = || async {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
             .args(["cost", "--json", "--nats", &nats.url(), "--prefix", &prefix])
@@ -309,19 +298,8 @@ async fn jobs_submit_ls_show_logs_cancel_against_the_running_mesh() {
     let nats = costmesh_testkit::NatsServer::start_new();
     let prefix = costmesh_testkit::unique_prefix("jobs");
     let logs = tempfile::tempdir().unwrap();
-    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
-    up.args(["up", "--quiet", "--nats", &nats.url()])
-        .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
-        .env("COSTMESH__MESH__SUBJECT_PREFIX", &prefix)
-        .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "200ms")
-        .env("COSTMESH__GPU_AGENT__JOBS__LOGS_ROOT", logs.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    for s in ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"] {
-        up.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), "127.0.0.1:0");
-    }
-    let _up = up.spawn().unwrap();
+    let logs_root = logs.path().display().to_string();
+    let _up = spawn_up(&nats.url(), &prefix, &[("COSTMESH__GPU_AGENT__JOBS__LOGS_ROOT", &logs_root)]);
     let url = nats.url();
     let jobs = |args: Vec<String>| {
         let (url, prefix) = (url.clone(), prefix.clone());
@@ -426,21 +404,16 @@ async fn the_python_integration_example_runs_against_the_mesh() {
     assert!(python.is_file(), "run scripts/install-test-deps.sh first (it installs nats-py into .tools/py)");
     let nats = costmesh_testkit::NatsServer::start_new();
     let prefix = costmesh_testkit::unique_prefix("python");
-    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
-    up.args(["up", "--quiet", "--nats", &nats.url()])
-        .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
-        .env("COSTMESH__MESH__SUBJECT_PREFIX", &prefix)
-        .env("COSTMESH__MESH__CONTENT_TYPE", "json")
-        .env("COSTMESH__COST_WATCHER__MONTHLY_BUDGET", "10")
-        .env("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL", "1s")
-        .env("COSTMESH__GPU_AGENT__SIM__DEMO_LOAD", "false")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    for s in ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"] {
-        up.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), "127.0.0.1:0");
-    }
-    let _up = up.spawn().unwrap();
+    let _up = spawn_up(
+        &nats.url(),
+        &prefix,
+        &[
+            ("COSTMESH__MESH__CONTENT_TYPE", "json"),
+            ("COSTMESH__COST_WATCHER__MONTHLY_BUDGET", "10"),
+            ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL", "1s"),
+            ("COSTMESH__GPU_AGENT__SIM__DEMO_LOAD", "false"),
+        ],
+    );
     // Ready when the cost-watcher answers.
     costmesh_testkit::eventually(Duration::from_secs(20), "the cost-watcher answers", || async {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
@@ -461,4 +434,22 @@ async fn the_python_integration_example_runs_against_the_mesh() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("BUDGET_STATE_EXCEEDED"), "{stdout}");
+}
+
+/// `costmesh up --quiet` over a real nats-server on its own prefix, every
+/// port free, with `extra` environment; killed when dropped.
+fn spawn_up(nats: &str, prefix: &str, extra: &[(&str, &str)]) -> tokio::process::Child {
+    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    up.args(["up", "--quiet", "--nats", nats])
+        .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
+        .env("COSTMESH__MESH__SUBJECT_PREFIX", prefix)
+        .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "200ms")
+        .envs(extra.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for s in ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"] {
+        up.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), "127.0.0.1:0");
+    }
+    up.spawn().unwrap()
 }

@@ -26,6 +26,13 @@ mod scenarios;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// One scenario at a time: each runs a dozen processes, and two cores
+/// shared by four meshes starve them.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// In `extra_env`, stands for the real time the mesh starts (RFC 3339).
+pub const STARTED_AT: &str = "@started-at";
+
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
@@ -88,10 +95,17 @@ pub struct Mesh {
     /// Every event seen on the prefix, in order: (subject, event).
     pub events: Arc<Mutex<Vec<(String, AnyEvent)>>>,
     procs: Vec<Proc>,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl Mesh {
     pub async fn start(test: &str, hosts: &[Host], extra_env: &[(&str, &str)]) -> Mesh {
+        let serial = SERIAL.lock().await;
+        let started_at = chrono::Utc::now().to_rfc3339();
+        let extra_env: Vec<(String, String)> = extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), if *v == STARTED_AT { started_at.clone() } else { v.to_string() }))
+            .collect();
         let bins = bin_dir();
         let nats = NatsServer::start_new();
         let redis = RedisServer::start_new();
@@ -133,7 +147,7 @@ impl Mesh {
             cmd.envs(common.iter().cloned())
                 .env(format!("COSTMESH__{section}__ADMIN__LISTEN"), format!("127.0.0.1:{admin}"))
                 .envs(env)
-                .envs(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+                .envs(extra_env.iter().cloned())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .kill_on_drop(true);
@@ -225,6 +239,7 @@ impl Mesh {
             spot,
             events,
             procs,
+            _serial: serial,
         };
         mesh.wait_ready().await;
         mesh.wait_nodes(hosts.len()).await;
@@ -286,15 +301,15 @@ impl Mesh {
     }
 
     pub async fn wait_job_for(&self, wait: Duration, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
+        costmesh_testkit::wait_for(wait, what, || async {
             let j = self.api("show", json!({ "id": id })).await["job"].clone();
             if pred(&j) {
-                return j;
+                Ok(j)
+            } else {
+                Err(j.to_string())
             }
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}: {j}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Events whose subject starts with `<prefix>.<rest>`.

@@ -211,10 +211,9 @@ async fn nats_then_redis_restarts_lose_no_durable_event_and_every_service_recove
 /// the cost-watcher's KPI.
 #[tokio::test]
 async fn a_day_in_the_life_on_a_simulated_clock() {
-    let epoch = chrono::Utc::now().to_rfc3339();
     let clock = [
         ("COSTMESH__MESH__SIMULATED_CLOCK__START", "2026-07-01T05:50:00Z"), // 13:50 in Taipei
-        ("COSTMESH__MESH__SIMULATED_CLOCK__EPOCH", epoch.as_str()),
+        ("COSTMESH__MESH__SIMULATED_CLOCK__EPOCH", super::STARTED_AT),
         ("COSTMESH__MESH__SIMULATED_CLOCK__SPEED", "1200"),
         // Intervals are simulated time too.
         ("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "60s"),

@@ -106,18 +106,12 @@ impl Node {
     }
 
     async fn wait(&self, what: &str, pred: impl Fn(&JobEvent) -> bool) -> JobEvent {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(e) = self.events.lock().unwrap().iter().find(|e| pred(e)) {
-                return e.clone();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}: {:#?}",
-                self.events.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        costmesh_testkit::wait_for(WAIT, what, || {
+            let events = self.events.lock().unwrap();
+            let found = events.iter().find(|e| pred(e)).cloned().ok_or_else(|| format!("{events:#?}"));
+            std::future::ready(found)
+        })
+        .await
     }
 
     fn log(&self, job: &str, attempt: u32) -> String {

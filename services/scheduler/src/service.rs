@@ -754,7 +754,6 @@ impl Sched {
         if after != BudgetState::Exceeded || !self.cfg.budget.stop_cloud_on_exceeded {
             return;
         }
-        let now = self.now();
         let cloud: Vec<Job> =
             self.jobs.values().filter(|(j, _)| j.state.holds_gpus() && j.cloud).map(|(j, _)| j.clone()).collect();
         for mut job in cloud {
@@ -770,7 +769,6 @@ impl Sched {
             }
             self.power(&node, &gpus, PowerProfile::Idle, "cloud job stopped (budget)").await;
         }
-        let _ = now;
     }
 
     async fn api(&mut self, verb: &str, body: &[u8]) -> Value {

@@ -254,6 +254,25 @@ where
     }
 }
 
+/// Polls `probe` until it yields a value or `timeout` passes; `Err` carries
+/// what was seen instead, which the panic on timeout reports.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(seen) if tokio::time::Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for: {what}; last seen: {seen}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// A plain HTTP/1.1 GET for admin endpoints: returns status and body.
 pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -147,16 +147,18 @@ impl Mesh {
 
     /// Advances one sample interval at a time until the scheduler knows `n` nodes.
     pub async fn learn_nodes(&self, n: usize) {
-        for _ in 0..50 {
+        // Each probe moves time one sample on, so the agents publish.
+        costmesh_testkit::wait_for(WAIT, &format!("the scheduler to learn {n} nodes from telemetry"), || async {
             self.time.advance(SAMPLE).await;
             let nodes = self.api("nodes", json!({})).await;
             let alive = nodes["nodes"].as_array().map_or(0, |a| a.iter().filter(|n| n["alive"] == true).count());
             if alive >= n {
-                return;
+                Ok(())
+            } else {
+                Err(nodes.to_string())
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("the scheduler never learnt {n} nodes from telemetry");
+        })
+        .await
     }
 
     pub async fn api(&self, verb: &str, body: Value) -> Value {
@@ -184,18 +186,12 @@ impl Mesh {
 
     /// Waits (real time) for a job event matching `pred`.
     pub async fn wait_event(&self, what: &str, pred: impl Fn(&JobEvent) -> bool) -> JobEvent {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(e) = self.events.lock().unwrap().iter().find(|e| pred(e)) {
-                return e.clone();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}; events: {:#?}",
-                self.events.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        costmesh_testkit::wait_for(WAIT, what, || {
+            let events = self.events.lock().unwrap();
+            let found = events.iter().find(|e| pred(e)).cloned().ok_or_else(|| format!("{events:#?}"));
+            std::future::ready(found)
+        })
+        .await
     }
 
     /// Waits (real time) until the job's attempt has set up its signal handlers.
@@ -210,15 +206,15 @@ impl Mesh {
 
     /// Waits (real time) until the scheduler has the job in `state`.
     pub async fn wait_state(&self, job: &str, state: &str) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        costmesh_testkit::wait_for(WAIT, &format!("job {job} {state}"), || async {
             let j = self.show(job).await;
             if j["state"] == state {
-                return;
+                Ok(())
+            } else {
+                Err(j.to_string())
             }
-            assert!(tokio::time::Instant::now() < deadline, "job never reached {state}: {j}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await
     }
 
     pub fn count(&self, job: &str, kind: JobEventKind) -> usize {
