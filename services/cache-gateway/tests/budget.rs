@@ -124,28 +124,44 @@ async fn serve_stale_degradation_answers_expired_entries_without_backends() {
     let (clock, handle) = costmesh_runtime::Clock::manual("2026-07-01T00:00:00Z".parse().unwrap());
     let common::Running { bus, subjects, shutdown } = common::start_on(&nats, "gwstale", cfg, clock).await;
     let addr = format!("127.0.0.1:{port}");
-    let post = |body: &'static str| {
+    let post = |body: String| {
         let addr = addr.clone();
-        async move { http_post_json(&addr, "/chat/v1/generate", body).await.unwrap() }
+        async move { http_post_json(&addr, "/chat/v1/generate", &body).await.unwrap() }
     };
     let status_of = |h: &Vec<(String, String)>| {
         h.iter().find(|(k, _)| k == "cache-status").map(|(_, v)| v.clone()).unwrap_or_default()
     };
-    assert_eq!(post(r#"{"q":1}"#).await.2, r#"{"call":1}"#);
+    // Many entries, so that polls made before the budget event arrives
+    // (each of which refreshes the expired entry it asks for) never use up
+    // the one asked for after it.
+    let keys = 200;
+    for i in 0..keys {
+        post(format!(r#"{{"q":{i}}}"#)).await;
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), keys);
     handle.advance(Duration::from_secs(5 * 3600)).await;
 
     publish_budget(&bus, &subjects, BudgetState::Exceeded).await;
-    costmesh_testkit::eventually(Duration::from_secs(10), "a budget-stale answer", || async {
-        status_of(&post(r#"{"q":1}"#).await.1) == "costmesh; hit; ttl=-14400; detail=budget-exceeded"
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    costmesh_testkit::eventually(Duration::from_secs(10), "a budget-stale answer", || {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(i < keys - 1, "no budget-stale answer after {i} tries");
+        let reply = post(format!(r#"{{"q":{i}}}"#));
+        async move { status_of(&reply.await.1) == "costmesh; hit; ttl=-14400; detail=budget-exceeded" }
     })
     .await;
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "no backend call for an expired entry");
+    // From now on expired entries answer without a backend call.
+    let before = calls.load(std::sync::atomic::Ordering::SeqCst);
+    let (_, h, body) = post(format!(r#"{{"q":{}}}"#, keys - 1)).await;
+    assert_eq!(status_of(&h), "costmesh; hit; ttl=-14400; detail=budget-exceeded");
+    assert_eq!(body, format!(r#"{{"call":{keys}}}"#), "the expired answer");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), before, "no backend call for an expired entry");
     // A true miss still reaches the backend.
-    assert_eq!(post(r#"{"q":2}"#).await.2, r#"{"call":2}"#);
+    assert_eq!(post(r#"{"new":1}"#.into()).await.2, format!(r#"{{"call":{}}}"#, before + 1));
 
     publish_budget(&bus, &subjects, BudgetState::Ok).await;
     costmesh_testkit::eventually(Duration::from_secs(10), "refreshed once the budget is OK", || async {
-        status_of(&post(r#"{"q":1}"#).await.1).contains("fwd=stale; fwd-status=200; stored")
+        status_of(&post(format!(r#"{{"q":{}}}"#, keys - 1)).await.1).contains("fwd=stale; fwd-status=200; stored")
     })
     .await;
     shutdown.cancel();
