@@ -8,16 +8,19 @@ use costmesh_bus::{Bus, NatsBus};
 use costmesh_contracts::Subjects;
 use serde_json::{json, Value};
 
+/// Where the mesh is, and how to print answers: shared by every command
+/// that talks to running services over NATS.
 #[derive(Args, Debug)]
 pub struct Conn {
     /// NATS server (or COSTMESH__NATS__URL).
     #[arg(long, env = "COSTMESH__NATS__URL")]
-    nats: String,
+    pub nats: String,
+    /// Subject prefix.
     #[arg(long, default_value = "costmesh")]
-    prefix: String,
-    /// Print the scheduler's JSON answer.
+    pub prefix: String,
+    /// JSON instead of the human-readable form.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -38,13 +38,8 @@ enum Command {
     },
     /// This month's cost, budgets, forecast and KPIs, asked of the cost-watcher.
     Cost {
-        /// NATS server (or COSTMESH__NATS__URL).
-        #[arg(long, env = "COSTMESH__NATS__URL")]
-        nats: String,
-        #[arg(long, default_value = "costmesh")]
-        prefix: String,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        conn: jobs::Conn,
     },
     /// Owning GPUs against renting cloud GPUs, from `[cost_watcher.roi]`.
     Roi {
@@ -92,15 +87,9 @@ enum EventsCommand {
     Tail {
         /// Subject filter; defaults to everything under the prefix.
         subject: Option<String>,
-        /// NATS server (or COSTMESH__NATS__URL).
-        #[arg(long, env = "COSTMESH__NATS__URL")]
-        nats: String,
-        /// Subject prefix.
-        #[arg(long, default_value = "costmesh")]
-        prefix: String,
-        /// One JSON object per event instead of a summary line.
-        #[arg(long)]
-        json: bool,
+        /// `--json`: one JSON object per event instead of a summary line.
+        #[command(flatten)]
+        conn: jobs::Conn,
         /// Exit after this many events.
         #[arg(long)]
         count: Option<u64>,
@@ -205,7 +194,7 @@ fn main() -> ExitCode {
             Command::Janitor { command } => janitor::run(command).await,
             Command::Roi { config, json } => roi(config, json),
             Command::Jobs { command } => jobs::run(command).await,
-            Command::Cost { nats, prefix, json } => cost(&nats, &prefix, json).await,
+            Command::Cost { conn } => cost(&conn.nats, &conn.prefix, conn.json).await,
             Command::Cache { command: CacheCommand::Purge { gateway, route, model_version, all } } => {
                 purge(&gateway, route, model_version, all).await
             }
@@ -216,7 +205,8 @@ fn main() -> ExitCode {
                 tokio::signal::ctrl_c().await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Events { command: EventsCommand::Tail { subject, nats, prefix, json, count } } => {
+            Command::Events { command: EventsCommand::Tail { subject, conn, count } } => {
+                let (nats, prefix, json) = (conn.nats, conn.prefix, conn.json);
                 view::tail(&nats, &prefix, subject.as_deref(), json, count).await
             }
         }
