@@ -43,7 +43,7 @@ pub enum Pool {
 /// A backend: a URL, or a table naming its pool and the node it runs on
 /// (preemption notices for that node drain it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum BackendSpec {
     Url(String),
     Full {
@@ -217,8 +217,23 @@ impl Default for Config {
 
 impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
-        if self.ttl.is_zero() {
-            return Err(ConfigError::new(key(p, "ttl"), "0s", "must be greater than zero"));
+        use costmesh_runtime::config::{check_duration, check_size};
+        const DAY: u64 = 24 * 3600;
+        let (ms, s) = (Duration::from_millis, Duration::from_secs);
+        check_duration(key(p, "ttl"), self.ttl, s(1), s(365 * DAY))?;
+        check_duration(key(p, "stale_while_revalidate"), self.stale_while_revalidate, s(0), s(30 * DAY))?;
+        check_duration(key(p, "stale_if_error"), self.stale_if_error, s(0), s(30 * DAY))?;
+        check_duration(key(p, "backend_timeout"), self.backend_timeout, ms(10), s(3600))?;
+        check_duration(key(p, "health_interval"), self.health_interval, ms(100), s(3600))?;
+        check_duration(key(p, "stats_interval"), self.stats_interval, ms(100), s(3600))?;
+        check_duration(key(p, "budget.retry_after"), self.budget.retry_after, s(1), s(DAY))?;
+        check_duration(key(p, "budget.exceeded_stale"), self.budget.exceeded_stale, s(0), s(30 * DAY))?;
+        check_duration(key(p, "outlier.ejection_time"), self.outlier.ejection_time, s(1), s(DAY))?;
+        check_size(key(p, "max_body_bytes"), self.max_body_bytes as u64, 1, 1 << 30)?;
+        for (i, r) in self.routes.iter().enumerate() {
+            if let Some(t) = r.ttl {
+                check_duration(key(p, &format!("routes[{i}].ttl")), t, s(1), s(365 * DAY))?;
+            }
         }
         self.listen
             .parse::<std::net::SocketAddr>()

@@ -55,6 +55,12 @@ impl Validate for Config {
         if !(self.monthly_budget.is_finite() && self.monthly_budget > 0.0) {
             return Err(ConfigError::new(key(p, "monthly_budget"), self.monthly_budget, "must be greater than zero"));
         }
+        costmesh_runtime::config::check_duration(
+            key(p, "evaluate_interval"),
+            self.evaluate_interval,
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(24 * 3600),
+        )?;
         self.tariff.validate(&key(p, "tariff"))?;
         for (i, t) in self.extra_thresholds.iter().enumerate() {
             if !(*t > 0.0 && *t < 1.0) {

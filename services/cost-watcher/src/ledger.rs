@@ -68,6 +68,9 @@ pub struct State {
     pub storage: Option<(u64, u64, DateTime<Utc>)>,
     /// The period the watcher last evaluated (for rollover).
     pub current_period: Option<String>,
+    /// The process that saved this copy (see the watcher's save).
+    #[serde(default)]
+    pub writer: Option<String>,
 }
 
 impl State {

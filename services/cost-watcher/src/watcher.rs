@@ -55,6 +55,16 @@ struct Shared {
     /// KV revision the state was loaded or saved at.
     revision: Option<u64>,
     dirty: bool,
+    /// Bumped by every change, so a save that raced a change leaves it dirty.
+    generation: u64,
+}
+
+impl Shared {
+    /// Marks the state changed since the last save.
+    fn touch(&mut self) {
+        self.dirty = true;
+        self.generation += 1;
+    }
 }
 
 const STATE_KEY: &str = "state";
@@ -66,29 +76,73 @@ async fn load(kv: &Kv) -> anyhow::Result<(State, Option<u64>)> {
     }
 }
 
-async fn save(kv: &Kv, shared: &Mutex<Shared>) -> anyhow::Result<()> {
-    let (bytes, rev) = {
-        let s = shared.lock().expect("state lock");
-        if !s.dirty {
-            return Ok(());
+/// The ledger's durable copy in JetStream KV. Saves are compare-and-set
+/// and stamped with this process's writer id, so a conflict can tell this
+/// process's own earlier write (one whose reply was lost in a NATS outage)
+/// from a second cost-watcher's.
+struct Store {
+    kv: Kv,
+    shared: Arc<Mutex<Shared>>,
+    /// Unique per process start.
+    writer: String,
+    /// One save at a time: the ticker, the report handler and shutdown all save.
+    saving: tokio::sync::Mutex<()>,
+    conflicts: prometheus_client::metrics::counter::Counter,
+}
+
+impl Store {
+    /// Saves the state if it changed. On a revision conflict it reads the
+    /// stored copy: if this process wrote it (the reply was lost), it takes
+    /// that revision and saves again, since the in-memory state holds every
+    /// change since; if another writer did, that is an error.
+    async fn save(&self) -> anyhow::Result<()> {
+        let _one = self.saving.lock().await;
+        for _ in 0..3 {
+            let (bytes, rev, generation) = {
+                let mut s = self.shared.lock().expect("state lock");
+                if !s.dirty {
+                    return Ok(());
+                }
+                s.state.writer = Some(self.writer.clone());
+                (Bytes::from(serde_json::to_vec(&s.state)?), s.revision, s.generation)
+            };
+            let r = match rev {
+                Some(r) => self.kv.update(STATE_KEY, bytes, r).await,
+                None => self.kv.create(STATE_KEY, bytes).await,
+            };
+            match r {
+                Ok(new) => {
+                    let mut s = self.shared.lock().expect("state lock");
+                    s.revision = Some(new);
+                    if s.generation == generation {
+                        s.dirty = false;
+                    }
+                    return Ok(());
+                }
+                Err(e) if matches!(e.kind, BusErrorKind::WrongRevision | BusErrorKind::AlreadyExists) => {
+                    let stored = self.kv.get(STATE_KEY).await?;
+                    let (writer, stored_rev) = match &stored {
+                        Some(entry) => (
+                            serde_json::from_slice::<State>(&entry.value).ok().and_then(|s| s.writer),
+                            Some(entry.revision),
+                        ),
+                        None => (None, None),
+                    };
+                    if writer.as_deref() == Some(self.writer.as_str()) || stored.is_none() {
+                        tracing::info!(revision = ?stored_rev, "ledger save conflicted with this process's own earlier write (its reply was lost); saving again on top of it");
+                        self.shared.lock().expect("state lock").revision = stored_rev;
+                        continue;
+                    }
+                    self.conflicts.inc();
+                    anyhow::bail!(
+                        "another cost-watcher ({}) wrote the ledger state ({e}); run one active cost-watcher per prefix",
+                        writer.unwrap_or_else(|| "unknown writer".into())
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        (Bytes::from(serde_json::to_vec(&s.state)?), s.revision)
-    };
-    let r = match rev {
-        Some(r) => kv.update(STATE_KEY, bytes, r).await,
-        None => kv.create(STATE_KEY, bytes).await,
-    };
-    match r {
-        Ok(new) => {
-            let mut s = shared.lock().expect("state lock");
-            s.revision = Some(new);
-            s.dirty = false;
-            Ok(())
-        }
-        Err(e) if matches!(e.kind, BusErrorKind::WrongRevision | BusErrorKind::AlreadyExists) => {
-            anyhow::bail!("another cost-watcher wrote the ledger state ({e}); run one active cost-watcher per prefix")
-        }
-        Err(e) => Err(e.into()),
+        anyhow::bail!("ledger save kept conflicting with this process's own writes")
     }
 }
 
@@ -282,7 +336,20 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let kv = ctx.bus().kv(&bucket).await?;
     let (state, revision) = load(&kv).await?;
     tracing::info!(bucket, restored = revision.is_some(), "ledger state loaded");
-    let shared = Arc::new(Mutex::new(Shared { state, revision, dirty: false }));
+    let shared = Arc::new(Mutex::new(Shared { state, revision, dirty: false, generation: 0 }));
+    let conflicts = prometheus_client::metrics::counter::Counter::default();
+    ctx.register(
+        "costmesh_cost_watcher_ledger_conflicts",
+        "Ledger saves refused because another cost-watcher wrote the state",
+        conflicts.clone(),
+    );
+    let store = Arc::new(Store {
+        kv,
+        shared: shared.clone(),
+        writer: format!("cost-watcher-{}", uuid::Uuid::now_v7()),
+        saving: tokio::sync::Mutex::new(()),
+        conflicts,
+    });
 
     // One cost-watcher of a group accounts each sample.
     let sub = ctx.bus().queue_subscribe(&ctx.subjects().gpu_telemetry_all(), "cost-watcher").await?;
@@ -334,7 +401,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                                 let micros = added as f64 * tariff.price_at(at, tz, price) / 3_600.0;
                                 *sh.state.tou_cost_micros.entry(period.clone()).or_default() += micros;
                             }
-                            sh.dirty = true;
+                            sh.touch();
                         }
                         m.energy_kwh.set(sh.state.energy.total_kwh());
                         m.electricity_cost.set(sh.state.electricity(&period, price) as f64 / 1e6);
@@ -347,12 +414,12 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     // Storage reports book storage cost (the monthly rate, prorated to the
     // time since the previous report); cache statistics count requests.
     {
-        let (shared, tz2) = (shared.clone(), tz);
+        let (shared, tz2, store, clock) = (shared.clone(), tz, store.clone(), ctx.clock.clone());
         ctx.spawn_durable::<costmesh_contracts::AnyEvent, _, _>(
             "reports",
             vec![ctx.subjects().storage_report()],
             move |_, meta, event| {
-                let shared = shared.clone();
+                let (shared, store, clock) = (shared.clone(), store.clone(), clock.clone());
                 async move {
                     let costmesh_contracts::AnyEvent::StorageReport(r) = event else {
                         return Err(HandlerError::Reject("not a StorageReport".into()));
@@ -362,23 +429,27 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                         .as_ref()
                         .and_then(costmesh_contracts::from_timestamp)
                         .or(meta.time)
-                        .unwrap_or_else(Utc::now);
+                        .unwrap_or_else(|| clock.now());
                     let monthly: i64 = r.usage.iter().filter_map(|u| u.monthly_cost.as_ref()).map(|c| c.micros).sum();
-                    let mut sh = shared.lock().expect("state lock");
-                    if let Some((_, _, prev)) = sh.state.storage {
-                        if at > prev {
-                            let period = ledger::period_of(at, tz2);
-                            if let Some((start, end)) = ledger::period_bounds(&period, tz2) {
-                                let share = (at - prev).num_seconds() as f64 / (end - start).num_seconds() as f64;
-                                sh.state.add(&period, "storage", (monthly as f64 * share).round() as i64);
+                    {
+                        let mut sh = shared.lock().expect("state lock");
+                        if let Some((_, _, prev)) = sh.state.storage {
+                            if at > prev {
+                                let period = ledger::period_of(at, tz2);
+                                if let Some((start, end)) = ledger::period_bounds(&period, tz2) {
+                                    let share = (at - prev).num_seconds() as f64 / (end - start).num_seconds() as f64;
+                                    sh.state.add(&period, "storage", (monthly as f64 * share).round() as i64);
+                                }
                             }
                         }
+                        if sh.state.storage.is_none_or(|(_, _, prev)| at >= prev) {
+                            sh.state.storage = Some((r.used_bytes, r.provisioned_bytes, at));
+                        }
+                        sh.touch();
                     }
-                    if sh.state.storage.is_none_or(|(_, _, prev)| at >= prev) {
-                        sh.state.storage = Some((r.used_bytes, r.provisioned_bytes, at));
-                    }
-                    sh.dirty = true;
-                    Ok(())
+                    // Saved before the ack: a kill after the ack loses nothing,
+                    // and a redelivery (same report time) books nothing twice.
+                    store.save().await.map_err(|e| HandlerError::Retry(format!("ledger not saved: {e:#}")))
                 }
             },
         )
@@ -403,7 +474,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                         let u = sh.state.usage.entry(period).or_default();
                         u.inference_requests += added;
                         u.cache_answers += answered;
-                        sh.dirty = true;
+                        sh.touch();
                         Ok(())
                     }
                 })
@@ -434,7 +505,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         });
     }
     if !cfg.billing.subscription.is_empty() {
-        tokio::spawn(consume_billing(cfg.billing.clone(), ctx.clone(), shared.clone(), currency.clone(), tz));
+        tokio::spawn(consume_billing(cfg.billing.clone(), ctx.clone(), store.clone(), currency.clone(), tz));
     }
     ctx.health.set("bus", true);
 
@@ -454,13 +525,15 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                 || sh.state.mid_month_forecast.len() != mid_before
                 || sh.state.forecast_error.len() != err_before
                 || sh.state.current_period != period_before;
-            sh.dirty |= changed;
+            if changed {
+                sh.touch();
+            }
             pending
         };
         // Save the change as pending before publishing it: a crash between
         // the two re-publishes the same id, which JetStream drops.
-        if let Err(e) = save(&kv, &shared).await {
-            tracing::error!(error = format!("{e:#}"), "saving the ledger state failed");
+        if let Err(e) = store.save().await {
+            tracing::error!(error = format!("{e:#}"), "saving the ledger state failed; budget events wait for a save");
             continue;
         }
         for (id, ev) in pending {
@@ -478,14 +551,20 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                             t.pending = false;
                         }
                     }
-                    sh.dirty = true;
+                    sh.touch();
                 }
                 Err(e) => tracing::error!(error = %e, "budget event publish failed; retried at the next evaluation"),
             }
         }
-        if let Err(e) = save(&kv, &shared).await {
+        if let Err(e) = store.save().await {
             tracing::error!(error = format!("{e:#}"), "saving the ledger state failed");
         }
+    }
+    // A last save, so what was booked since the last tick survives a restart.
+    match tokio::time::timeout(std::time::Duration::from_secs(5), store.save()).await {
+        Ok(Ok(())) => tracing::info!("ledger state saved at shutdown"),
+        Ok(Err(e)) => tracing::error!(error = format!("{e:#}"), "saving the ledger state at shutdown failed"),
+        Err(_) => tracing::error!("saving the ledger state at shutdown timed out"),
     }
     Ok(())
 }
@@ -496,10 +575,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
 async fn consume_billing(
     cfg: crate::billing::BillingConfig,
     ctx: ServiceContext,
-    shared: Arc<Mutex<Shared>>,
+    store: Arc<Store>,
     currency: String,
     tz: chrono_tz::Tz,
 ) {
+    let shared = store.shared.clone();
     // TLS to Google needs a crypto provider; ring is already in the build.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut backoff = std::time::Duration::from_secs(1);
@@ -585,7 +665,13 @@ async fn consume_billing(
                                 budget_micros: budget,
                             };
                         }
-                        sh.dirty = true;
+                        sh.touch();
+                    }
+                    // Saved before the ack: an unsaved notification is not
+                    // acked, so Pub/Sub sends it again.
+                    if let Err(e) = store.save().await {
+                        tracing::warn!(error = format!("{e:#}"), "ledger not saved; notification left unacked for redelivery");
+                        continue;
                     }
                     let subject = ctx.subjects().billing_gcp(&n.budget_id);
                     if let Err(e) =

@@ -226,6 +226,11 @@ impl Validate for Config {
                 "only a cloud node (cloud = true) can be preemptible",
             ));
         }
+        use costmesh_runtime::config::check_duration;
+        let s = Duration::from_secs;
+        check_duration(key(p, "jobs.stop_grace"), self.jobs.stop_grace, Duration::from_millis(100), s(3600))?;
+        check_duration(key(p, "rules.idle_after"), self.rules.idle_after, s(1), s(7 * 24 * 3600))?;
+        check_duration(key(p, "thermal.lookahead"), self.thermal.lookahead, Duration::ZERO, s(3600))?;
         if crate::jobs::parse_signal(&self.jobs.checkpoint_signal).is_none() {
             return Err(ConfigError::new(
                 key(p, "jobs.checkpoint_signal"),

@@ -343,6 +343,15 @@ impl Validate for Config {
                 "must be at least 1m",
             ));
         }
+        use costmesh_runtime::config::check_duration;
+        check_duration(key(p, "interval"), self.interval, Duration::from_secs(60), Duration::from_secs(30 * 24 * 3600))?;
+        check_duration(
+            key(p, "pressure_check"),
+            self.pressure_check,
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600),
+        )?;
+        check_duration(key(p, "write_guard"), self.write_guard, Duration::ZERO, Duration::from_secs(7 * 24 * 3600))?;
         if self.base_dir.parent().is_none() {
             return Err(ConfigError::new(
                 key(p, "base_dir"),

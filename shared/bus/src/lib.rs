@@ -82,6 +82,9 @@ pub struct StreamSpec {
     pub duplicate_window: Duration,
     /// Oldest messages are dropped past this age (zero: keep forever).
     pub max_age: Duration,
+    /// Oldest messages are dropped once the stream holds more than this
+    /// many bytes (zero or negative: no limit).
+    pub max_bytes: i64,
 }
 
 /// Where a new durable consumer starts reading.
@@ -381,6 +384,36 @@ impl Bus {
         }
     }
 
+    /// The newest message of each subject matching `filters` in `stream`,
+    /// oldest first, with its stream sequence. A service rebuilds state that
+    /// only the latest event of a subject defines (a budget's state) from
+    /// this at start, instead of from its durable consumer's position.
+    pub async fn last_per_subject(&self, stream: &str, filters: &[String]) -> Result<Vec<(u64, Message)>> {
+        for f in filters {
+            subject::validate_filter(f)?;
+        }
+        match self {
+            Bus::Nats(b) => b.last_per_subject(stream, filters).await,
+            Bus::Memory(b) => b.last_per_subject(stream, filters),
+        }
+    }
+
+    /// Whether the connection to the server is up (always, in process).
+    pub fn is_connected(&self) -> bool {
+        match self {
+            Bus::Nats(b) => b.is_connected(),
+            Bus::Memory(_) => true,
+        }
+    }
+
+    /// The largest payload the server takes (NATS's `max_payload`).
+    pub fn max_payload(&self) -> usize {
+        match self {
+            Bus::Nats(b) => b.max_payload(),
+            Bus::Memory(_) => 1024 * 1024,
+        }
+    }
+
     /// Binds to (creating if needed) a durable pull consumer.
     pub async fn consume(&self, spec: &ConsumerSpec) -> Result<DurableSubscription> {
         for f in &spec.filter_subjects {
@@ -389,6 +422,15 @@ impl Bus {
         match self {
             Bus::Nats(b) => b.consume(spec).await,
             Bus::Memory(b) => b.consume(spec),
+        }
+    }
+
+    /// Opens (creating if needed) a KV bucket that holds at most
+    /// `max_bytes` (an existing bucket keeps its limit).
+    pub async fn kv_bounded(&self, bucket: &str, max_bytes: i64) -> Result<Kv> {
+        match self {
+            Bus::Nats(b) => b.kv_with(bucket, max_bytes).await.map(|s| Kv::Nats(Box::new(s))),
+            Bus::Memory(b) => Ok(Kv::Memory(b.kv(bucket))),
         }
     }
 

@@ -226,10 +226,35 @@ impl MemoryBus {
                 stream.messages.pop_front();
             }
         }
+        if stream.spec.max_bytes > 0 {
+            // Oldest first, as JetStream's discard-old policy does.
+            let size = |m: &Stored| (m.message.payload.len() + m.message.subject.len()) as i64;
+            let mut total: i64 = stream.messages.iter().map(size).sum();
+            while total > stream.spec.max_bytes && stream.messages.len() > 1 {
+                if let Some(m) = stream.messages.pop_front() {
+                    total -= size(&m);
+                }
+            }
+        }
         for c in stream.consumers.values() {
             c.wake.notify_one();
         }
         Ok(PubAck { sequence: seq, duplicate: false })
+    }
+
+    pub(crate) fn last_per_subject(&self, stream: &str, filters: &[String]) -> Result<Vec<(u64, Message)>> {
+        let js = self.inner.js.lock().expect("bus lock");
+        let s = js
+            .streams
+            .get(stream)
+            .ok_or_else(|| BusError::new(BusErrorKind::NoStream, format!("stream {stream} not found")))?;
+        let mut last: HashMap<&str, (u64, &Message)> = HashMap::new();
+        for m in s.messages.iter().filter(|m| filters.iter().any(|f| matches(f, &m.message.subject))) {
+            last.insert(m.message.subject.as_str(), (m.seq, &m.message));
+        }
+        let mut out: Vec<(u64, Message)> = last.into_values().map(|(seq, m)| (seq, m.clone())).collect();
+        out.sort_by_key(|(seq, _)| *seq);
+        Ok(out)
     }
 
     pub(crate) fn consume(&self, spec: &ConsumerSpec) -> Result<DurableSubscription> {

@@ -164,13 +164,18 @@ impl NatsBus {
             subjects: spec.subjects.clone(),
             duplicate_window: spec.duplicate_window,
             max_age: spec.max_age,
+            max_bytes: if spec.max_bytes > 0 { spec.max_bytes } else { -1 },
+            discard: stream::DiscardPolicy::Old,
             storage: stream::StorageType::File,
             ..Default::default()
         };
         match self.js.get_stream(&spec.name).await {
             Ok(mut existing) => {
                 let info = existing.info().await.map_err(other)?;
-                if info.config.subjects != spec.subjects {
+                if info.config.subjects != spec.subjects
+                    || info.config.max_bytes != config.max_bytes
+                    || info.config.max_age != config.max_age
+                {
                     self.js.update_stream(config).await.map_err(other)?;
                 }
                 Ok(())
@@ -205,6 +210,53 @@ impl NatsBus {
             .await
             .map_err(map)?;
         Ok(PubAck { sequence: ack.sequence, duplicate: ack.duplicate })
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    pub(crate) fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
+    pub(crate) async fn last_per_subject(&self, stream: &str, filters: &[String]) -> Result<Vec<(u64, Message)>> {
+        let stream = self
+            .js
+            .get_stream(stream)
+            .await
+            .map_err(|e| BusError::new(BusErrorKind::NoStream, format!("stream {stream}: {e}")))?;
+        // An ephemeral consumer that goes away by itself once read.
+        let config = consumer::pull::Config {
+            filter_subjects: filters.to_vec(),
+            ack_policy: consumer::AckPolicy::None,
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        };
+        let mut consumer: consumer::PullConsumer = stream.create_consumer(config).await.map_err(other)?;
+        let pending = consumer.info().await.map_err(other)?.num_pending as usize;
+        let mut out = Vec::with_capacity(pending);
+        while out.len() < pending {
+            let batch = consumer
+                .fetch()
+                .max_messages(pending - out.len())
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+                .map_err(other)?;
+            let got: Vec<_> = batch.collect().await;
+            if got.is_empty() {
+                break;
+            }
+            for m in got {
+                let m = m.map_err(other)?;
+                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                out.push((seq, from_nats_message(m.message.clone())));
+            }
+        }
+        out.sort_by_key(|(seq, _)| *seq);
+        Ok(out)
     }
 
     pub(crate) async fn consume(&self, spec: &ConsumerSpec) -> Result<DurableSubscription> {
@@ -251,11 +303,20 @@ impl NatsBus {
     }
 
     pub(crate) async fn kv(&self, bucket: &str) -> Result<kv::Store> {
+        self.kv_with(bucket, -1).await
+    }
+
+    pub(crate) async fn kv_with(&self, bucket: &str, max_bytes: i64) -> Result<kv::Store> {
         match self.js.get_key_value(bucket).await {
             Ok(s) => Ok(s),
             Err(_) => match self
                 .js
-                .create_key_value(kv::Config { bucket: bucket.to_string(), history: 5, ..Default::default() })
+                .create_key_value(kv::Config {
+                    bucket: bucket.to_string(),
+                    history: 5,
+                    max_bytes: if max_bytes > 0 { max_bytes } else { -1 },
+                    ..Default::default()
+                })
                 .await
             {
                 Ok(s) => Ok(s),

@@ -118,6 +118,7 @@ async fn jetstream_dedupe_and_redelivery(f: Fixture) {
         subjects: vec!["js.>".into()],
         duplicate_window: Duration::from_secs(120),
         max_age: Duration::ZERO,
+        max_bytes: 0,
     };
     bus.ensure_stream(&spec).await.unwrap();
     bus.ensure_stream(&spec).await.unwrap(); // idempotent
@@ -222,6 +223,7 @@ async fn nats_restart_keeps_durable_events_and_reconnects() {
         subjects: vec!["rs.>".into()],
         duplicate_window: Duration::from_secs(60),
         max_age: Duration::ZERO,
+        max_bytes: 0,
     };
     bus.ensure_stream(&spec).await.unwrap();
     bus.publish_durable("rs.before", hdrs(&[("Nats-Msg-Id", "b")]), Bytes::from_static(b"before")).await.unwrap();

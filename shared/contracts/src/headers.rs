@@ -23,6 +23,8 @@ pub mod names {
     pub const DLQ_SUBJECT: &str = "costmesh-dlq-subject";
     /// Set on dead letters: the service that gave up on it.
     pub const DLQ_SERVICE: &str = "costmesh-dlq-service";
+    /// Set on dead letters whose payload was cut to fit the max payload.
+    pub const DLQ_TRUNCATED: &str = "costmesh-dlq-truncated";
 }
 
 /// An ordered multi-map of headers with case-insensitive lookup.

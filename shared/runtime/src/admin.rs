@@ -18,9 +18,13 @@ use crate::metrics::SharedRegistry;
 
 /// Named readiness checks. A service registers each check as not ready at
 /// start and marks it ready once it holds.
+type Probe = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 #[derive(Clone, Default)]
 pub struct Health {
     checks: Arc<Mutex<BTreeMap<String, bool>>>,
+    /// Checks asked at every `/readyz` (the bus connection), with why they fail.
+    probes: Arc<Mutex<BTreeMap<String, Probe>>>,
 }
 
 impl Health {
@@ -32,18 +36,46 @@ impl Health {
         self.checks.lock().expect("health lock").insert(check.to_string(), ready);
     }
 
+    /// Adds a check that is asked each time readiness is; `probe` says why
+    /// it fails. A probe and a set check of the same name must both pass.
+    pub fn probe(&self, check: &str, probe: impl Fn() -> Result<(), String> + Send + Sync + 'static) {
+        self.probes.lock().expect("health lock").insert(check.to_string(), Arc::new(probe));
+    }
+
+    /// Every check with its failure, if any; empty while starting.
+    fn results(&self) -> BTreeMap<String, Result<(), String>> {
+        let c = self.checks.lock().expect("health lock");
+        if c.is_empty() {
+            return BTreeMap::new();
+        }
+        let mut out: BTreeMap<String, Result<(), String>> =
+            c.iter().map(|(k, v)| (k.clone(), if *v { Ok(()) } else { Err("not ready".into()) })).collect();
+        drop(c);
+        for (k, p) in self.probes.lock().expect("health lock").iter() {
+            if let Err(why) = p() {
+                out.insert(k.clone(), Err(why));
+            }
+        }
+        out
+    }
+
     /// Ready when at least one check exists and all pass.
     pub fn is_ready(&self) -> bool {
-        let c = self.checks.lock().expect("health lock");
-        !c.is_empty() && c.values().all(|v| *v)
+        let r = self.results();
+        !r.is_empty() && r.values().all(Result::is_ok)
     }
 
     pub fn report(&self) -> String {
-        let c = self.checks.lock().expect("health lock");
-        if c.is_empty() {
+        let r = self.results();
+        if r.is_empty() {
             return "starting\n".into();
         }
-        c.iter().map(|(k, v)| format!("{k}: {}\n", if *v { "ok" } else { "not ready" })).collect()
+        r.iter()
+            .map(|(k, v)| match v {
+                Ok(()) => format!("{k}: ok\n"),
+                Err(why) => format!("{k}: not ready ({why})\n"),
+            })
+            .collect()
     }
 }
 

@@ -91,7 +91,9 @@ impl Clock {
 
     /// Ticks every `period`, the first tick one period from now.
     pub fn ticker(&self, period: Duration) -> Ticker {
-        let period = chrono::Duration::from_std(period).unwrap_or(chrono::Duration::MAX);
+        // A zero period would never let `tick` yield; config validation
+        // refuses one, and this keeps a caller's mistake from spinning.
+        let period = chrono::Duration::from_std(period.max(Duration::from_millis(1))).unwrap_or(chrono::Duration::MAX);
         Ticker { clock: self.clone(), next: self.now() + period, period }
     }
 }

@@ -144,6 +144,55 @@ pub struct MeshConfig {
     pub content_type: costmesh_contracts::ContentType,
     /// Simulated time for demos and end-to-end tests (absent: the system clock).
     pub simulated_clock: Option<SimulatedClock>,
+    /// How much the bus may hold.
+    pub limits: Limits,
+}
+
+/// `[mesh.limits]`: bounds on what the mesh keeps on the bus, so a busy
+/// month cannot fill the server's disk.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// The events stream drops its oldest messages past this size.
+    pub events_max_bytes: u64,
+    /// ... and past this age (the month's events plus a margin).
+    #[serde(with = "humantime_serde")]
+    pub events_max_age: std::time::Duration,
+    /// Each service's KV bucket holds at most this many bytes.
+    pub kv_max_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            events_max_bytes: 1 << 30,
+            events_max_age: std::time::Duration::from_secs(35 * 24 * 3600),
+            kv_max_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Refuses a duration outside `[min, max]`: zero periods spin, and absurd
+/// ones are typos (`"1000d"` for a ticker).
+pub fn check_duration(
+    k: String,
+    d: std::time::Duration,
+    min: std::time::Duration,
+    max: std::time::Duration,
+) -> Result<(), ConfigError> {
+    let show = |d: std::time::Duration| humantime_serde::re::humantime::format_duration(d).to_string();
+    if d < min || d > max {
+        return Err(ConfigError::new(k, show(d), format!("must be between {} and {}", show(min), show(max))));
+    }
+    Ok(())
+}
+
+/// Refuses a size outside `[min, max]` bytes.
+pub fn check_size(k: String, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if v < min || v > max {
+        return Err(ConfigError::new(k, v, format!("must be between {min} and {max}")));
+    }
+    Ok(())
 }
 
 /// `[mesh.simulated_clock]`: every service given the same values reads the
@@ -167,6 +216,7 @@ impl Default for MeshConfig {
             currency: "TWD".into(),
             content_type: costmesh_contracts::ContentType::Protobuf,
             simulated_clock: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -203,6 +253,16 @@ impl Validate for MeshConfig {
         if self.currency.len() != 3 || !self.currency.chars().all(|c| c.is_ascii_uppercase()) {
             return Err(ConfigError::new(key(p, "currency"), &self.currency, "must be an ISO 4217 code such as TWD"));
         }
+        let l = |f: &str| key(p, &format!("limits.{f}"));
+        check_size(l("events_max_bytes"), self.limits.events_max_bytes, 1 << 20, 1 << 44)?;
+        check_size(l("kv_max_bytes"), self.limits.kv_max_bytes, 1 << 20, 1 << 40)?;
+        const DAY: u64 = 24 * 3600;
+        check_duration(
+            l("events_max_age"),
+            self.limits.events_max_age,
+            std::time::Duration::from_secs(3600),
+            std::time::Duration::from_secs(400 * DAY),
+        )?;
         if let Some(c) = &self.simulated_clock {
             let k = |f: &str| key(p, &format!("simulated_clock.{f}"));
             if rfc3339(&c.start).is_none() {

@@ -83,24 +83,53 @@ pub struct EventBus {
     pub clock: Clock,
     pub content_type: ContentType,
     pub metrics: EventMetrics,
+    /// `[mesh.limits]`: how much the events stream may hold.
+    pub limits: crate::config::Limits,
 }
 
 /// The stream that stores every durable subject under `subjects`' prefix.
-pub fn events_stream(subjects: &Subjects) -> StreamSpec {
+pub fn events_stream(subjects: &Subjects, limits: &crate::config::Limits) -> StreamSpec {
     StreamSpec {
         name: subjects.stream_name(),
         subjects: subjects.durable_subjects(),
         // Budget notifications and redeliveries within this window are
         // de-duplicated by the server.
         duplicate_window: Duration::from_secs(10 * 60),
-        max_age: Duration::from_secs(35 * 24 * 3600),
+        max_age: limits.events_max_age,
+        max_bytes: limits.events_max_bytes.min(i64::MAX as u64) as i64,
     }
 }
+
+/// Room kept for headers and protocol framing when a dead letter's payload
+/// is cut to fit the server's max payload.
+const DLQ_HEADROOM: usize = 8 * 1024;
 
 impl EventBus {
     /// Creates the events stream if it does not exist yet.
     pub async fn ensure_stream(&self) -> Result<(), BusError> {
-        self.bus.ensure_stream(&events_stream(&self.subjects)).await
+        self.bus.ensure_stream(&events_stream(&self.subjects, &self.limits)).await
+    }
+
+    /// The newest stored event of each subject matching `filters`, oldest
+    /// first, decoded; what cannot be decoded is skipped with a warning.
+    /// Services rebuild state that the latest event defines (budget states)
+    /// from this at start.
+    pub async fn latest_per_subject<T: Decodable>(
+        &self,
+        filters: Vec<String>,
+    ) -> Result<Vec<(u64, EventMeta, T)>, BusError> {
+        self.ensure_stream().await?;
+        let msgs = self.bus.last_per_subject(&self.subjects.stream_name(), &filters).await?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|(seq, m)| match T::decode_message(&m.headers, &m.payload) {
+                Ok((meta, e)) => Some((seq, meta, e)),
+                Err(e) => {
+                    tracing::warn!(subject = %m.subject, error = %e, "stored event unreadable; skipped while rebuilding state");
+                    None
+                }
+            })
+            .collect())
     }
 
     fn stamp<E: Event>(&self, event: &E) -> (EventMeta, costmesh_contracts::Headers, Bytes) {
@@ -187,13 +216,25 @@ impl EventBus {
         headers.insert(names::NATS_MSG_ID, uuid::Uuid::now_v7().to_string());
         let subject = self.subjects.dlq(&self.service);
         tracing::warn!(subject = %message.subject, reason = %reason, dlq = %subject, "message dead-lettered");
-        if let Err(e) = self.bus.publish_durable(&subject, headers, message.payload.clone()).await {
+        // A message near the max payload would not fit with the DLQ headers:
+        // keep headers and reason, cut the payload, and say so.
+        let room = self.bus.max_payload().saturating_sub(DLQ_HEADROOM + headers_len(&headers));
+        let mut payload = message.payload.clone();
+        if payload.len() > room {
+            headers.insert(names::DLQ_TRUNCATED, format!("{} of {} bytes kept", room, payload.len()));
+            payload = payload.slice(..room);
+        }
+        if let Err(e) = self.bus.publish_durable(&subject, headers, payload).await {
             tracing::error!(
                 error = %e,
                 subject = %message.subject,
                 reason = %reason,
-                payload_base64 = %base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &message.payload),
-                "dead-letter publish failed; message logged here instead"
+                payload_bytes = message.payload.len(),
+                payload_base64_head = %base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    &message.payload[..message.payload.len().min(4096)]
+                ),
+                "dead-letter publish failed; message logged here instead (its first 4 KiB)"
             );
         }
     }
@@ -330,6 +371,10 @@ impl EventBus {
     ) {
         family.get_or_create(&EventLabels { service: self.service.clone(), event_type: meta.event_type.clone() }).inc();
     }
+}
+
+fn headers_len(h: &costmesh_contracts::Headers) -> usize {
+    h.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
 }
 
 impl SeenIds {

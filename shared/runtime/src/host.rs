@@ -155,6 +155,7 @@ where
         },
     };
     shutdown.cancel();
-    let _ = admin.await;
+    // A scrape held open must not keep the process alive past its grace.
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
     result.map_err(|e| anyhow::anyhow!("service task panicked: {e}"))?
 }

@@ -45,6 +45,13 @@ impl ServiceContext {
             Some(i) => format!("{service}/{i}"),
             None => service.to_string(),
         };
+        let health = Health::new();
+        {
+            // Readiness follows the connection: a service cut off from NATS
+            // cannot react to budgets, so it is not ready.
+            let bus = bus.clone();
+            health.probe("bus", move || if bus.is_connected() { Ok(()) } else { Err("disconnected from NATS".into()) });
+        }
         Self {
             events: EventBus {
                 bus,
@@ -54,10 +61,11 @@ impl ServiceContext {
                 clock: clock.clone(),
                 content_type: mesh.content_type,
                 metrics,
+                limits: mesh.limits.clone(),
             },
             clock,
             registry: Arc::new(Mutex::new(registry)),
-            health: Health::new(),
+            health,
             shutdown,
             mesh: mesh.clone(),
             redis_url: None,
@@ -68,6 +76,13 @@ impl ServiceContext {
     pub fn with_redis(mut self, url: Option<crate::config::SecretUrl>) -> Self {
         self.redis_url = url;
         self
+    }
+
+    /// Opens this service's KV bucket `<PREFIX>_<name>`, bounded by
+    /// `[mesh.limits] kv_max_bytes`.
+    pub async fn kv(&self, name: &str) -> Result<costmesh_bus::Kv, costmesh_bus::BusError> {
+        let bucket = format!("{}_{name}", self.subjects().prefix().replace(['.', '-'], "_"));
+        self.bus().kv_bounded(&bucket, self.mesh.limits.kv_max_bytes.min(i64::MAX as u64) as i64).await
     }
 
     pub fn bus(&self) -> &Bus {
