@@ -28,6 +28,7 @@ struct Rig {
 struct Watcher {
     shutdown: CancellationToken,
     registry: SharedRegistry,
+    health: costmesh_runtime::admin::Health,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -63,7 +64,7 @@ impl Rig {
             async move { h.is_ready() }
         })
         .await;
-        Watcher { shutdown, registry, task }
+        Watcher { shutdown, registry, health, task }
     }
 
     /// Publishes a sample and waits until the watcher has accounted it.
@@ -130,6 +131,48 @@ impl Watcher {
     async fn stop(self) {
         self.shutdown.cancel();
         self.task.await.unwrap().unwrap();
+    }
+
+    /// Gone at once, as on SIGKILL: the main loop dies first (no drain, no
+    /// final save), then its consumers and responders stop.
+    async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        self.shutdown.cancel();
+    }
+}
+
+impl Rig {
+    async fn summary(&self) -> serde_json::Value {
+        let subjects = costmesh_contracts::Subjects::new(&self.mesh.subject_prefix).unwrap();
+        let r = self
+            .producer
+            .request(&subjects.api("cost-watcher", "summary"), Default::default(), Default::default(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()
+    }
+
+    async fn storage_report(&self, at: DateTime<Utc>, monthly_micros: i64) {
+        let subjects = costmesh_contracts::Subjects::new(&self.mesh.subject_prefix).unwrap();
+        let r = v1::StorageReport {
+            time: Some(costmesh_contracts::timestamp(at)),
+            usage: vec![v1::StorageUsage {
+                root: "/data".into(),
+                bytes: 1,
+                objects: 1,
+                monthly_cost: Some(v1::Money { currency_code: "TWD".into(), micros: monthly_micros }),
+                ..Default::default()
+            }],
+            used_bytes: 70,
+            provisioned_bytes: 100,
+            ..Default::default()
+        };
+        let (h, p) = costmesh_contracts::encode(
+            &r,
+            &EventMeta::new::<v1::StorageReport>("storage-janitor", at, ContentType::Protobuf),
+        );
+        self.producer.publish_durable(&subjects.storage_report(), h, p).await.unwrap();
     }
 }
 
@@ -289,4 +332,101 @@ async fn a_time_of_use_tariff_prices_energy_when_it_was_used() {
     rig.sample(&w, "b", 2 * KWH_MJ, at("2026-07-15T02:00:00Z")).await; // 1 kWh by 10:00: peak 5.16
     assert_eq!(gauge(&w.registry, "costmesh_electricity_cost"), 7.22);
     w.stop().await;
+}
+
+#[tokio::test]
+async fn after_a_nats_restart_the_ledger_is_saved_again_and_the_budget_event_goes_out() {
+    let mut rig = Rig::new("natsrestart", "2026-07-10T04:00:00Z").await;
+    let hour = Duration::from_secs(3600);
+    let w = rig.start_watcher().await;
+    let t = rig.clock.now();
+    rig.sample(&w, "b", 0, t).await;
+    rig.sample(&w, "b", KWH_MJ, t).await; // 2.60 of 10.00
+    // NATS dies with a change unsaved; the evaluation tries to save meanwhile.
+    rig.nats.stop();
+    costmesh_testkit::eventually(Duration::from_secs(10), "readiness follows the outage", || {
+        let h = w.health.clone();
+        async move { !h.is_ready() && h.report().contains("disconnected") }
+    })
+    .await;
+    rig.handle.advance(hour).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rig.nats.start();
+    costmesh_testkit::eventually(Duration::from_secs(20), "ready again after the restart", || {
+        let h = w.health.clone();
+        async move { h.is_ready() }
+    })
+    .await;
+    // Let the save that was in flight during the outage time out, whatever it did.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    rig.handle.advance(hour).await;
+    // Past the budget: 4 kWh = 10.40.
+    rig.sample(&w, "b", 4 * KWH_MJ, t).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let e = loop {
+        assert!(tokio::time::Instant::now() < deadline, "no EXCEEDED event after the NATS restart");
+        rig.handle.advance(hour).await;
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), rig.budgets.next()).await {
+            break costmesh_contracts::decode::<v1::BudgetEvent>(&m.headers, &m.payload).unwrap().1;
+        }
+    };
+    assert_eq!(e.state(), BudgetState::Exceeded);
+    assert_eq!(gauge(&w.registry, "costmesh_cost_watcher_ledger_conflicts_total"), 0.0);
+    // What was saved is what was booked: a restarted watcher reads 10.40.
+    w.kill().await;
+    let w = rig.start_watcher().await;
+    assert_eq!(rig.summary().await["cost"]["local"].as_f64(), Some(10.4));
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn storage_cost_survives_sigkill_and_cache_counts_survive_sigterm() {
+    let rig = Rig::new("storagekill", "2026-07-10T04:00:00Z").await;
+    let w = rig.start_watcher().await;
+    let t0 = rig.clock.now();
+    // Two reports a day apart: 31.00 a month over one day of July = 1.00.
+    rig.storage_report(t0, 31_000_000).await;
+    rig.storage_report(t0 + chrono::Duration::days(1), 31_000_000).await;
+    costmesh_testkit::wait_for(Duration::from_secs(10), "storage booked", || async {
+        let v = rig.summary().await;
+        if v["cost"]["storage"].as_f64() == Some(1.0) { Ok(()) } else { Err(v["cost"].to_string()) }
+    })
+    .await;
+    // SIGKILL: no tick has run since, no shutdown save.
+    w.kill().await;
+    let w = rig.start_watcher().await;
+    assert_eq!(rig.summary().await["cost"]["storage"].as_f64(), Some(1.0), "storage cost lost on a kill");
+
+    // Cache statistics are core NATS: booked in memory, saved at shutdown.
+    let subjects = costmesh_contracts::Subjects::new(&rig.mesh.subject_prefix).unwrap();
+    let stats = v1::CacheStats {
+        instance: "gw-1".into(),
+        started_at: Some(costmesh_contracts::Timestamp { seconds: 1, nanos: 0 }),
+        routes: vec![v1::RouteStats { route: "/v1/generate".into(), requests: 40, ..Default::default() }],
+        ..Default::default()
+    };
+    let (h, p) = costmesh_contracts::encode(
+        &stats,
+        &EventMeta::new::<v1::CacheStats>("cache-gateway", t0, ContentType::Protobuf),
+    );
+    rig.producer.publish(&subjects.cache_stats(), h, p).await.unwrap();
+    rig.producer.flush().await.unwrap();
+    costmesh_testkit::wait_for(Duration::from_secs(10), "requests counted", || async {
+        let v = rig.summary().await;
+        if v["kpis"]["cost_per_inference_request"].is_number() { Ok(()) } else { Err(v["kpis"].to_string()) }
+    })
+    .await;
+    w.stop().await; // SIGTERM
+    let w = rig.start_watcher().await;
+    let v = rig.summary().await;
+    assert!(v["kpis"]["cost_per_inference_request"].is_number(), "requests lost on SIGTERM: {v}");
+    w.stop().await;
+}
+
+#[test]
+fn zero_evaluation_interval_is_refused_naming_the_key() {
+    use costmesh_runtime::config::load_service;
+    let e = load_service::<Config>(Some("[cost_watcher]\nevaluate_interval = \"0s\"\n"), &Default::default(), "cost_watcher")
+        .unwrap_err();
+    assert_eq!(e.key, "cost_watcher.evaluate_interval", "{e}");
 }
