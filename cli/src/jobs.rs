@@ -221,12 +221,23 @@ pub async fn run(cmd: JobsCommand) -> anyhow::Result<ExitCode> {
             }
         }
         JobsCommand::Ls { conn } => {
-            let v = Client::new(&conn).await?.api("list", json!({})).await?;
+            // The scheduler answers a page at a time; follow `next` to the end.
+            let client = Client::new(&conn).await?;
+            let mut jobs: Vec<serde_json::Value> = Vec::new();
+            let mut after: Option<u64> = None;
+            loop {
+                let v = client.api("list", json!({ "after": after })).await?;
+                jobs.extend(v["jobs"].as_array().into_iter().flatten().cloned());
+                match v["next"].as_u64() {
+                    Some(n) if Some(n) != after => after = Some(n),
+                    _ => break,
+                }
+            }
             if conn.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&json!({ "jobs": jobs }))?);
             } else {
                 println!("{:<15} {:<20} {:<10} {:>7} {:<12} REASON", "ID", "NAME", "STATE", "ATTEMPT", "NODE");
-                for j in v["jobs"].as_array().into_iter().flatten() {
+                for j in &jobs {
                     println!("{}", row(j));
                 }
             }

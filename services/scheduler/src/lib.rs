@@ -94,6 +94,17 @@ pub struct Config {
     /// A node with no telemetry for this long gets no new work.
     #[serde(with = "humantime_serde")]
     pub node_timeout: Duration,
+    /// A node with no telemetry for this long is lost: its assigned and
+    /// running jobs are requeued (retry limit and backoff apply), and the
+    /// stale attempts are stopped if the node comes back.
+    #[serde(with = "humantime_serde")]
+    pub node_lost_after: Duration,
+    /// Finished jobs (succeeded, failed, cancelled) are kept this long, then
+    /// deleted from the job bucket.
+    #[serde(with = "humantime_serde")]
+    pub finished_retention: Duration,
+    /// Most jobs one `list` reply carries (the CLI pages through them).
+    pub list_page_size: usize,
     /// First retry delay after a failure or interruption (doubles each time).
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
@@ -119,6 +130,9 @@ impl Default for Config {
             checkpoint_interval: Duration::from_secs(15 * 60),
             decide_interval: Duration::from_secs(60),
             node_timeout: Duration::from_secs(120),
+            node_lost_after: Duration::from_secs(120),
+            finished_retention: Duration::from_secs(7 * 24 * 3600),
+            list_page_size: 200,
             retry_backoff: Duration::from_secs(30),
             max_backoff: Duration::from_secs(3600),
             preempted_hold: Duration::from_secs(600),
@@ -158,6 +172,20 @@ impl Validate for Config {
         at_least(p, "node_timeout", self.node_timeout, Duration::from_secs(1))?;
         at_least(p, "planning_horizon", self.planning_horizon, Duration::from_secs(15 * 60))?;
         at_least(p, "idle.after", self.idle.after, Duration::from_secs(60))?;
+        use costmesh_runtime::config::{check_duration, check_size};
+        const DAY: u64 = 24 * 3600;
+        let s = Duration::from_secs;
+        check_duration(key(p, "checkpoint_interval"), self.checkpoint_interval, s(60), s(DAY))?;
+        check_duration(key(p, "decide_interval"), self.decide_interval, s(1), s(3600))?;
+        check_duration(key(p, "node_timeout"), self.node_timeout, s(1), s(DAY))?;
+        check_duration(key(p, "node_lost_after"), self.node_lost_after, s(1), s(7 * DAY))?;
+        check_duration(key(p, "finished_retention"), self.finished_retention, s(60), s(3650 * DAY))?;
+        check_duration(key(p, "retry_backoff"), self.retry_backoff, s(1), s(DAY))?;
+        check_duration(key(p, "max_backoff"), self.max_backoff, self.retry_backoff, s(7 * DAY))?;
+        check_duration(key(p, "preempted_hold"), self.preempted_hold, s(0), s(DAY))?;
+        check_duration(key(p, "cannot_wait"), self.cannot_wait, s(0), s(7 * DAY))?;
+        check_duration(key(p, "large_job_min_duration"), self.large_job_min_duration, s(60), s(365 * DAY))?;
+        check_size(key(p, "list_page_size"), self.list_page_size as u64, 1, 1000)?;
         if self.planning_horizon > Duration::from_secs(7 * 24 * 3600) {
             return Err(ConfigError::new(key(p, "planning_horizon"), "more than 7 days", "must be at most 7d"));
         }

@@ -62,6 +62,17 @@ pub struct Job {
     pub retries: u32,
     /// Why the last decision about it was made.
     pub reason: String,
+    /// Attempts whose node was lost while they held GPUs: if that node comes
+    /// back, it is told to stop them before it gets new work.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost: Vec<LostAttempt>,
+}
+
+/// An attempt left behind on a node that went silent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostAttempt {
+    pub node: String,
+    pub attempt: u32,
 }
 
 impl Job {
@@ -84,6 +95,7 @@ impl Job {
             exit_code: None,
             last_checkpoint: None,
             retries: 0,
+            lost: Vec::new(),
             reason: "submitted".into(),
         }
     }

@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actuator::{Actuator, DryRun};
-use crate::model::{validate, Job, State};
+use crate::model::{validate, Job, LostAttempt, State};
 use crate::plan::{plan_pass, Decision, Node, Placement, Planner, PriceTable};
 use crate::Config;
 
@@ -92,6 +92,8 @@ struct Sched {
     last_ask: HashMap<String, DateTime<Utc>>,
     /// Assigned jobs whose assignment is not yet known to be published.
     unsent: HashSet<String>,
+    /// Nodes with lost attempts to stop when they are heard from again.
+    fence_pending: HashSet<String>,
 }
 
 /// Runs the scheduler with the dry-run actuator until shutdown.
@@ -103,7 +105,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
 pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<dyn Actuator>) -> anyhow::Result<()> {
     ctx.events.ensure_stream().await?;
     let bucket = format!("{}_jobs", ctx.subjects().prefix().replace(['.', '-'], "_"));
-    let kv = ctx.bus().kv(&bucket).await?;
+    let kv = ctx.kv("jobs").await?;
     let planner = planner(&cfg, &ctx);
     let metrics = Metrics::register(&ctx);
     let mut s = Sched {
@@ -118,8 +120,18 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
         budgets: HashMap::new(),
         last_ask: HashMap::new(),
         unsent: HashSet::new(),
+        fence_pending: HashSet::new(),
     };
     s.load().await?;
+    // Budget states are whatever the newest event of each scope says; the
+    // durable consumer below resumes after what was acked, so they are
+    // rebuilt here (a restart must not forget an exceeded budget).
+    for (_, _, b) in ctx.events.latest_per_subject::<BudgetEvent>(vec![ctx.subjects().budget_all()]).await? {
+        s.budgets.insert(b.scope.clone(), b.state());
+    }
+    if s.budget_level() != BudgetState::Ok {
+        tracing::warn!(level = s.budget_level().as_str_name(), "budget state restored at start: scheduling follows it");
+    }
 
     let (tx, mut rx) = mpsc::channel::<Msg>(1024);
     // Durable inputs: job events, preemption notices, budget events.
@@ -156,15 +168,18 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
     // Telemetry (core NATS: a lost sample costs nothing).
     {
         let mut sub = ctx.bus().subscribe(&ctx.subjects().gpu_telemetry_all()).await?;
-        let (tx, shutdown) = (tx.clone(), ctx.shutdown.clone());
+        let (tx, shutdown, events) = (tx.clone(), ctx.shutdown.clone(), ctx.events.clone());
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     m = sub.next() => match m { Some(m) => m, None => return },
                 };
-                if let Ok((_, s)) = costmesh_contracts::decode::<GpuSample>(&msg.headers, &msg.payload) {
-                    let _ = tx.try_send(Msg::Sample(Box::new(s)));
+                match costmesh_contracts::decode::<GpuSample>(&msg.headers, &msg.payload) {
+                    Ok((_, s)) => {
+                        let _ = tx.try_send(Msg::Sample(Box::new(s)));
+                    }
+                    Err(e) => events.dead_letter(&msg, e.kind.as_str(), &e.to_string()).await,
                 }
             }
         });
@@ -186,7 +201,11 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
                 let body = answer.await.unwrap_or_else(|_| json!({"error": "scheduler stopping"}));
                 let mut h = costmesh_bus::Headers::new();
                 h.insert("content-type", "application/json");
-                let _ = bus.respond(&msg, h, Bytes::from(body.to_string())).await;
+                if let Err(e) = bus.respond(&msg, h.clone(), Bytes::from(body.to_string())).await {
+                    tracing::warn!(%verb, error = %e, "API reply not sent; answering with the error instead");
+                    let err = json!({"error": format!("the {verb} reply could not be sent: {e}")});
+                    let _ = bus.respond(&msg, h, Bytes::from(err.to_string())).await;
+                }
             }
         });
     }
@@ -203,7 +222,14 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
             _ = async move { match wake { Some(t) => clock.sleep_until(t).await, None => std::future::pending().await } } => {}
             m = rx.recv() => match m {
                 None => break,
-                Some(Msg::Sample(sample)) => { s.on_sample(*sample); continue; }
+                Some(Msg::Sample(sample)) => {
+                    let node = sample.node.clone();
+                    s.on_sample(*sample);
+                    if !s.fence_pending.contains(&node) {
+                        continue;
+                    }
+                    s.fence_returned(&node).await;
+                }
                 Some(Msg::Api { verb, body, reply }) => { let v = s.api(&verb, &body).await; let _ = reply.send(v); }
                 Some(Msg::Event { event, done }) => { s.on_event(*event).await; let _ = done.send(()); }
             },
@@ -255,6 +281,14 @@ impl Sched {
                     if job.state == State::Running {
                         self.last_ask.insert(job.id.clone(), now);
                     }
+                    if job.state.holds_gpus() {
+                        // Its node gets the full liveness timeout from now
+                        // to be heard from, as after any scheduler restart.
+                        if let Some(n) = &job.node {
+                            self.nodes.entry(n.clone()).or_insert_with(|| Node::new(n, now));
+                        }
+                    }
+                    self.fence_pending.extend(job.lost.iter().map(|l| l.node.clone()));
                     self.jobs.insert(job.id.clone(), (job, entry.revision));
                 }
                 Err(e) => tracing::error!(%key, error = %e, "job record unreadable; left in the bucket untouched"),
@@ -387,7 +421,14 @@ impl Sched {
             .filter(|(j, _)| j.state == State::Running)
             .filter_map(|(j, _)| self.last_ask.get(&j.id).map(|t| *t + every));
         let idles = self.nodes.values().filter(|n| !n.idle_acted).filter_map(|n| n.idle_since.map(|s| s + idle));
-        starts.chain(checkpoints).chain(idles).filter(|t| *t > self.now()).min()
+        let lost_after = chrono::Duration::from_std(self.cfg.node_lost_after).unwrap_or(chrono::Duration::MAX);
+        let losses = self
+            .jobs
+            .values()
+            .filter(|(j, _)| j.state.holds_gpus())
+            .filter_map(|(j, _)| j.node.as_ref().and_then(|n| self.nodes.get(n)))
+            .map(|n| n.last_seen + lost_after + chrono::Duration::milliseconds(1));
+        starts.chain(checkpoints).chain(idles).chain(losses).filter(|t| *t > self.now()).min()
     }
 
     fn free_gpus(&self, now: DateTime<Utc>) -> BTreeMap<String, Vec<u32>> {
@@ -414,8 +455,101 @@ impl Sched {
             .collect()
     }
 
+    /// Jobs on nodes silent for `node_lost_after` are lost: requeued (retry
+    /// limit and backoff apply), the attempt remembered so the node is told
+    /// to stop it if it comes back.
+    async fn check_liveness(&mut self, now: DateTime<Utc>) {
+        let lost_after = chrono::Duration::from_std(self.cfg.node_lost_after).unwrap_or(chrono::Duration::MAX);
+        let lost: Vec<(Job, DateTime<Utc>)> = self
+            .jobs
+            .values()
+            .filter(|(j, _)| j.state.holds_gpus())
+            .filter_map(|(j, _)| {
+                let n = self.nodes.get(j.node.as_deref()?)?;
+                (now - n.last_seen > lost_after).then(|| (j.clone(), n.last_seen))
+            })
+            .collect();
+        for (mut job, last_seen) in lost {
+            let node = job.node.clone().unwrap_or_default();
+            tracing::warn!(job = %job.id, attempt = job.attempt, %node, %last_seen, "node silent: job lost, requeued");
+            job.lost.push(LostAttempt { node: node.clone(), attempt: job.attempt });
+            self.fence_pending.insert(node.clone());
+            let why = format!(
+                "lost: node {node} silent since {last_seen} (more than {})",
+                humantime_serde::re::humantime::format_duration(self.cfg.node_lost_after)
+            );
+            self.job_event(&job, JobEventKind::Lost, &why).await;
+            self.retry_or_fail(job, &why, now).await;
+        }
+    }
+
+    /// A node with lost attempts is heard from again: tell it to stop them
+    /// (its consumer takes these before any newer assignment), then forget them.
+    async fn fence_returned(&mut self, node: &str) {
+        let holders: Vec<Job> = self
+            .jobs
+            .values()
+            .filter(|(j, _)| j.lost.iter().any(|l| l.node == node))
+            .map(|(j, _)| j.clone())
+            .collect();
+        let mut all_sent = true;
+        for mut job in holders {
+            let (stale, keep): (Vec<LostAttempt>, Vec<LostAttempt>) =
+                job.lost.drain(..).partition(|l| l.node == node);
+            for l in &stale {
+                let sig = JobSignal {
+                    job_id: job.id.clone(),
+                    attempt: l.attempt,
+                    kind: JobSignalKind::Stop as i32,
+                    reason: format!("attempt {} was declared lost; the job runs elsewhere now", l.attempt),
+                };
+                let subject = self.ctx.subjects().node_signal(node);
+                let id = format!("fence-{}-{}", job.id, l.attempt);
+                if let Err(e) = self.ctx.events.publish_durable_with_id(&subject, &sig, &id).await {
+                    tracing::warn!(error = %e, %subject, "stop for a lost attempt not published; retried with the next sample");
+                    all_sent = false;
+                }
+            }
+            if !all_sent {
+                return;
+            }
+            tracing::info!(job = %job.id, %node, attempts = ?stale.iter().map(|l| l.attempt).collect::<Vec<_>>(), "node is back: lost attempts told to stop");
+            job.lost = keep;
+            self.save(job).await;
+        }
+        self.fence_pending.remove(node);
+    }
+
+    /// Deletes finished jobs older than `finished_retention`.
+    async fn prune(&mut self, now: DateTime<Utc>) {
+        let keep = chrono::Duration::from_std(self.cfg.finished_retention).unwrap_or(chrono::Duration::MAX);
+        let old: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|(j, _)| j.state.is_terminal() && j.lost.is_empty())
+            .filter(|(j, _)| j.finished_at.is_some_and(|f| now - f > keep))
+            .map(|(j, _)| j.id.clone())
+            .collect();
+        for id in old {
+            match self.kv.delete(&id).await {
+                Ok(()) => {
+                    self.jobs.remove(&id);
+                    self.last_ask.remove(&id);
+                    tracing::info!(job = %id, "finished job pruned (past finished_retention)");
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "pruning a finished job failed; retried later");
+                    break;
+                }
+            }
+        }
+        self.refresh_gauges();
+    }
+
     async fn decide(&mut self) {
         let now = self.now();
+        self.check_liveness(now).await;
+        self.prune(now).await;
         for id in std::mem::take(&mut self.unsent) {
             if let Some((job, rev)) = self.jobs.get(&id).cloned() {
                 if job.state == State::Assigned {
@@ -802,9 +936,42 @@ impl Sched {
                 json!({"job": job})
             }
             "list" => {
-                let mut jobs: Vec<&Job> = self.jobs.values().map(|(j, _)| j).collect();
-                jobs.sort_by(|a, b| a.submitted_at.cmp(&b.submitted_at).then(a.seq.cmp(&b.seq)));
-                json!({"jobs": jobs})
+                #[derive(serde::Deserialize, Default)]
+                #[serde(default, deny_unknown_fields)]
+                struct ListReq {
+                    /// Jobs submitted after this one (the `next` of the last page).
+                    after: Option<u64>,
+                    limit: Option<usize>,
+                }
+                let req: ListReq = if body.iter().all(u8::is_ascii_whitespace) {
+                    ListReq::default()
+                } else {
+                    match serde_json::from_slice(body) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            return json!({"error": format!("list request: {e} (expected {{\"after\": <next>, \"limit\": n}})")})
+                        }
+                    }
+                };
+                let limit = req.limit.unwrap_or(self.cfg.list_page_size).clamp(1, self.cfg.list_page_size);
+                let mut jobs: Vec<&Job> =
+                    self.jobs.values().map(|(j, _)| j).filter(|j| req.after.is_none_or(|a| j.seq > a)).collect();
+                jobs.sort_by_key(|j| j.seq);
+                // A page also stops before it would outgrow the server's max
+                // payload (a job's spec can be large).
+                let budget = self.ctx.bus().max_payload() / 2;
+                let (mut page, mut bytes) = (Vec::new(), 0usize);
+                for j in jobs.iter().take(limit) {
+                    let v = serde_json::to_value(j).unwrap_or(Value::Null);
+                    bytes += v.to_string().len();
+                    if bytes > budget && !page.is_empty() {
+                        break;
+                    }
+                    page.push(v);
+                }
+                let more = jobs.len() > page.len();
+                let next = if more { jobs.get(page.len().saturating_sub(1)).map(|j| j.seq) } else { None };
+                json!({"jobs": page, "next": next, "total": self.jobs.len()})
             }
             "show" => match id_of(body) {
                 Err(v) => v,

@@ -5,10 +5,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use costmesh_contracts::v1::{BudgetEvent, BudgetState, JobEventKind, PreemptionNotice};
 use costmesh_runtime::tariff::{Days, Tariff, TouPeriod};
-use serde_json::json;
+use serde_json::{json, Value};
 
 mod common;
-use common::{job, node, Mesh};
+use common::{job, node, Mesh, SAMPLE, WAIT};
 
 fn t(s: &str) -> DateTime<Utc> {
     s.parse().unwrap()
@@ -335,4 +335,169 @@ async fn a_job_whose_agent_shuts_down_runs_again_elsewhere() {
     let again =
         m.wait_event("started again", |e| e.job_id == id && e.kind() == JobEventKind::Started && e.attempt == 2).await;
     assert_ne!(again.node, first);
+}
+
+/// A node the test speaks for: its samples are published by hand, so it
+/// can go silent (as a killed agent does) and come back.
+async fn ghost_sample(m: &Mesh, node: &str, gpus: u32) {
+    for g in 0..gpus {
+        let s = costmesh_contracts::v1::GpuSample {
+            node: node.into(),
+            gpu_index: g,
+            boot_id: "ghost-boot".into(),
+            time: Some(costmesh_contracts::timestamp(m.clock.now())),
+            ..Default::default()
+        };
+        let (h, p) = costmesh_contracts::encode(
+            &s,
+            &costmesh_contracts::EventMeta::new::<costmesh_contracts::v1::GpuSample>(
+                "gpu-agent/ghost",
+                m.clock.now(),
+                costmesh_contracts::ContentType::Protobuf,
+            ),
+        );
+        m.bus.publish(&m.subjects.gpu_telemetry(node, g), h, p).await.unwrap();
+    }
+    m.bus.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_silent_node_loses_its_jobs_they_run_elsewhere_and_it_is_told_to_stop_them_when_it_returns() {
+    let cfg = costmesh_scheduler::Config { node_lost_after: Duration::from_secs(120), ..Default::default() };
+    let mut m = Mesh::start("lost", "2026-07-01T06:00:00Z", cfg, &[]).await;
+    let mut signals = m.bus.subscribe(&m.subjects.node_signal("ghost")).await.unwrap();
+    m.bus.flush().await.unwrap();
+    ghost_sample(&m, "ghost", 2).await;
+    costmesh_testkit::wait_for(WAIT, "the ghost node known", || async {
+        let n = m.api("nodes", json!({})).await;
+        if n["nodes"].as_array().is_some_and(|a| a.len() == 1) { Ok(()) } else { Err(n.to_string()) }
+    })
+    .await;
+    let id = m.submit(job("orphaned", 0.5, json!({"gpus": 2, "maxRetries": 3}))).await;
+    m.wait_event("placed on the ghost", |e| e.job_id == id && e.kind() == JobEventKind::Assigned && e.node == "ghost")
+        .await;
+    // The ghost's agent says it started, then dies without a word.
+    let started = costmesh_contracts::v1::JobEvent {
+        job_id: id.clone(),
+        kind: JobEventKind::Started as i32,
+        node: "ghost".into(),
+        attempt: 1,
+        ..Default::default()
+    };
+    m.publish(&m.subjects.job(&id, JobEventKind::Started), &started).await;
+    m.wait_state(&id, "running").await;
+    m.start_agent(&node("gpu-1", 2, false, false)).await;
+    // Time passes; only gpu-1 samples.
+    let lost = costmesh_testkit::wait_for(WAIT, "the job lost", || async {
+        m.time.advance(SAMPLE).await;
+        let e = m.events.lock().unwrap().iter().find(|e| e.job_id == id && e.kind() == JobEventKind::Lost).cloned();
+        e.ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    assert!(lost.reason.contains("ghost silent since"), "{}", lost.reason);
+    // Requeued with backoff, then it runs on gpu-1 as attempt 2.
+    costmesh_testkit::wait_for(WAIT, "attempt 2 on gpu-1", || async {
+        m.time.advance(SAMPLE).await;
+        let j = m.show(&id).await;
+        if j["state"] == "running" && j["node"] == "gpu-1" && j["attempt"] == 2 { Ok(()) } else { Err(j.to_string()) }
+    })
+    .await;
+    assert_eq!(m.count(&id, JobEventKind::Lost), 1);
+    // The ghost comes back: before anything else it is told to stop attempt 1.
+    ghost_sample(&m, "ghost", 2).await;
+    let sig = tokio::time::timeout(WAIT, signals.next()).await.expect("a stop for the stale attempt").unwrap();
+    let (_, sig) = costmesh_contracts::decode::<costmesh_contracts::v1::JobSignal>(&sig.headers, &sig.payload).unwrap();
+    assert_eq!((sig.job_id.as_str(), sig.attempt, sig.kind()), (id.as_str(), 1, costmesh_contracts::v1::JobSignalKind::Stop));
+    // Its stale report of attempt 1 changes nothing.
+    let exited = costmesh_contracts::v1::JobEvent {
+        job_id: id.clone(),
+        kind: JobEventKind::Exited as i32,
+        node: "ghost".into(),
+        attempt: 1,
+        exit_code: 143,
+        ..Default::default()
+    };
+    m.publish(&m.subjects.job(&id, JobEventKind::Exited), &exited).await;
+    m.time.advance(SAMPLE).await;
+    let j = m.show(&id).await;
+    assert_eq!((j["state"].as_str(), j["attempt"].as_u64()), (Some("running"), Some(2)), "{j}");
+    m.stop_scheduler().await;
+}
+
+#[tokio::test]
+async fn a_restarted_scheduler_remembers_an_exceeded_budget() {
+    let nodes = [node("cloud-1", 1, true, false)];
+    let mut m = Mesh::start("budgetrestart", "2026-07-01T06:00:00Z", Default::default(), &nodes).await;
+    let exceeded = BudgetEvent {
+        scope: "cloud".into(),
+        state: BudgetState::Exceeded as i32,
+        previous_state: BudgetState::Warning as i32,
+        period: "2026-07".into(),
+        ..Default::default()
+    };
+    m.publish(&m.subjects.budget("cloud", BudgetState::Exceeded), &exceeded).await;
+    let before = m.submit(job("before", 1.0, json!({"cloudOk": true}))).await;
+    m.wait_event("gated before the restart", |e| {
+        e.job_id == before && e.kind() == JobEventKind::Deferred && e.reason.contains("budget exceeded")
+    })
+    .await;
+    m.api("cancel", json!({"id": before})).await;
+    m.stop_scheduler().await;
+    m.start_scheduler().await;
+    m.learn_nodes(1).await;
+    let after = m.submit(job("after", 1.0, json!({"cloudOk": true}))).await;
+    m.wait_event("gated after the restart", |e| {
+        e.job_id == after && e.kind() == JobEventKind::Deferred && e.reason.contains("budget exceeded")
+    })
+    .await;
+    m.time.advance(Duration::from_secs(120)).await;
+    m.learn_nodes(1).await;
+    assert_eq!(m.show(&after).await["state"], "queued", "a restarted scheduler placed cloud work past an exceeded budget");
+    m.stop_scheduler().await;
+}
+
+#[tokio::test]
+async fn the_job_list_is_paged_and_finished_jobs_are_pruned() {
+    let cfg = costmesh_scheduler::Config {
+        list_page_size: 100,
+        finished_retention: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let mut m = Mesh::start("paging", "2026-07-01T06:00:00Z", cfg, &[]).await;
+    let mut ids = Vec::new();
+    for i in 0..250 {
+        ids.push(m.submit(job(&format!("j{i}"), 1.0, json!({}))).await);
+    }
+    let mut seen = Vec::new();
+    let mut after = Value::Null;
+    loop {
+        let page = m.api("list", json!({ "after": after })).await;
+        let jobs = page["jobs"].as_array().unwrap();
+        assert!(jobs.len() <= 100, "a page holds at most list_page_size jobs");
+        seen.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()));
+        if page["next"].is_null() {
+            break;
+        }
+        after = page["next"].clone();
+    }
+    assert_eq!(seen, ids, "every job once, in submission order");
+    for id in &ids[..10] {
+        m.api("cancel", json!({ "id": id })).await;
+    }
+    // Past the retention, the cancelled jobs are gone; the rest stay.
+    m.time.advance(Duration::from_secs(3600 + 120)).await;
+    costmesh_testkit::wait_for(WAIT, "10 finished jobs pruned", || async {
+        m.time.advance(Duration::from_secs(60)).await;
+        let p = m.api("list", json!({})).await;
+        if p["total"] == 240 { Ok(()) } else { Err(p["total"].to_string()) }
+    })
+    .await;
+    assert!(m.show(&ids[0]).await.is_null());
+    // A restarted scheduler does not bring them back.
+    m.stop_scheduler().await;
+    m.start_scheduler().await;
+    assert_eq!(m.api("list", json!({})).await["total"], 240);
+    let bad = m.api("list", json!({"page": 2})).await;
+    assert!(bad["error"].as_str().unwrap().contains("unknown field"), "{bad}");
+    m.stop_scheduler().await;
 }
