@@ -167,6 +167,38 @@ async fn serve_stale_degradation_answers_expired_entries_without_backends() {
     shutdown.cancel();
 }
 
+#[tokio::test]
+async fn a_restarted_gateway_still_sheds_for_an_exceeded_budget() {
+    let nats = NatsServer::start_new();
+    let backend = model().await;
+    let cfg = |port: u16| Config {
+        listen: format!("127.0.0.1:{port}"),
+        routes: vec![RouteConfig {
+            name: "batch".into(),
+            backends: vec![backend.clone().into()],
+            ttl: None,
+            priority: Priority::Low,
+        }],
+        ..Default::default()
+    };
+    let prefix = costmesh_testkit::unique_prefix("gwrestart");
+    let port = free_port();
+    let first = common::start_prefixed(&nats, &prefix, cfg(port), costmesh_runtime::Clock::system()).await;
+    publish_budget(&first.bus, &first.subjects, BudgetState::Exceeded).await;
+    let addr = format!("127.0.0.1:{port}");
+    costmesh_testkit::eventually(Duration::from_secs(10), "batch shed", || async {
+        http_post_json(&addr, "/batch/v1/generate", "{}").await.unwrap().0 == 503
+    })
+    .await;
+    first.shutdown.cancel();
+    // The next gateway hears no new budget event: it must know from the stream.
+    let port = free_port();
+    let _second = common::start_prefixed(&nats, &prefix, cfg(port), costmesh_runtime::Clock::system()).await;
+    let (status, _, body) = http_post_json(&format!("127.0.0.1:{port}"), "/batch/v1/generate", "{}").await.unwrap();
+    assert_eq!(status, 503, "a restarted gateway forgot the exceeded budget: {body}");
+    _second.shutdown.cancel();
+}
+
 async fn publish_budget(bus: &costmesh_bus::Bus, subjects: &costmesh_contracts::Subjects, state: BudgetState) {
     let e = BudgetEvent { scope: "cloud".into(), state: state as i32, period: "2026-07".into(), ..Default::default() };
     let (h, p) = costmesh_contracts::encode(

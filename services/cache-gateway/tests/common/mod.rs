@@ -25,8 +25,13 @@ pub async fn start(nats: &NatsServer, test: &str, cfg: Config) -> Running {
 
 /// The same, on the given clock.
 pub async fn start_on(nats: &NatsServer, test: &str, cfg: Config, clock: Clock) -> Running {
+    start_prefixed(nats, &costmesh_testkit::unique_prefix(test), cfg, clock).await
+}
+
+/// The same, on a given prefix (a restarted gateway uses its predecessor's).
+pub async fn start_prefixed(nats: &NatsServer, prefix: &str, cfg: Config, clock: Clock) -> Running {
     costmesh_runtime::telemetry::init_for_tests();
-    let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix(test), ..Default::default() };
+    let mesh = MeshConfig { subject_prefix: prefix.to_string(), ..Default::default() };
     let bus = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());
     let shutdown = CancellationToken::new();
     let ctx = ServiceContext::new("cache-gateway", None, bus.clone(), &mesh, clock, shutdown.clone());
