@@ -52,7 +52,7 @@ impl Outcome {
 }
 
 /// Appends a suffix to a file name (`a.log` + `.gz`).
-fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
@@ -274,7 +274,13 @@ pub async fn apply(
             if r.is_ok() {
                 let removed =
                     if local.is_dir() { std::fs::remove_dir_all(&local) } else { std::fs::remove_file(&local) };
-                r = removed.map(|_| len).map_err(|e| format!("archived, but removing the local copy failed: {e}"));
+                r = match removed {
+                    Ok(()) => Ok(len),
+                    // Already gone (another step of this or a later run got
+                    // there first): it is archived, which is what counts.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(len),
+                    Err(e) => Err(format!("archived, but removing the local copy failed: {e}")),
+                };
             }
             (a, local, r)
         })

@@ -10,6 +10,7 @@ use costmesh_contracts::v1::{
     self, BudgetState, JobEventKind, StorageActionTaken, StorageReport, StorageTier, StorageUsage,
 };
 use costmesh_contracts::AnyEvent;
+use costmesh_runtime::events::HandlerError;
 use costmesh_runtime::ServiceContext;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -221,6 +222,9 @@ fn job_paths(a: &v1::JobAssignment) -> Vec<PathBuf> {
     out
 }
 
+const IN_USE_KEY: &str = "in_use";
+const LAST_PASS_KEY: &str = "last_pass";
+
 /// Runs the janitor until shutdown.
 pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let janitor = Arc::new(Janitor::new(cfg.clone()).map_err(anyhow::Error::msg)?);
@@ -235,24 +239,42 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         m.utilisation.clone(),
     );
 
+    // The janitor's own state, in KV so a restart (even SIGKILL) keeps it:
+    // which paths running jobs use, and when the last pass ran.
+    let kv = ctx.kv("storage_janitor").await?;
+    let jobs: Arc<Mutex<std::collections::BTreeMap<String, Vec<PathBuf>>>> = Arc::new(Mutex::new(
+        match kv.get(IN_USE_KEY).await? {
+            Some(e) => serde_json::from_slice(&e.value).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "in-use record unreadable: starting from the job events still to come");
+                Default::default()
+            }),
+            None => Default::default(),
+        },
+    ));
+    *janitor.in_use.lock().expect("in-use lock") = jobs.lock().expect("jobs lock").values().flatten().cloned().collect();
+    let mut last_pass: Option<DateTime<Utc>> = match kv.get(LAST_PASS_KEY).await? {
+        Some(e) => std::str::from_utf8(&e.value).ok().and_then(|v| v.parse().ok()),
+        None => None,
+    };
+    tracing::info!(jobs_in_use = jobs.lock().expect("jobs lock").len(), ?last_pass, "janitor state loaded");
+
     // Budget warnings ask for an extra pass; job events protect model paths.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
-    let jobs: Arc<Mutex<std::collections::HashMap<String, Vec<PathBuf>>>> = Default::default();
-    let (in_use, jobs2, tx2) = (janitor.in_use.clone(), jobs.clone(), tx.clone());
+    let (in_use, jobs2, tx2, kv2) = (janitor.in_use.clone(), jobs.clone(), tx.clone(), kv.clone());
     let filters = vec![ctx.subjects().budget_all(), ctx.subjects().jobs_all(), ctx.subjects().node_assign_all()];
-    ctx.spawn_durable::<AnyEvent, _, _>("events", filters, move |_, _, event| {
-        let (in_use, jobs, tx) = (in_use.clone(), jobs2.clone(), tx2.clone());
+    ctx.spawn_durable::<AnyEvent, _, _>("events", filters, move |msg, _, event| {
+        let (in_use, jobs, tx, kv) = (in_use.clone(), jobs2.clone(), tx2.clone(), kv2.clone());
         async move {
-            match event {
+            let changed = match event {
                 AnyEvent::BudgetEvent(b) if b.state() == BudgetState::Warning => {
                     tracing::info!(scope = %b.scope, "budget warning: extra storage pass");
                     let _ = tx.send("budget_warning");
+                    false
                 }
-                AnyEvent::BudgetEvent(_) => {}
+                AnyEvent::BudgetEvent(_) => false,
                 AnyEvent::JobAssignment(a) => {
-                    let mut j = jobs.lock().expect("jobs lock");
-                    j.insert(a.job_id.clone(), job_paths(&a));
-                    *in_use.lock().expect("in-use lock") = j.values().flatten().cloned().collect();
+                    jobs.lock().expect("jobs lock").insert(a.job_id.clone(), job_paths(&a));
+                    true
                 }
                 AnyEvent::JobEvent(e)
                     if matches!(
@@ -261,13 +283,29 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                             | JobEventKind::Failed
                             | JobEventKind::Cancelled
                             | JobEventKind::Interrupted
+                            | JobEventKind::Lost
                     ) =>
                 {
-                    let mut j = jobs.lock().expect("jobs lock");
-                    j.remove(&e.job_id);
-                    *in_use.lock().expect("in-use lock") = j.values().flatten().cloned().collect();
+                    jobs.lock().expect("jobs lock").remove(&e.job_id).is_some()
                 }
-                _ => {}
+                AnyEvent::JobEvent(_) => false,
+                other => {
+                    return Err(HandlerError::Reject(format!(
+                        "{} does not belong on {}",
+                        other.type_name(),
+                        msg.subject
+                    )))
+                }
+            };
+            if changed {
+                // Saved before the ack: a janitor killed now still knows, after
+                // its restart, what running jobs use.
+                let bytes = {
+                    let j = jobs.lock().expect("jobs lock");
+                    *in_use.lock().expect("in-use lock") = j.values().flatten().cloned().collect();
+                    serde_json::to_vec(&*j).unwrap_or_default()
+                };
+                kv.put(IN_USE_KEY, bytes.into()).await?;
             }
             Ok(())
         }
@@ -275,13 +313,17 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     .await?;
     ctx.health.set("bus", true);
 
-    let mut schedule = ctx.clock.ticker(cfg.interval);
+    // The schedule continues from the last pass, wherever it ran: a janitor
+    // restarted more often than `interval` still runs its passes.
+    let every = chrono::Duration::from_std(cfg.interval).unwrap_or(chrono::Duration::MAX);
     let mut pressure = ctx.clock.ticker(cfg.pressure_check);
     let mut last_pressure_pass: Option<DateTime<Utc>> = None;
     loop {
+        let due = last_pass.map_or(ctx.clock.now(), |t| t + every);
+        let clock = ctx.clock.clone();
         let trigger = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            _ = schedule.tick() => "schedule",
+            _ = clock.sleep_until(due) => "schedule",
             Some(t) = rx.recv() => t,
             _ = pressure.tick() => {
                 let full = filesystem_usage(&cfg.base_dir).map(|(u, t)| t > 0 && u * 100 >= t * cfg.disk_pressure_pct as u64).unwrap_or(false);
@@ -292,6 +334,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                 "disk_pressure"
             }
         };
+        // Job events not yet handled may protect paths: catch up first.
+        if !ctx.events.caught_up("events", std::time::Duration::from_secs(30)).await {
+            tracing::warn!(trigger, "job events still pending after 30 s; pass postponed");
+            continue;
+        }
         m.passes.get_or_create(&TriggerLabels { trigger: trigger.into() }).inc();
         let now = ctx.clock.now();
         let pass = janitor.pass(now, cfg.apply, &ctx.mesh.currency, None).await;
@@ -318,6 +365,10 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         );
         if let Err(e) = ctx.events.publish_durable(&ctx.subjects().storage_report(), r).await {
             tracing::warn!(error = %e, "storage report publish failed");
+        }
+        last_pass = Some(now);
+        if let Err(e) = kv.put(LAST_PASS_KEY, now.to_rfc3339().into_bytes().into()).await {
+            tracing::warn!(error = %e, "last pass time not saved; a restart may run the next pass early");
         }
         if let Some(o) = &pass.outcome {
             for (path, e) in &o.failed {

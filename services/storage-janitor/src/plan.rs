@@ -250,6 +250,16 @@ pub fn plan_rule(rule: &Rule, entries: &[Entry], cx: &Context<'_>, plan: &mut Pl
                     reason,
                 });
             }
+            // A killed run can leave both `x.log` and its verified `x.log.gz`:
+            // compressing `x.log` finds the `.gz` and archives it, so a
+            // separate archive step for the same `.gz` would race it.
+            let compressing: HashSet<PathBuf> = plan
+                .actions
+                .iter()
+                .filter(|a| a.rule == rule.name && a.step == Step::CompressArchive)
+                .map(|a| crate::apply::with_suffix(&a.path, ".gz"))
+                .collect();
+            plan.actions.retain(|a| !(a.rule == rule.name && a.step == Step::Archive && compressing.contains(&a.path)));
         }
         ActionKind::Retire | ActionKind::RetireArchive => {
             // Versions: entries matching the pattern, grouped by model (the

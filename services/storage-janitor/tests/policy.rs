@@ -248,3 +248,33 @@ fn lifecycle_rules_follow_the_gcs_format() {
     assert_eq!(del["action"]["type"], "Delete");
     assert_eq!(del["condition"]["age"], 30);
 }
+
+/// A run killed between writing `x.log.gz` and removing `x.log` leaves both:
+/// the next run plans one step for the pair and finishes it.
+#[tokio::test]
+async fn leftovers_of_a_killed_run_are_finished_in_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    let log = base.join("logs/run1/part4.log");
+    write(&log, &log_content(4), 10.0);
+    // What the killed run had got to: the verified .gz beside the original.
+    let gz = costmesh_storage_janitor::apply::compress_file(&log).unwrap().0;
+    write(&log, &log_content(4), 10.0);
+    let f = File::options().write(true).open(&gz).unwrap();
+    f.set_modified(SystemTime::now() - Duration::from_secs(10 * DAY)).unwrap();
+    drop(f);
+    assert!(log.exists() && gz.exists());
+    let janitor = Janitor::new(config(base)).unwrap();
+    let now = chrono::Utc::now();
+    let (plan, _) = janitor.plan(now).await;
+    let steps: Vec<String> = plan.actions.iter().map(|a| format!("{} {}", a.step.as_str(), a.rel)).collect();
+    assert_eq!(steps, vec!["compress_archive run1/part4.log".to_string()], "one step for the pair");
+    let pass = janitor.pass(now, true, "TWD", None).await;
+    let outcome = pass.outcome.unwrap();
+    assert!(outcome.failed.is_empty(), "{:?}", outcome.failed);
+    assert!(!log.exists() && !gz.exists());
+    let stored = janitor.archive.get("logs/run1/part4.log.gz").await.unwrap();
+    let mut original = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&stored[..]), &mut original).unwrap();
+    assert_eq!(original, log_content(4));
+}

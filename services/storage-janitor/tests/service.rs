@@ -83,3 +83,87 @@ async fn a_budget_warning_runs_an_extra_pass_and_a_running_jobs_model_is_kept() 
     assert!(report.actions.iter().all(|a| !a.dry_run));
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_restarted_janitor_keeps_running_jobs_models_and_its_schedule_and_dead_letters_foreign_events() {
+    costmesh_runtime::telemetry::init_for_tests();
+    let nats = NatsServer::start_new();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    for v in 0..5 {
+        old_file(&base.join(format!("models/llm/v{v}/weights.bin")), 20 - v);
+    }
+    let connect = || async { Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap()) };
+    let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix("janitorrestart"), ..Default::default() };
+    let (clock, handle) = Clock::manual(chrono::Utc::now());
+    // Plan only: each pass reports what it would retire.
+    let cfg = Config { base_dir: base.to_path_buf(), apply: false, ..Default::default() };
+    let start = |ctx: ServiceContext| {
+        let health = ctx.health.clone();
+        let task = tokio::spawn(costmesh_storage_janitor::run(cfg.clone(), ctx));
+        async move {
+            costmesh_testkit::eventually(Duration::from_secs(10), "janitor ready", || {
+                let h = health.clone();
+                async move { h.is_ready() }
+            })
+            .await;
+            task
+        }
+    };
+    let observer = connect().await;
+    let subjects = costmesh_contracts::Subjects::new(&mesh.subject_prefix).unwrap();
+    let mut reports = observer.subscribe(&subjects.storage_report()).await.unwrap();
+    let mut dlq = observer.subscribe(&subjects.dlq("storage-janitor")).await.unwrap();
+    observer.flush().await.unwrap();
+    let retired = |m: costmesh_bus::Message| -> Vec<String> {
+        let (_, r) = costmesh_contracts::decode::<v1::StorageReport>(&m.headers, &m.payload).unwrap();
+        r.actions.iter().filter(|a| a.action == "retire_archive").map(|a| a.path.clone()).collect()
+    };
+
+    let shutdown = CancellationToken::new();
+    let ctx = ServiceContext::new("storage-janitor", None, connect().await, &mesh, clock.clone(), shutdown.clone());
+    ctx.events.ensure_stream().await.unwrap();
+    let spec = JobSpec {
+        name: "finetune".into(),
+        args: vec![base.join("models/llm/v0/weights.bin").display().to_string()],
+        ..Default::default()
+    };
+    let assign = JobAssignment { job_id: "j1".into(), node: "n1".into(), spec: Some(spec), ..Default::default() };
+    let (h, p) = costmesh_contracts::encode(
+        &assign,
+        &EventMeta::new::<JobAssignment>("scheduler", clock.now(), ContentType::Protobuf),
+    );
+    observer.publish_durable(&subjects.node_assign("n1"), h, p).await.unwrap();
+    let first = start(ctx).await;
+    // The first pass runs at start, once the job events are caught up.
+    let m = tokio::time::timeout(Duration::from_secs(15), reports.next()).await.expect("a first pass").unwrap();
+    let r = retired(m);
+    assert!(r.iter().all(|p| !p.ends_with("/v0")), "{r:?}");
+    // SIGKILL: no drain.
+    first.abort();
+    let _ = first.await;
+    shutdown.cancel();
+
+    // While it is down, its next pass falls due.
+    handle.advance(Duration::from_secs(3600 + 60)).await;
+    let shutdown = CancellationToken::new();
+    let ctx = ServiceContext::new("storage-janitor", None, connect().await, &mesh, clock.clone(), shutdown.clone());
+    let _second = start(ctx).await;
+    let m = tokio::time::timeout(Duration::from_secs(15), reports.next())
+        .await
+        .expect("the overdue pass runs at once after the restart")
+        .unwrap();
+    let r = retired(m);
+    assert!(r.iter().any(|p| p.ends_with("/v1")), "{r:?}");
+    assert!(r.iter().all(|p| !p.ends_with("/v0")), "a restarted janitor planned to retire a model in use: {r:?}");
+
+    // A GpuSample on the budget subject is not the janitor's to ack.
+    let sample = v1::GpuSample { node: "n1".into(), boot_id: "b".into(), ..Default::default() };
+    let (h, p) =
+        costmesh_contracts::encode(&sample, &EventMeta::new::<v1::GpuSample>("x", clock.now(), ContentType::Protobuf));
+    observer.publish_durable(&subjects.budget("cloud", BudgetState::Warning), h, p).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), dlq.next()).await.expect("a dead letter").unwrap();
+    let reason = d.headers.get(costmesh_contracts::headers::names::DLQ_REASON).unwrap_or_default().to_string();
+    assert!(reason.contains("GpuSample"), "{reason}");
+    shutdown.cancel();
+}

@@ -398,6 +398,15 @@ impl Bus {
         }
     }
 
+    /// Messages a durable consumer has yet to see acked: not yet delivered,
+    /// or delivered and unacked. Zero means it has caught up.
+    pub async fn consumer_backlog(&self, stream: &str, durable: &str) -> Result<u64> {
+        match self {
+            Bus::Nats(b) => b.consumer_backlog(stream, durable).await,
+            Bus::Memory(b) => b.consumer_backlog(stream, durable),
+        }
+    }
+
     /// Whether the connection to the server is up (always, in process).
     pub fn is_connected(&self) -> bool {
         match self {

@@ -242,6 +242,24 @@ impl MemoryBus {
         Ok(PubAck { sequence: seq, duplicate: false })
     }
 
+    pub(crate) fn consumer_backlog(&self, stream: &str, durable: &str) -> Result<u64> {
+        let js = self.inner.js.lock().expect("bus lock");
+        let s = js
+            .streams
+            .get(stream)
+            .ok_or_else(|| BusError::new(BusErrorKind::NoStream, format!("stream {stream} not found")))?;
+        let c = s
+            .consumers
+            .get(durable)
+            .ok_or_else(|| BusError::new(BusErrorKind::Other, format!("consumer {durable} not found")))?;
+        let undelivered = s
+            .messages
+            .iter()
+            .filter(|m| m.seq >= c.cursor && c.filters.iter().any(|f| matches(f, &m.message.subject)))
+            .count();
+        Ok((undelivered + c.pending.len()) as u64)
+    }
+
     pub(crate) fn last_per_subject(&self, stream: &str, filters: &[String]) -> Result<Vec<(u64, Message)>> {
         let js = self.inner.js.lock().expect("bus lock");
         let s = js

@@ -212,6 +212,16 @@ impl NatsBus {
         Ok(PubAck { sequence: ack.sequence, duplicate: ack.duplicate })
     }
 
+    pub(crate) async fn consumer_backlog(&self, stream: &str, durable: &str) -> Result<u64> {
+        let stream = self
+            .js
+            .get_stream(stream)
+            .await
+            .map_err(|e| BusError::new(BusErrorKind::NoStream, format!("stream {stream}: {e}")))?;
+        let info = stream.consumer_info(durable).await.map_err(other)?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
     pub(crate) fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }

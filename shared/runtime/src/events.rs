@@ -295,6 +295,20 @@ impl EventBus {
         self.bus.consume(&spec).await
     }
 
+    /// Waits until the durable consumer `<service>-<name>` has caught up
+    /// (nothing undelivered or unacked), or `timeout` passes; false then.
+    pub async fn caught_up(&self, name: &str, timeout: Duration) -> bool {
+        let durable = format!("{}-{}", self.service, name).replace(['.', ' ', '*', '>'], "_");
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.bus.consumer_backlog(&self.subjects.stream_name(), &durable).await {
+                Ok(0) => return true,
+                Ok(_) | Err(_) if tokio::time::Instant::now() >= deadline => return false,
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// Runs `handler` for every message of a durable consumer until
     /// `shutdown`: acks on success, redelivers on [`HandlerError::Retry`]
     /// with a growing delay, dead-letters undecodable or rejected messages.
