@@ -20,6 +20,15 @@
 //! has already seen for the job is ignored, so a redelivered or duplicated
 //! assignment never starts a job twice.
 //!
+//! Supervision: each job runs in its own process group, with
+//! `PR_SET_PDEATHSIG` so it dies with the agent (SIGKILL included), and a
+//! record under `<logs_root>/.running/` names its process. An agent that
+//! starts and finds a record kills what is left of that group (its
+//! grandchildren, say) and reports the attempt interrupted. When a job's
+//! main process ends, what is left of its group is killed too. An attempt
+//! whose log file already exists was started before (by this agent or one
+//! killed before it acked the assignment) and is never started again.
+//!
 //! Events (started, checkpointed, exited, failed) go through an outbox that
 //! retries until NATS takes them: a node that loses NATS keeps its jobs
 //! running and reports what happened when it reconnects. When the agent
@@ -57,6 +66,52 @@ struct Running {
     attempt: u32,
     pid: Option<u32>,
     gpus: Vec<u32>,
+}
+
+/// What `<logs_root>/.running/<job>.json` says of a job's process, so a
+/// restarted agent can find what a killed one left running.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RunRecord {
+    job_id: String,
+    attempt: u32,
+    pid: u32,
+    /// `/proc/<pid>/stat` start time, so a reused pid is never taken for the job.
+    start_ticks: u64,
+    gpus: Vec<u32>,
+}
+
+/// The start time of a process in clock ticks since boot (`/proc/<pid>/stat`
+/// field 22), or None when it is gone.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after it do not.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Puts the job in its own process group and has the kernel kill it when
+/// the agent dies, however it dies.
+#[allow(unsafe_code)]
+fn supervise(cmd: &mut tokio::process::Command) {
+    let agent = nix::unistd::getpid();
+    cmd.process_group(0);
+    // SAFETY: runs in the forked child before exec; it only makes two
+    // async-signal-safe system calls (prctl, getppid) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The agent may have died between fork and prctl.
+            if nix::unistd::getppid() != agent {
+                return Err(std::io::Error::other("gpu-agent exited while the job was starting"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// SIGKILL to what is left of a job's process group.
+fn kill_group(pid: u32) {
+    let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
 }
 
 /// The jobs on this node.
@@ -105,7 +160,7 @@ impl Runner {
         tokio::spawn(publish_outbox(ctx.clone(), rx, pending.clone()));
         let runner = Runner {
             node: node.to_string(),
-            cfg,
+            cfg: cfg.clone(),
             seen: Default::default(),
             running: Default::default(),
             outbox: Outbox { tx, pending },
@@ -113,6 +168,7 @@ impl Runner {
             ctx: ctx.clone(),
             stopping: Default::default(),
         };
+        runner.reap_orphans();
         let r = runner.clone();
         ctx.spawn_durable::<AnyEvent, _, _>(
             &format!("jobs-{node}"),
@@ -150,6 +206,38 @@ impl Runner {
         }
     }
 
+    fn record_path(&self, job: &str, attempt: u32) -> PathBuf {
+        self.cfg.logs_root.join(".running").join(format!("{}-{attempt}.json", costmesh_contracts::subjects::token(job)))
+    }
+
+    /// What a killed agent left behind: kill it, report it interrupted.
+    fn reap_orphans(&self) {
+        let dir = self.cfg.logs_root.join(".running");
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        for e in entries.flatten() {
+            let path = e.path();
+            let rec: RunRecord = match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+                Some(r) => r,
+                None => {
+                    tracing::warn!(path = %path.display(), "unreadable job record removed");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            // The leader normally died with the agent (PDEATHSIG); its group
+            // may still hold children, which go now.
+            let alive = start_ticks(rec.pid) == Some(rec.start_ticks);
+            tracing::warn!(job = %rec.job_id, attempt = rec.attempt, pid = rec.pid, leader_alive = alive, "job left behind by a killed agent: stopping its process group");
+            kill_group(rec.pid);
+            self.seen.lock().expect("jobs lock").insert(rec.job_id.clone(), rec.attempt);
+            let mut ev = self.event(&rec.job_id, rec.attempt, JobEventKind::Interrupted, &rec.gpus);
+            ev.exit_code = 137;
+            ev.reason = "the gpu-agent running it was killed; its processes were stopped when the agent restarted".into();
+            self.outbox.send(ev);
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
     fn log_path(&self, job: &str, attempt: u32) -> PathBuf {
         self.cfg.logs_root.join(costmesh_contracts::subjects::token(job)).join(format!("{attempt}.log"))
     }
@@ -179,11 +267,17 @@ impl Runner {
         let log_path = self.log_path(&a.job_id, a.attempt);
         let log = async {
             tokio::fs::create_dir_all(log_path.parent().expect("log dir")).await?;
-            tokio::fs::OpenOptions::new().create(true).append(true).open(&log_path).await
+            // A new file per attempt: one that exists means the attempt
+            // was started before, here, by this agent or a killed one.
+            tokio::fs::OpenOptions::new().create_new(true).append(true).open(&log_path).await
         }
         .await;
         let mut log = match log {
             Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                tracing::warn!(job = %a.job_id, attempt = a.attempt, log = %log_path.display(), "attempt already started on this node (its log exists): not started again");
+                return Ok(());
+            }
             Err(e) => {
                 let mut ev = self.event(&a.job_id, a.attempt, JobEventKind::Failed, &a.gpu_indices);
                 ev.reason = format!("cannot open log file {}: {e}", log_path.display());
@@ -206,6 +300,7 @@ impl Runner {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        supervise(&mut cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -224,6 +319,21 @@ impl Runner {
         };
         let pid = child.id();
         tracing::info!(job = %a.job_id, attempt = a.attempt, ?pid, gpus = %gpus.join(","), command = %spec.command, "job started");
+        if let Some(pid) = pid {
+            let rec = RunRecord {
+                job_id: a.job_id.clone(),
+                attempt: a.attempt,
+                pid,
+                start_ticks: start_ticks(pid).unwrap_or(0),
+                gpus: a.gpu_indices.clone(),
+            };
+            let path = self.record_path(&a.job_id, a.attempt);
+            let written = std::fs::create_dir_all(path.parent().expect("record dir"))
+                .and_then(|_| std::fs::write(&path, serde_json::to_vec(&rec).unwrap_or_default()));
+            if let Err(e) = written {
+                tracing::warn!(job = %a.job_id, error = %e, "job record not written; a restarted agent would not find this job");
+            }
+        }
         self.running
             .lock()
             .expect("jobs lock")
@@ -271,9 +381,14 @@ impl Runner {
         let (r, job, attempt) = (self.clone(), a.job_id.clone(), a.attempt);
         tokio::spawn(async move {
             let status = child.wait().await;
+            // Whatever the job started and left behind goes with it.
+            if let Some(pid) = pid {
+                kill_group(pid);
+            }
             let _ = out_task.await;
             let _ = err_task.await;
             let _ = writer.await;
+            let _ = std::fs::remove_file(r.record_path(&job, attempt));
             let gpus = {
                 let mut running = r.running.lock().expect("jobs lock");
                 match running.get(&job) {

@@ -15,7 +15,8 @@
 //!   logs, checkpoint and stop signals, job events through an outbox).
 //!
 //! **Invariant:** the agent changes no GPU setting unless `mode = "enforce"`.
-#![forbid(unsafe_code)]
+// One `unsafe` block, in `jobs::supervise`: a `pre_exec` hook (see there).
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod backend;
