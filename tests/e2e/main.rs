@@ -22,6 +22,7 @@ use costmesh_testkit::pubsub::FakePubSub;
 use costmesh_testkit::{free_port, NatsServer, RedisServer};
 use serde_json::{json, Value};
 
+mod kills;
 mod scenarios;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -77,6 +78,23 @@ struct Proc {
     name: String,
     child: tokio::process::Child,
     admin: u16,
+    /// How it was started, to start it again after a kill.
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(bin: &Path, env: &[(String, String)], log: &Path) -> tokio::process::Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        tokio::process::Command::new(bin)
+            .envs(env.iter().cloned())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
 }
 
 /// The whole mesh as processes.
@@ -142,16 +160,14 @@ impl Mesh {
         let mut procs = Vec::new();
         let mut spawn = |name: &str, bin: &str, section: &str, env: Vec<(String, String)>| {
             let admin = free_port();
-            let log = std::fs::File::create(work.path().join(format!("{name}.log"))).unwrap();
-            let mut cmd = tokio::process::Command::new(bins.join(bin));
-            cmd.envs(common.iter().cloned())
-                .env(format!("COSTMESH__{section}__ADMIN__LISTEN"), format!("127.0.0.1:{admin}"))
-                .envs(env)
-                .envs(extra_env.iter().cloned())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .kill_on_drop(true);
-            procs.push(Proc { name: name.to_string(), child: cmd.spawn().unwrap(), admin });
+            let log = work.path().join(format!("{name}.log"));
+            let mut all = common.clone();
+            all.push((format!("COSTMESH__{section}__ADMIN__LISTEN"), format!("127.0.0.1:{admin}")));
+            all.extend(env);
+            all.extend(extra_env.iter().cloned());
+            let bin = bins.join(bin);
+            let child = Proc::spawn(&bin, &all, &log);
+            procs.push(Proc { name: name.to_string(), child, admin, bin, env: all, log });
         };
         for h in hosts {
             let meta = MetadataServer::start().await;
@@ -257,6 +273,42 @@ impl Mesh {
             })
             .await;
         }
+    }
+
+    fn proc(&mut self, name: &str) -> &mut Proc {
+        self.procs.iter_mut().find(|p| p.name == name).unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// SIGKILL, as the OOM killer does: no drain, no final word.
+    pub async fn kill(&mut self, name: &str) {
+        let p = self.proc(name);
+        p.child.start_kill().unwrap();
+        p.child.wait().await.unwrap();
+    }
+
+    /// Starts a killed process again with the same configuration (and admin
+    /// port) and waits until it is ready.
+    pub async fn restart(&mut self, name: &str) {
+        let p = self.proc(name);
+        p.child = Proc::spawn(&p.bin, &p.env, &p.log);
+        let addr = format!("127.0.0.1:{}", p.admin);
+        costmesh_testkit::eventually(WAIT, &format!("{name} ready again"), || {
+            let addr = addr.clone();
+            async move { costmesh_testkit::http_get(&addr, "/readyz").await.is_ok_and(|(s, _)| s == 200) }
+        })
+        .await;
+    }
+
+    /// A service's `/readyz`: (status, body).
+    pub async fn readyz(&mut self, name: &str) -> (u16, String) {
+        let addr = format!("127.0.0.1:{}", self.proc(name).admin);
+        costmesh_testkit::http_get(&addr, "/readyz").await.unwrap_or((0, String::new()))
+    }
+
+    /// A service's `/metrics` text.
+    pub async fn metrics(&mut self, name: &str) -> String {
+        let addr = format!("127.0.0.1:{}", self.proc(name).admin);
+        costmesh_testkit::http_get(&addr, "/metrics").await.map(|(_, b)| b).unwrap_or_default()
     }
 
     /// No process has exited.

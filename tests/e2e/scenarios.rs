@@ -219,6 +219,7 @@ async fn a_day_in_the_life_on_a_simulated_clock() {
         ("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "60s"),
         ("COSTMESH__SCHEDULER__DECIDE_INTERVAL", "1m"),
         ("COSTMESH__SCHEDULER__NODE_TIMEOUT", "2h"),
+        ("COSTMESH__SCHEDULER__NODE_LOST_AFTER", "2h"),
         ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL", "5m"),
         ("COSTMESH__CACHE_GATEWAY__STATS_INTERVAL", "10m"),
         ("COSTMESH__STORAGE_JANITOR__INTERVAL", "1h"),

@@ -94,6 +94,9 @@ struct Sched {
     unsent: HashSet<String>,
     /// Nodes with lost attempts to stop when they are heard from again.
     fence_pending: HashSet<String>,
+    /// The bus's disconnect count at the last liveness check: silence heard
+    /// while the scheduler itself was cut off proves nothing about nodes.
+    disconnects_seen: u64,
 }
 
 /// Runs the scheduler with the dry-run actuator until shutdown.
@@ -121,6 +124,7 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
         last_ask: HashMap::new(),
         unsent: HashSet::new(),
         fence_pending: HashSet::new(),
+        disconnects_seen: ctx.bus().disconnects(),
     };
     s.load().await?;
     // Budget states are whatever the newest event of each scope says; the
@@ -460,6 +464,20 @@ impl Sched {
     /// to stop it if it comes back.
     async fn check_liveness(&mut self, now: DateTime<Utc>) {
         let lost_after = chrono::Duration::from_std(self.cfg.node_lost_after).unwrap_or(chrono::Duration::MAX);
+        let bus = self.ctx.bus();
+        if !bus.is_connected() {
+            return;
+        }
+        if bus.disconnects() != self.disconnects_seen {
+            // Back from an outage of our own: every node gets the full
+            // timeout from now to be heard from again.
+            self.disconnects_seen = bus.disconnects();
+            tracing::info!("scheduler reconnected: node liveness timers restart");
+            for n in self.nodes.values_mut() {
+                n.last_seen = n.last_seen.max(now);
+            }
+            return;
+        }
         let lost: Vec<(Job, DateTime<Utc>)> = self
             .jobs
             .values()

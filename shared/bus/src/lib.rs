@@ -407,6 +407,16 @@ impl Bus {
         }
     }
 
+    /// How many times the connection was lost so far (never, in process).
+    /// A service that judges others by what it heard compares this between
+    /// judgements: it heard nothing while cut off.
+    pub fn disconnects(&self) -> u64 {
+        match self {
+            Bus::Nats(b) => b.disconnects(),
+            Bus::Memory(_) => 0,
+        }
+    }
+
     /// Whether the connection to the server is up (always, in process).
     pub fn is_connected(&self) -> bool {
         match self {

@@ -53,6 +53,8 @@ pub struct NatsBus {
 pub struct Conn {
     client: async_nats::Client,
     js: jetstream::Context,
+    /// Connection losses so far, so a caller can tell it was cut off.
+    disconnects: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::ops::Deref for NatsBus {
@@ -64,12 +66,20 @@ impl std::ops::Deref for NatsBus {
 
 impl NatsBus {
     pub async fn connect(url: &str, opts: &NatsConnectOptions) -> Result<Self> {
+        let disconnects = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = disconnects.clone();
         let mut o = async_nats::ConnectOptions::new().request_timeout(Some(Duration::from_secs(10))).event_callback(
-            |ev| async move {
-                match ev {
-                    async_nats::Event::Disconnected => tracing::warn!(event = %ev, "nats connection lost"),
-                    async_nats::Event::Connected => tracing::info!(event = %ev, "nats connected"),
-                    other => tracing::debug!(event = %other, "nats event"),
+            move |ev| {
+                let counter = counter.clone();
+                async move {
+                    match ev {
+                        async_nats::Event::Disconnected => {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            tracing::warn!(event = %ev, "nats connection lost")
+                        }
+                        async_nats::Event::Connected => tracing::info!(event = %ev, "nats connected"),
+                        other => tracing::debug!(event = %other, "nats event"),
+                    }
                 }
             },
         );
@@ -104,7 +114,7 @@ impl NatsBus {
         }
         let client = o.connect(url).await.map_err(|e| conn_err(format!("connecting to {url}: {e}")))?;
         let js = jetstream::new(client.clone());
-        Ok(Self { inner: std::sync::Arc::new(Conn { client, js }) })
+        Ok(Self { inner: std::sync::Arc::new(Conn { client, js, disconnects }) })
     }
 
     /// The underlying client, for what the bus API does not cover.
@@ -220,6 +230,10 @@ impl NatsBus {
             .map_err(|e| BusError::new(BusErrorKind::NoStream, format!("stream {stream}: {e}")))?;
         let info = stream.consumer_info(durable).await.map_err(other)?;
         Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
+    pub(crate) fn disconnects(&self) -> u64 {
+        self.disconnects.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub(crate) fn is_connected(&self) -> bool {
