@@ -168,7 +168,28 @@ impl Mesh {
             let bin = bins.join(bin);
             let child = Proc::spawn(&bin, &all, &log);
             procs.push(Proc { name: name.to_string(), child, admin, bin, env: all, log });
+            admin
         };
+        // The cost-watcher first, ready before any agent samples: it sees
+        // each GPU's first sample, as the test's recorder does.
+        let cw_admin = spawn(
+            "cost-watcher",
+            "cost-watcher",
+            "COST_WATCHER",
+            vec![
+                ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL".into(), "1s".into()),
+                (
+                    "COSTMESH__COST_WATCHER__BILLING__SUBSCRIPTION".into(),
+                    "projects/costmesh-test/subscriptions/budget".into(),
+                ),
+                ("COSTMESH__COST_WATCHER__BILLING__ENDPOINT".into(), pubsub.endpoint()),
+                ("COSTMESH__COST_WATCHER__BILLING__CREDENTIALS".into(), "anonymous".into()),
+            ],
+        );
+        costmesh_testkit::eventually(WAIT, "cost-watcher ready", || async move {
+            costmesh_testkit::http_get(&format!("127.0.0.1:{cw_admin}"), "/readyz").await.is_ok_and(|(s, _)| s == 200)
+        })
+        .await;
         for h in hosts {
             let meta = MetadataServer::start().await;
             let e = |k: &str, v: String| (format!("COSTMESH__GPU_AGENT__{k}"), v);
@@ -209,20 +230,6 @@ impl Mesh {
                 ("COSTMESH__STORAGE_JANITOR__BASE_DIR".into(), base.display().to_string()),
                 // Passes only when asked (a full disk here must not add passes).
                 ("COSTMESH__STORAGE_JANITOR__DISK_PRESSURE_PCT".into(), "100".into()),
-            ],
-        );
-        spawn(
-            "cost-watcher",
-            "cost-watcher",
-            "COST_WATCHER",
-            vec![
-                ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL".into(), "1s".into()),
-                (
-                    "COSTMESH__COST_WATCHER__BILLING__SUBSCRIPTION".into(),
-                    "projects/costmesh-test/subscriptions/budget".into(),
-                ),
-                ("COSTMESH__COST_WATCHER__BILLING__ENDPOINT".into(), pubsub.endpoint()),
-                ("COSTMESH__COST_WATCHER__BILLING__CREDENTIALS".into(), "anonymous".into()),
             ],
         );
         let routes = format!(
@@ -299,15 +306,19 @@ impl Mesh {
         .await;
     }
 
+    fn admin_of(&self, name: &str) -> u16 {
+        self.procs.iter().find(|p| p.name == name).map(|p| p.admin).unwrap_or_else(|| panic!("no process {name}"))
+    }
+
     /// A service's `/readyz`: (status, body).
-    pub async fn readyz(&mut self, name: &str) -> (u16, String) {
-        let addr = format!("127.0.0.1:{}", self.proc(name).admin);
+    pub async fn readyz(&self, name: &str) -> (u16, String) {
+        let addr = format!("127.0.0.1:{}", self.admin_of(name));
         costmesh_testkit::http_get(&addr, "/readyz").await.unwrap_or((0, String::new()))
     }
 
     /// A service's `/metrics` text.
-    pub async fn metrics(&mut self, name: &str) -> String {
-        let addr = format!("127.0.0.1:{}", self.proc(name).admin);
+    pub async fn metrics(&self, name: &str) -> String {
+        let addr = format!("127.0.0.1:{}", self.admin_of(name));
         costmesh_testkit::http_get(&addr, "/metrics").await.map(|(_, b)| b).unwrap_or_default()
     }
 
@@ -445,5 +456,20 @@ impl Mesh {
             *by.entry(s.service).or_insert(0) += 1;
         }
         by
+    }
+}
+
+impl Drop for Mesh {
+    /// A failed scenario keeps its processes' logs (their directory goes
+    /// with the mesh): copied to `$TMPDIR/costmesh-e2e-<prefix>`.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let keep = std::env::temp_dir().join(format!("costmesh-e2e-{}", self.subjects.prefix()));
+            let _ = std::fs::create_dir_all(&keep);
+            for p in &self.procs {
+                let _ = std::fs::copy(&p.log, keep.join(p.log.file_name().unwrap_or_default()));
+            }
+            eprintln!("e2e: process logs kept in {}", keep.display());
+        }
     }
 }

@@ -13,7 +13,9 @@ const fn host(name: &'static str, cloud: bool, preemptible: bool) -> Host {
 }
 
 /// Requests through the gateway in a loop until stopped; counts failures.
-fn client_loop(m: &Mesh) -> (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+pub(crate) fn client_loop(
+    m: &Mesh,
+) -> (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
     let (stop, ok, failed) =
         (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let gw = m.gateway.clone();
@@ -94,7 +96,7 @@ fn notification(cost_usd: f64) -> Vec<u8> {
     .into_bytes()
 }
 
-fn attrs() -> std::collections::HashMap<String, String> {
+pub(crate) fn attrs() -> std::collections::HashMap<String, String> {
     [("billingAccountId", "01D4EE-079462-DFD6EC"), ("budgetId", "b-cloud"), ("schemaVersion", "1.0")]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

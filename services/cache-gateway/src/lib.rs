@@ -407,16 +407,25 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     // The durable consumer resumes after what was acked, so state that the
     // newest event defines is rebuilt first: each scope's budget state, and
     // the drain of nodes whose preemption deadline is still ahead.
-    for (_, _, b) in ctx.events.latest_per_subject::<costmesh_contracts::v1::BudgetEvent>(vec![ctx.subjects().budget_all()]).await? {
+    for (_, _, b) in
+        ctx.events.latest_per_subject::<costmesh_contracts::v1::BudgetEvent>(vec![ctx.subjects().budget_all()]).await?
+    {
         gw_budget.set(&b.scope, b.state());
     }
     if gw_budget.worst() != costmesh_contracts::v1::BudgetState::Ok {
-        tracing::warn!(state = gw_budget.worst().as_str_name(), "budget state restored at start: the gateway follows it");
+        tracing::warn!(
+            state = gw_budget.worst().as_str_name(),
+            "budget state restored at start: the gateway follows it"
+        );
     }
-    for (_, _, n) in
-        ctx.events.latest_per_subject::<costmesh_contracts::v1::PreemptionNotice>(vec![ctx.subjects().preemption_all()]).await?
+    for (_, _, n) in ctx
+        .events
+        .latest_per_subject::<costmesh_contracts::v1::PreemptionNotice>(vec![ctx.subjects().preemption_all()])
+        .await?
     {
-        if let Some(until) = n.deadline.as_ref().and_then(costmesh_contracts::from_timestamp).filter(|d| *d > ctx.clock.now()) {
+        if let Some(until) =
+            n.deadline.as_ref().and_then(costmesh_contracts::from_timestamp).filter(|d| *d > ctx.clock.now())
+        {
             let drained = gw_routes.drain_node(&n.node, until);
             tracing::warn!(node = %n.node, drained, "preemption still in progress at start: backends on this node drained");
         }

@@ -57,6 +57,18 @@ impl EnergyLedger {
         added
     }
 
+    /// Whether `boot_id` is a finished counter of this GPU (a later boot was seen).
+    pub fn is_retired(&self, node: &str, gpu: u32, boot_id: &str) -> bool {
+        self.retired.get(&format!("{node}/{gpu}")).is_some_and(|r| r.iter().any(|b| b == boot_id))
+    }
+
+    /// Whether this GPU's counter under `boot_id` is already tracked (or retired).
+    pub fn knows(&self, node: &str, gpu: u32, boot_id: &str) -> bool {
+        let key = format!("{node}/{gpu}");
+        self.gpus.get(&key).is_some_and(|s| s.boot_id == boot_id)
+            || self.retired.get(&key).is_some_and(|r| r.iter().any(|b| b == boot_id))
+    }
+
     pub fn total_mj(&self) -> u64 {
         self.total_mj
     }

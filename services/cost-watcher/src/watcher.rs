@@ -335,7 +335,13 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let bucket = format!("{}_cost_watcher", ctx.subjects().prefix().replace(['.', '-'], "_"));
     let kv = ctx.bus().kv(&bucket).await?;
     let (state, revision) = load(&kv).await?;
-    tracing::info!(bucket, restored = revision.is_some(), "ledger state loaded");
+    tracing::info!(
+        bucket,
+        restored = revision.is_some(),
+        ?revision,
+        energy_mj = state.energy.total_mj(),
+        "ledger state loaded"
+    );
     let shared = Arc::new(Mutex::new(Shared { state, revision, dirty: false, generation: 0 }));
     let conflicts = prometheus_client::metrics::counter::Counter::default();
     ctx.register(
@@ -351,6 +357,8 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         conflicts,
     });
 
+    // Asks the main loop for a save before the next evaluation.
+    let save_soon = Arc::new(tokio::sync::Notify::new());
     // One cost-watcher of a group accounts each sample.
     let sub = ctx.bus().queue_subscribe(&ctx.subjects().gpu_telemetry_all(), "cost-watcher").await?;
     ctx.bus().flush().await?;
@@ -359,10 +367,12 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
             (ctx.events.clone(), ctx.shutdown.clone(), shared.clone(), m.clone(), cfg.electricity_price_per_kwh);
         let clock = ctx.clock.clone();
         let tariff = Arc::new(cfg.tariff.clone());
+        let save_soon = save_soon.clone();
         tokio::spawn(async move {
             events
                 .consume_core::<GpuSample, _, _>(sub, shutdown, move |_, meta, s| {
-                    let (shared, m, clock, tariff) = (shared.clone(), m.clone(), clock.clone(), tariff.clone());
+                    let (shared, m, clock, tariff, save_soon) =
+                        (shared.clone(), m.clone(), clock.clone(), tariff.clone(), save_soon.clone());
                     async move {
                         if s.boot_id.is_empty() {
                             return Err(HandlerError::Reject(
@@ -392,7 +402,19 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                         } else if prev.is_some_and(|p| p > at) {
                             sh.state.last_sample.insert(key, prev.unwrap_or(at));
                         }
+                        let known = sh.state.energy.knows(&s.node, s.gpu_index, &s.boot_id);
+                        if sh.state.energy.is_retired(&s.node, s.gpu_index, &s.boot_id) {
+                            tracing::info!(node = %s.node, gpu = s.gpu_index, boot_id = %s.boot_id, energy_mj = s.energy_mj, "sample of a finished counter (the GPU's agent restarted since) arrived late; not booked");
+                        }
                         let added = sh.state.energy.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
+                        if !known {
+                            tracing::info!(node = %s.node, gpu = s.gpu_index, boot_id = %s.boot_id, energy_mj = s.energy_mj, "new energy counter");
+                            // A new counter's baseline: saved at once, or a
+                            // restart would take a later sample as the
+                            // baseline and never book the energy between.
+                            sh.touch();
+                            save_soon.notify_one();
+                        }
                         if added > 0 {
                             if tariff.is_flat() {
                                 *sh.state.energy_mj.entry(period.clone()).or_default() += added;
@@ -514,6 +536,12 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         let now = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             t = ticker.tick() => t,
+            _ = save_soon.notified() => {
+                if let Err(e) = store.save().await {
+                    tracing::error!(error = format!("{e:#}"), "saving the ledger state failed");
+                }
+                continue;
+            }
         };
         let pending = {
             let mut sh = shared.lock().expect("state lock");
@@ -670,7 +698,10 @@ async fn consume_billing(
                     // Saved before the ack: an unsaved notification is not
                     // acked, so Pub/Sub sends it again.
                     if let Err(e) = store.save().await {
-                        tracing::warn!(error = format!("{e:#}"), "ledger not saved; notification left unacked for redelivery");
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "ledger not saved; notification left unacked for redelivery"
+                        );
                         continue;
                     }
                     let subject = ctx.subjects().billing_gcp(&n.budget_id);

@@ -147,7 +147,12 @@ impl Rig {
         let subjects = costmesh_contracts::Subjects::new(&self.mesh.subject_prefix).unwrap();
         let r = self
             .producer
-            .request(&subjects.api("cost-watcher", "summary"), Default::default(), Default::default(), Duration::from_secs(5))
+            .request(
+                &subjects.api("cost-watcher", "summary"),
+                Default::default(),
+                Default::default(),
+                Duration::from_secs(5),
+            )
             .await
             .unwrap();
         serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()
@@ -342,7 +347,7 @@ async fn after_a_nats_restart_the_ledger_is_saved_again_and_the_budget_event_goe
     let t = rig.clock.now();
     rig.sample(&w, "b", 0, t).await;
     rig.sample(&w, "b", KWH_MJ, t).await; // 2.60 of 10.00
-    // NATS dies with a change unsaved; the evaluation tries to save meanwhile.
+                                          // NATS dies with a change unsaved; the evaluation tries to save meanwhile.
     rig.nats.stop();
     costmesh_testkit::eventually(Duration::from_secs(10), "readiness follows the outage", || {
         let h = w.health.clone();
@@ -389,7 +394,11 @@ async fn storage_cost_survives_sigkill_and_cache_counts_survive_sigterm() {
     rig.storage_report(t0 + chrono::Duration::days(1), 31_000_000).await;
     costmesh_testkit::wait_for(Duration::from_secs(10), "storage booked", || async {
         let v = rig.summary().await;
-        if v["cost"]["storage"].as_f64() == Some(1.0) { Ok(()) } else { Err(v["cost"].to_string()) }
+        if v["cost"]["storage"].as_f64() == Some(1.0) {
+            Ok(())
+        } else {
+            Err(v["cost"].to_string())
+        }
     })
     .await;
     // SIGKILL: no tick has run since, no shutdown save.
@@ -413,7 +422,11 @@ async fn storage_cost_survives_sigkill_and_cache_counts_survive_sigterm() {
     rig.producer.flush().await.unwrap();
     costmesh_testkit::wait_for(Duration::from_secs(10), "requests counted", || async {
         let v = rig.summary().await;
-        if v["kpis"]["cost_per_inference_request"].is_number() { Ok(()) } else { Err(v["kpis"].to_string()) }
+        if v["kpis"]["cost_per_inference_request"].is_number() {
+            Ok(())
+        } else {
+            Err(v["kpis"].to_string())
+        }
     })
     .await;
     w.stop().await; // SIGTERM
@@ -426,7 +439,11 @@ async fn storage_cost_survives_sigkill_and_cache_counts_survive_sigterm() {
 #[test]
 fn zero_evaluation_interval_is_refused_naming_the_key() {
     use costmesh_runtime::config::load_service;
-    let e = load_service::<Config>(Some("[cost_watcher]\nevaluate_interval = \"0s\"\n"), &Default::default(), "cost_watcher")
-        .unwrap_err();
+    let e = load_service::<Config>(
+        Some("[cost_watcher]\nevaluate_interval = \"0s\"\n"),
+        &Default::default(),
+        "cost_watcher",
+    )
+    .unwrap_err();
     assert_eq!(e.key, "cost_watcher.evaluate_interval", "{e}");
 }

@@ -437,13 +437,21 @@ async fn publish(ctx: &ServiceContext, gauges: &Gauges, out: Outbox) {
             tracing::warn!(error = %e, %subject, "telemetry publish failed");
         }
     }
-    for a in out.actions {
-        gauges.actions.get_or_create(&ActionLabels { kind: a.kind.clone() }).inc();
-        let subject = ctx.subjects().action(&a.kind);
-        if let Err(e) = ctx.events.publish_durable(&subject, &a).await {
-            tracing::warn!(error = %e, %subject, "action publish failed");
-        }
+    if out.actions.is_empty() {
+        return;
     }
+    // Durable publishes wait for the server; the sampling loop must not
+    // (a NATS outage would stop telemetry until they time out).
+    let (ctx, gauges) = (ctx.clone(), gauges.clone());
+    tokio::spawn(async move {
+        for a in out.actions {
+            gauges.actions.get_or_create(&ActionLabels { kind: a.kind.clone() }).inc();
+            let subject = ctx.subjects().action(&a.kind);
+            if let Err(e) = ctx.events.publish_durable(&subject, &a).await {
+                tracing::warn!(error = %e, %subject, "action publish failed");
+            }
+        }
+    });
 }
 
 /// Runs the agent on `backend` until shutdown. `handle` receives a handle

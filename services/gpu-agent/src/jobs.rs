@@ -232,7 +232,8 @@ impl Runner {
             self.seen.lock().expect("jobs lock").insert(rec.job_id.clone(), rec.attempt);
             let mut ev = self.event(&rec.job_id, rec.attempt, JobEventKind::Interrupted, &rec.gpus);
             ev.exit_code = 137;
-            ev.reason = "the gpu-agent running it was killed; its processes were stopped when the agent restarted".into();
+            ev.reason =
+                "the gpu-agent running it was killed; its processes were stopped when the agent restarted".into();
             self.outbox.send(ev);
             let _ = std::fs::remove_file(&path);
         }

@@ -504,16 +504,11 @@ impl Sched {
     /// A node with lost attempts is heard from again: tell it to stop them
     /// (its consumer takes these before any newer assignment), then forget them.
     async fn fence_returned(&mut self, node: &str) {
-        let holders: Vec<Job> = self
-            .jobs
-            .values()
-            .filter(|(j, _)| j.lost.iter().any(|l| l.node == node))
-            .map(|(j, _)| j.clone())
-            .collect();
+        let holders: Vec<Job> =
+            self.jobs.values().filter(|(j, _)| j.lost.iter().any(|l| l.node == node)).map(|(j, _)| j.clone()).collect();
         let mut all_sent = true;
         for mut job in holders {
-            let (stale, keep): (Vec<LostAttempt>, Vec<LostAttempt>) =
-                job.lost.drain(..).partition(|l| l.node == node);
+            let (stale, keep): (Vec<LostAttempt>, Vec<LostAttempt>) = job.lost.drain(..).partition(|l| l.node == node);
             for l in &stale {
                 let sig = JobSignal {
                     job_id: job.id.clone(),

@@ -370,7 +370,11 @@ async fn a_silent_node_loses_its_jobs_they_run_elsewhere_and_it_is_told_to_stop_
     ghost_sample(&m, "ghost", 2).await;
     costmesh_testkit::wait_for(WAIT, "the ghost node known", || async {
         let n = m.api("nodes", json!({})).await;
-        if n["nodes"].as_array().is_some_and(|a| a.len() == 1) { Ok(()) } else { Err(n.to_string()) }
+        if n["nodes"].as_array().is_some_and(|a| a.len() == 1) {
+            Ok(())
+        } else {
+            Err(n.to_string())
+        }
     })
     .await;
     let id = m.submit(job("orphaned", 0.5, json!({"gpus": 2, "maxRetries": 3}))).await;
@@ -399,7 +403,11 @@ async fn a_silent_node_loses_its_jobs_they_run_elsewhere_and_it_is_told_to_stop_
     costmesh_testkit::wait_for(WAIT, "attempt 2 on gpu-1", || async {
         m.time.advance(SAMPLE).await;
         let j = m.show(&id).await;
-        if j["state"] == "running" && j["node"] == "gpu-1" && j["attempt"] == 2 { Ok(()) } else { Err(j.to_string()) }
+        if j["state"] == "running" && j["node"] == "gpu-1" && j["attempt"] == 2 {
+            Ok(())
+        } else {
+            Err(j.to_string())
+        }
     })
     .await;
     assert_eq!(m.count(&id, JobEventKind::Lost), 1);
@@ -407,7 +415,10 @@ async fn a_silent_node_loses_its_jobs_they_run_elsewhere_and_it_is_told_to_stop_
     ghost_sample(&m, "ghost", 2).await;
     let sig = tokio::time::timeout(WAIT, signals.next()).await.expect("a stop for the stale attempt").unwrap();
     let (_, sig) = costmesh_contracts::decode::<costmesh_contracts::v1::JobSignal>(&sig.headers, &sig.payload).unwrap();
-    assert_eq!((sig.job_id.as_str(), sig.attempt, sig.kind()), (id.as_str(), 1, costmesh_contracts::v1::JobSignalKind::Stop));
+    assert_eq!(
+        (sig.job_id.as_str(), sig.attempt, sig.kind()),
+        (id.as_str(), 1, costmesh_contracts::v1::JobSignalKind::Stop)
+    );
     // Its stale report of attempt 1 changes nothing.
     let exited = costmesh_contracts::v1::JobEvent {
         job_id: id.clone(),
@@ -452,7 +463,11 @@ async fn a_restarted_scheduler_remembers_an_exceeded_budget() {
     .await;
     m.time.advance(Duration::from_secs(120)).await;
     m.learn_nodes(1).await;
-    assert_eq!(m.show(&after).await["state"], "queued", "a restarted scheduler placed cloud work past an exceeded budget");
+    assert_eq!(
+        m.show(&after).await["state"],
+        "queued",
+        "a restarted scheduler placed cloud work past an exceeded budget"
+    );
     m.stop_scheduler().await;
 }
 
@@ -489,7 +504,11 @@ async fn the_job_list_is_paged_and_finished_jobs_are_pruned() {
     costmesh_testkit::wait_for(WAIT, "10 finished jobs pruned", || async {
         m.time.advance(Duration::from_secs(60)).await;
         let p = m.api("list", json!({})).await;
-        if p["total"] == 240 { Ok(()) } else { Err(p["total"].to_string()) }
+        if p["total"] == 240 {
+            Ok(())
+        } else {
+            Err(p["total"].to_string())
+        }
     })
     .await;
     assert!(m.show(&ids[0]).await.is_null());

@@ -344,7 +344,12 @@ impl Validate for Config {
             ));
         }
         use costmesh_runtime::config::check_duration;
-        check_duration(key(p, "interval"), self.interval, Duration::from_secs(60), Duration::from_secs(30 * 24 * 3600))?;
+        check_duration(
+            key(p, "interval"),
+            self.interval,
+            Duration::from_secs(60),
+            Duration::from_secs(30 * 24 * 3600),
+        )?;
         check_duration(
             key(p, "pressure_check"),
             self.pressure_check,

@@ -224,6 +224,7 @@ fn job_paths(a: &v1::JobAssignment) -> Vec<PathBuf> {
 
 const IN_USE_KEY: &str = "in_use";
 const LAST_PASS_KEY: &str = "last_pass";
+const PENDING_PASS_KEY: &str = "pending_pass";
 
 /// Runs the janitor until shutdown.
 pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
@@ -242,24 +243,29 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     // The janitor's own state, in KV so a restart (even SIGKILL) keeps it:
     // which paths running jobs use, and when the last pass ran.
     let kv = ctx.kv("storage_janitor").await?;
-    let jobs: Arc<Mutex<std::collections::BTreeMap<String, Vec<PathBuf>>>> = Arc::new(Mutex::new(
-        match kv.get(IN_USE_KEY).await? {
+    let jobs: Arc<Mutex<std::collections::BTreeMap<String, Vec<PathBuf>>>> =
+        Arc::new(Mutex::new(match kv.get(IN_USE_KEY).await? {
             Some(e) => serde_json::from_slice(&e.value).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "in-use record unreadable: starting from the job events still to come");
                 Default::default()
             }),
             None => Default::default(),
-        },
-    ));
-    *janitor.in_use.lock().expect("in-use lock") = jobs.lock().expect("jobs lock").values().flatten().cloned().collect();
+        }));
+    *janitor.in_use.lock().expect("in-use lock") =
+        jobs.lock().expect("jobs lock").values().flatten().cloned().collect();
     let mut last_pass: Option<DateTime<Utc>> = match kv.get(LAST_PASS_KEY).await? {
         Some(e) => std::str::from_utf8(&e.value).ok().and_then(|v| v.parse().ok()),
         None => None,
     };
     tracing::info!(jobs_in_use = jobs.lock().expect("jobs lock").len(), ?last_pass, "janitor state loaded");
+    let pending_pass = kv.get(PENDING_PASS_KEY).await?.is_some();
 
     // Budget warnings ask for an extra pass; job events protect model paths.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    if pending_pass {
+        tracing::info!("a pass asked for before the restart has not run yet: running it");
+        let _ = tx.send("budget_warning");
+    }
     let (in_use, jobs2, tx2, kv2) = (janitor.in_use.clone(), jobs.clone(), tx.clone(), kv.clone());
     let filters = vec![ctx.subjects().budget_all(), ctx.subjects().jobs_all(), ctx.subjects().node_assign_all()];
     ctx.spawn_durable::<AnyEvent, _, _>("events", filters, move |msg, _, event| {
@@ -268,6 +274,9 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
             let changed = match event {
                 AnyEvent::BudgetEvent(b) if b.state() == BudgetState::Warning => {
                     tracing::info!(scope = %b.scope, "budget warning: extra storage pass");
+                    // Recorded before the ack, so a janitor killed before the
+                    // pass runs it after its restart.
+                    kv.put(PENDING_PASS_KEY, b"budget_warning".to_vec().into()).await?;
                     let _ = tx.send("budget_warning");
                     false
                 }
@@ -367,6 +376,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "storage report publish failed");
         }
         last_pass = Some(now);
+        if trigger == "budget_warning" {
+            if let Err(e) = kv.delete(PENDING_PASS_KEY).await {
+                tracing::warn!(error = %e, "pending-pass marker not cleared; a restart may run one pass more");
+            }
+        }
         if let Err(e) = kv.put(LAST_PASS_KEY, now.to_rfc3339().into_bytes().into()).await {
             tracing::warn!(error = %e, "last pass time not saved; a restart may run the next pass early");
         }

@@ -35,6 +35,9 @@ pub struct NatsConnectOptions {
     pub retry_on_initial_connect: bool,
 }
 
+/// The longest a durable publish waits for its acknowledgement.
+const DURABLE_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn conn_err(e: impl std::fmt::Display) -> BusError {
     BusError::new(BusErrorKind::Connection, e.to_string())
 }
@@ -212,13 +215,22 @@ impl NatsBus {
             };
             BusError::new(kind, format!("publishing to {subject}: {e}"))
         };
-        let ack = self
-            .js
-            .publish_with_headers(subject.to_string(), to_nats_headers(&headers), payload)
-            .await
-            .map_err(map)?
-            .await
-            .map_err(map)?;
+        // Bounded whatever the client does: a publish caught by a server
+        // restart must fail (and be retried by its caller), never hang.
+        let send = async {
+            self.js
+                .publish_with_headers(subject.to_string(), to_nats_headers(&headers), payload)
+                .await
+                .map_err(map)?
+                .await
+                .map_err(map)
+        };
+        let ack = tokio::time::timeout(DURABLE_PUBLISH_TIMEOUT, send).await.map_err(|_| {
+            BusError::new(
+                BusErrorKind::TimedOut,
+                format!("publishing to {subject}: no acknowledgement within {DURABLE_PUBLISH_TIMEOUT:?}"),
+            )
+        })??;
         Ok(PubAck { sequence: ack.sequence, duplicate: ack.duplicate })
     }
 

@@ -19,9 +19,14 @@ struct State {
     next: u64,
     /// ack id -> message, delivered and not yet acknowledged.
     outstanding: BTreeMap<String, ReceivedMessage>,
+    /// Which stream holds each outstanding message: a stream that breaks
+    /// (its client died) gives its messages back, as Pub/Sub does when
+    /// their leases lapse.
+    holder: HashMap<String, u64>,
+    next_stream: u64,
     acked: Vec<String>,
     /// Open streaming pulls.
-    streams: Vec<mpsc::UnboundedSender<Result<StreamingPullResponse, Status>>>,
+    streams: Vec<(u64, mpsc::UnboundedSender<Result<StreamingPullResponse, Status>>)>,
     /// Published before any stream was open.
     backlog: Vec<ReceivedMessage>,
     subscriptions_seen: Vec<String>,
@@ -105,12 +110,17 @@ impl FakePubSub {
 
 fn deliver(s: &mut State, msg: ReceivedMessage) {
     s.outstanding.insert(msg.ack_id.clone(), msg.clone());
-    s.streams.retain(|t| !t.is_closed());
-    match s.streams.first() {
-        Some(tx) => {
+    s.streams.retain(|(_, t)| !t.is_closed());
+    // The newest stream: an older one may belong to a client that just died.
+    match s.streams.last().cloned() {
+        Some((id, tx)) => {
+            s.holder.insert(msg.ack_id.clone(), id);
             let _ = tx.send(Ok(StreamingPullResponse { received_messages: vec![msg], ..Default::default() }));
         }
-        None => s.backlog.push(msg),
+        None => {
+            s.holder.remove(&msg.ack_id);
+            s.backlog.push(msg)
+        }
     }
 }
 
@@ -141,21 +151,39 @@ impl tonic::server::StreamingService<StreamingPullRequest> for StreamingPull {
                 return Err(Status::invalid_argument("the first StreamingPullRequest must name a subscription"));
             }
             let (tx, rx) = mpsc::unbounded_channel();
-            {
+            let stream_id = {
                 let mut s = state.lock().expect("fake pubsub lock");
                 s.subscriptions_seen.push(first.subscription.clone());
                 ack(&mut s, &first.ack_ids);
+                s.next_stream += 1;
+                let id = s.next_stream;
                 let backlog: Vec<ReceivedMessage> = std::mem::take(&mut s.backlog);
                 if !backlog.is_empty() {
+                    for m in &backlog {
+                        s.holder.insert(m.ack_id.clone(), id);
+                    }
                     let _ = tx.send(Ok(StreamingPullResponse { received_messages: backlog, ..Default::default() }));
                 }
-                s.streams.push(tx);
-            }
+                s.streams.push((id, tx));
+                id
+            };
             // Later requests on the stream may carry acks.
             let st = state.clone();
             tokio::spawn(async move {
                 while let Ok(Some(req)) = inbound.message().await {
                     ack(&mut st.lock().expect("fake pubsub lock"), &req.ack_ids);
+                }
+                // The client went away: what it held unacked goes out again.
+                let mut s = st.lock().expect("fake pubsub lock");
+                s.streams.retain(|(i, _)| *i != stream_id);
+                let held: Vec<ReceivedMessage> = s
+                    .holder
+                    .iter()
+                    .filter(|(_, i)| **i == stream_id)
+                    .filter_map(|(a, _)| s.outstanding.get(a).cloned())
+                    .collect();
+                for m in held {
+                    deliver(&mut s, m);
                 }
             });
             let out = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
