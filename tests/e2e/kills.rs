@@ -44,10 +44,13 @@ pub fn job_processes() -> BTreeMap<String, BTreeSet<u32>> {
     out
 }
 
+/// A job and the attempts seen alive at one moment.
+type Double = (String, BTreeSet<u32>);
+
 /// Watches `/proc` until stopped; records every moment a job had two attempts alive.
 pub struct DoubleRunWatch {
     stop: Arc<AtomicBool>,
-    doubles: Arc<Mutex<Vec<(String, BTreeSet<u32>)>>>,
+    doubles: Arc<Mutex<Vec<Double>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -70,7 +73,7 @@ impl DoubleRunWatch {
         Self { stop, doubles, task }
     }
 
-    pub async fn finish(self) -> Vec<(String, BTreeSet<u32>)> {
+    pub async fn finish(self) -> Vec<Double> {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.task.await;
         let d = self.doubles.lock().unwrap().clone();

@@ -91,3 +91,35 @@ async fn malformed_messages_are_dead_lettered_and_the_next_good_one_is_handled()
         );
     }
 }
+
+/// A message just under NATS's max payload cannot be dead-lettered whole
+/// (the DLQ headers push it over): its headers and reason are kept with the
+/// payload cut to fit, and the cut is said in a header.
+#[tokio::test]
+async fn a_message_near_the_max_payload_is_dead_lettered_with_its_payload_cut() {
+    costmesh_runtime::telemetry::init_for_tests();
+    let t = TestMesh::new("dlqbig");
+    let watcher = t.context("cost-watcher").await;
+    let subjects = watcher.subjects().clone();
+    let health = watcher.health.clone();
+    watcher.events.ensure_stream().await.unwrap();
+    tokio::spawn(costmesh_cost_watcher::run(Default::default(), watcher));
+    costmesh_testkit::eventually(WAIT, "cost-watcher ready", || {
+        let h = health.clone();
+        async move { h.is_ready() }
+    })
+    .await;
+    let producer = t.bus().await;
+    let mut dlq = producer.subscribe(&subjects.dlq("cost-watcher")).await.unwrap();
+    producer.flush().await.unwrap();
+    let max = producer.max_payload();
+    let payload = vec![0xffu8; max - 512];
+    let h = hdrs(&[("ce-type", "costmesh.v1.GpuSample"), ("content-type", "application/protobuf")]);
+    producer.publish(&subjects.gpu_telemetry("n1", 0), h, Bytes::from(payload.clone())).await.unwrap();
+    producer.flush().await.unwrap();
+    let m = tokio::time::timeout(WAIT, dlq.next()).await.expect("a dead letter for the big message").unwrap();
+    assert!(m.headers.get(names::DLQ_REASON).unwrap_or_default().starts_with("malformed_payload"));
+    let cut = m.headers.get(names::DLQ_TRUNCATED).unwrap_or_default().to_string();
+    assert!(cut.ends_with(&format!("of {} bytes kept", payload.len())), "{cut}");
+    assert!(m.payload.len() < payload.len() && m.payload[..] == payload[..m.payload.len()]);
+}

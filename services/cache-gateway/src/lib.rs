@@ -483,3 +483,33 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let _ = server.await;
     Ok(())
 }
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+    use costmesh_runtime::config::load_service;
+
+    fn load(toml: &str) -> Result<Config, costmesh_runtime::config::ConfigError> {
+        load_service::<Config>(Some(toml), &Default::default(), "cache_gateway").map(|l| l.service)
+    }
+
+    #[test]
+    fn zero_intervals_sizes_and_unknown_backend_keys_are_refused_naming_the_key() {
+        for (toml, key) in [
+            ("[cache_gateway]\nstats_interval = \"0s\"\n", "cache_gateway.stats_interval"),
+            ("[cache_gateway]\nhealth_interval = \"0s\"\n", "cache_gateway.health_interval"),
+            ("[cache_gateway]\nbackend_timeout = \"0s\"\n", "cache_gateway.backend_timeout"),
+            ("[cache_gateway]\nmax_body_bytes = 0\n", "cache_gateway.max_body_bytes"),
+            ("[cache_gateway.budget]\nretry_after = \"0s\"\n", "cache_gateway.budget.retry_after"),
+        ] {
+            let e = load(toml).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
+        let e =
+            load("[[cache_gateway.routes]]\nname = \"r\"\nbackends = [{ url = \"http://127.0.0.1:1\", weight = 3 }]\n")
+                .unwrap_err();
+        assert!(e.key.starts_with("cache_gateway.routes"), "{e}");
+        load("[[cache_gateway.routes]]\nname = \"r\"\nbackends = [{ url = \"http://127.0.0.1:1\", pool = \"preemptible\" }]\n")
+            .unwrap();
+    }
+}

@@ -85,6 +85,7 @@ async fn a_budget_warning_runs_an_extra_pass_and_a_running_jobs_model_is_kept() 
 }
 
 #[tokio::test]
+#[allow(clippy::async_yields_async)] // `start` hands back the janitor's task, to abort it
 async fn a_restarted_janitor_keeps_running_jobs_models_and_its_schedule_and_dead_letters_foreign_events() {
     costmesh_runtime::telemetry::init_for_tests();
     let nats = NatsServer::start_new();
