@@ -469,6 +469,7 @@ impl Drop for Mesh {
             for p in &self.procs {
                 let _ = std::fs::copy(&p.log, keep.join(p.log.file_name().unwrap_or_default()));
             }
+            let _ = std::fs::copy(self.nats.store_dir().join("nats-server.log"), keep.join("nats-server.log"));
             eprintln!("e2e: process logs kept in {}", keep.display());
         }
     }

@@ -69,6 +69,9 @@ impl Shared {
 
 const STATE_KEY: &str = "state";
 
+/// The longest one ledger write may take.
+const SAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 async fn load(kv: &Kv) -> anyhow::Result<(State, Option<u64>)> {
     match kv.get(STATE_KEY).await? {
         Some(e) => Ok((serde_json::from_slice(&e.value)?, Some(e.revision))),
@@ -106,9 +109,18 @@ impl Store {
                 s.state.writer = Some(self.writer.clone());
                 (Bytes::from(serde_json::to_vec(&s.state)?), s.revision, s.generation)
             };
-            let r = match rev {
-                Some(r) => self.kv.update(STATE_KEY, bytes, r).await,
-                None => self.kv.create(STATE_KEY, bytes).await,
+            // A write sent during a NATS outage waits for the client's request
+            // timeout; a short bound lets the next evaluation save again soon
+            // after the reconnect instead.
+            let write = async {
+                match rev {
+                    Some(r) => self.kv.update(STATE_KEY, bytes, r).await,
+                    None => self.kv.create(STATE_KEY, bytes).await,
+                }
+            };
+            let r = match tokio::time::timeout(SAVE_TIMEOUT, write).await {
+                Ok(r) => r,
+                Err(_) => anyhow::bail!("ledger save timed out after {SAVE_TIMEOUT:?} (NATS unreachable?)"),
             };
             match r {
                 Ok(new) => {
