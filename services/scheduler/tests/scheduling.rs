@@ -520,3 +520,17 @@ async fn the_job_list_is_paged_and_finished_jobs_are_pruned() {
     assert!(bad["error"].as_str().unwrap().contains("unknown field"), "{bad}");
     m.stop_scheduler().await;
 }
+
+#[tokio::test]
+async fn undecodable_telemetry_is_dead_lettered_with_its_reason() {
+    let m = Mesh::start("schedtelemetrydlq", "2026-07-01T06:00:00Z", Default::default(), &[]).await;
+    let mut dlq = m.bus.subscribe(&m.subjects.dlq("scheduler")).await.unwrap();
+    m.bus.flush().await.unwrap();
+    let mut h = costmesh_bus::Headers::new();
+    h.insert("ce-type", "costmesh.v1.GpuSample");
+    h.insert("content-type", "application/protobuf");
+    m.bus.publish(&m.subjects.gpu_telemetry("n1", 0), h, bytes::Bytes::from_static(b"\xff\xff garbage")).await.unwrap();
+    let d = tokio::time::timeout(WAIT, dlq.next()).await.expect("a dead letter from the scheduler").unwrap();
+    let reason = d.headers.get(costmesh_contracts::headers::names::DLQ_REASON).unwrap_or_default().to_string();
+    assert!(reason.starts_with("malformed_payload"), "{reason}");
+}

@@ -190,6 +190,48 @@ async fn invalid_subjects_are_refused(f: Fixture) {
     assert!(f.bus.subscribe("a..b").await.is_err());
 }
 
+/// A stream bounded in bytes drops its oldest messages; the newest message
+/// of each subject is what `last_per_subject` returns, oldest first; a
+/// consumer's backlog counts what it has not had acked.
+async fn stream_limits_last_per_subject_and_backlog(f: Fixture) {
+    let bus = &f.bus;
+    let spec = StreamSpec {
+        name: "CONF_LIMITS".into(),
+        subjects: vec!["lim.>".into()],
+        duplicate_window: Duration::from_secs(60),
+        max_age: Duration::ZERO,
+        max_bytes: 4096,
+    };
+    bus.ensure_stream(&spec).await.unwrap();
+    for i in 0..100u32 {
+        let subject = if i % 2 == 0 { "lim.even" } else { "lim.odd" };
+        bus.publish_durable(subject, Headers::new(), Bytes::from(vec![i as u8; 200])).await.unwrap();
+    }
+    let last = bus.last_per_subject("CONF_LIMITS", &["lim.>".into()]).await.unwrap();
+    let got: Vec<(String, u8)> = last.iter().map(|(_, m)| (m.subject.clone(), m.payload[0])).collect();
+    assert_eq!(got, vec![("lim.even".to_string(), 98), ("lim.odd".to_string(), 99)]);
+    let consumer = ConsumerSpec {
+        stream: "CONF_LIMITS".into(),
+        durable: "lim".into(),
+        filter_subjects: vec!["lim.>".into()],
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 0,
+        deliver_from: DeliverFrom::All,
+    };
+    let mut sub = bus.consume(&consumer).await.unwrap();
+    let first = tokio::time::timeout(WAIT, sub.next()).await.unwrap().unwrap();
+    assert!(first.message.payload[0] > 50, "the oldest messages were dropped past max_bytes");
+    let kept = 100 - first.message.payload[0] as u64;
+    assert!(kept * 200 <= 4096 + 200, "{kept} messages kept");
+    let backlog = bus.consumer_backlog("CONF_LIMITS", "lim").await.unwrap();
+    assert_eq!(backlog, kept, "nothing acked yet");
+    first.ack().await.unwrap();
+    costmesh_testkit::eventually(WAIT, "the ack counted", || async {
+        bus.consumer_backlog("CONF_LIMITS", "lim").await.unwrap() == kept - 1
+    })
+    .await;
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod memory_backend {
@@ -210,6 +252,7 @@ conformance!(
     jetstream_dedupe_and_redelivery,
     kv_compare_and_set,
     invalid_subjects_are_refused,
+    stream_limits_last_per_subject_and_backlog,
 );
 
 /// The harness can kill and restart nats-server mid-test: the client
