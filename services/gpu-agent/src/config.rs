@@ -217,7 +217,7 @@ impl Default for Config {
 
 impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
-        costmesh_contracts::subjects::validate_token(&self.node)
+        costmesh_contracts::subjects::validate_name(&self.node)
             .map_err(|e| ConfigError::new(key(p, "node"), &self.node, e))?;
         if self.preemptible && !self.cloud {
             return Err(ConfigError::new(

@@ -250,6 +250,10 @@ impl Runner {
         if a.node != self.node {
             return Err(HandlerError::Reject(format!("assignment for node {:?} reached node {:?}", a.node, self.node)));
         }
+        // The id becomes a directory under the logs root and a subject token.
+        if let Err(why) = costmesh_contracts::subjects::validate_name(&a.job_id) {
+            return Err(HandlerError::Reject(format!("assignment's job id refused: {why}")));
+        }
         {
             let mut seen = self.seen.lock().expect("jobs lock");
             let newest = seen.entry(a.job_id.clone()).or_insert(0);
@@ -506,6 +510,18 @@ impl Runner {
         }
     }
 
+    /// `path` with links resolved, if it lies under the logs root (also
+    /// resolved): a link inside the root pointing out of it is refused.
+    fn inside_logs_root(&self, path: &std::path::Path) -> Result<PathBuf, String> {
+        let root = std::fs::canonicalize(&self.cfg.logs_root)
+            .map_err(|e| format!("logs root {}: {e}", self.cfg.logs_root.display()))?;
+        let real = std::fs::canonicalize(path).map_err(|e| format!("no log at {}: {e}", path.display()))?;
+        if !real.starts_with(&root) {
+            return Err(format!("{} resolves outside the logs root", path.display()));
+        }
+        Ok(real)
+    }
+
     /// Answers `{"job_id": .., "attempt": .., "tail_bytes": ..}` with the end of that log.
     async fn serve_logs(&self, mut sub: costmesh_bus::Subscription) {
         #[derive(serde::Deserialize)]
@@ -524,15 +540,22 @@ impl Runner {
                 Err(e) => {
                     serde_json::json!({"error": format!("logs request: {e} (expected {{\"job_id\", \"attempt\"}})")})
                 }
+                Ok(req) if costmesh_contracts::subjects::validate_name(&req.job_id).is_err() => {
+                    let why = costmesh_contracts::subjects::validate_name(&req.job_id).unwrap_err();
+                    serde_json::json!({"error": format!("logs request: job_id refused: {why}")})
+                }
                 Ok(req) => {
                     let path = self.log_path(&req.job_id, req.attempt);
-                    match tokio::fs::read(&path).await {
-                        Ok(bytes) => {
-                            let tail = req.tail_bytes.unwrap_or(64 * 1024) as usize;
-                            let from = bytes.len().saturating_sub(tail);
-                            serde_json::json!({"path": path, "log": String::from_utf8_lossy(&bytes[from..])})
-                        }
-                        Err(e) => serde_json::json!({"error": format!("no log at {}: {e}", path.display())}),
+                    match self.inside_logs_root(&path) {
+                        Err(why) => serde_json::json!({"error": format!("logs request refused: {why}")}),
+                        Ok(path) => match tokio::fs::read(&path).await {
+                            Ok(bytes) => {
+                                let tail = req.tail_bytes.unwrap_or(64 * 1024) as usize;
+                                let from = bytes.len().saturating_sub(tail);
+                                serde_json::json!({"path": path, "log": String::from_utf8_lossy(&bytes[from..])})
+                            }
+                            Err(e) => serde_json::json!({"error": format!("no log at {}: {e}", path.display())}),
+                        },
                     }
                 }
             };

@@ -200,3 +200,49 @@ async fn an_agent_shutting_down_stops_its_jobs_and_reports_them_interrupted() {
     assert!(e.reason.contains("gpu-agent is shutting down"), "{e:?}");
     assert!(n.log("j9", 1).contains("stopping"), "the job got SIGTERM first");
 }
+
+/// `costmesh jobs logs` asks the node: ids with `/` or `..` are refused,
+/// and a link inside the logs root that points out of it is not followed.
+#[tokio::test]
+async fn the_logs_api_reads_nothing_outside_the_logs_root() {
+    let n = node("logsapi").await;
+    let ask = |job: &str, attempt: u32| {
+        let (bus, subject, body) = (
+            n.bus.clone(),
+            n.subjects.node_logs("n1"),
+            serde_json::json!({"job_id": job, "attempt": attempt}).to_string(),
+        );
+        async move {
+            let r = bus.request(&subject, Default::default(), bytes::Bytes::from(body), WAIT).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()
+        }
+    };
+    // A secret outside the root, and a log directory that links to it.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("1.log"), "secret").unwrap();
+    std::os::unix::fs::symlink(outside.path(), n.logs.path().join("j-evil")).unwrap();
+    for (job, why) in [
+        (outside.path().display().to_string(), "job_id refused"),
+        ("../../etc".to_string(), "job_id refused"),
+        ("..".to_string(), "job_id refused"),
+        ("j-evil".to_string(), "resolves outside the logs root"),
+    ] {
+        let v = ask(&job, 1).await;
+        let err = v["error"].as_str().unwrap_or_default().to_string();
+        assert!(err.contains(why), "{job}: {v}");
+        assert!(v["log"].is_null() && !v.to_string().contains("secret"), "{job}: {v}");
+    }
+    // A real job's log is still served.
+    n.assign("j-real", 1, "/bin/sh", &["-c", "echo hello-log"]).await;
+    n.wait("exited", |e| e.job_id == "j-real" && e.kind() == JobEventKind::Exited).await;
+    let v = ask("j-real", 1).await;
+    assert!(v["log"].as_str().is_some_and(|l| l.contains("hello-log")), "{v}");
+    // An assignment whose id is a path is dead-lettered, and runs nothing.
+    let mut dlq = n.bus.subscribe(&n.subjects.dlq("gpu-agent")).await.unwrap();
+    n.bus.flush().await.unwrap();
+    n.assign("../escape", 1, "/bin/sh", &["-c", "touch /tmp/costmesh-should-not-exist"]).await;
+    let d = tokio::time::timeout(WAIT, dlq.next()).await.expect("a dead letter").unwrap();
+    let reason = d.headers.get(costmesh_contracts::headers::names::DLQ_REASON).unwrap_or_default().to_string();
+    assert!(reason.contains("job id refused"), "{reason}");
+    assert!(!std::path::Path::new("/tmp/costmesh-should-not-exist").exists());
+}

@@ -125,6 +125,23 @@ pub fn validate_token(value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a name that becomes a subject token *and* a file name (a job id,
+/// a node name, a route): 1 to 128 of `A-Z a-z 0-9 _ -`, not starting with
+/// `-`. So no `/`, no `..`, no wildcard and nothing a shell or a path
+/// would read differently.
+pub fn validate_name(value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > 128 {
+        return Err(format!("{value:?} must be 1 to 128 characters"));
+    }
+    if value.starts_with('-') {
+        return Err(format!("{value:?} may not start with '-'"));
+    }
+    if let Some(c) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
+        return Err(format!("{value:?} may hold only letters, digits, '_' and '-' (found {c:?})"));
+    }
+    Ok(())
+}
+
 /// Lower-case name of an enum value without its type prefix
 /// (`BUDGET_STATE_EXCEEDED` -> `exceeded`).
 fn enum_token(full: &str, prefix: &str) -> String {
@@ -270,6 +287,16 @@ impl Subjects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_that_become_paths_are_strict() {
+        for ok in ["j-0c14921396ec", "gpu-1", "local_1", "A9"] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "/some/dir", "..", "a/b", "a.b", "-rf", "a b", "x*", "é", &"x".repeat(129)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn builds_the_documented_subjects() {
