@@ -12,9 +12,22 @@ use serde_json::{json, Value};
 /// that talks to running services over NATS.
 #[derive(Args, Debug)]
 pub struct Conn {
-    /// NATS server (or COSTMESH__NATS__URL).
+    /// NATS server (or COSTMESH__NATS__URL, or NATS_URL as the nats CLI
+    /// reads it). `nats://user:pass@host` and `nats://token@host` work.
     #[arg(long, env = "COSTMESH__NATS__URL")]
-    pub nats: String,
+    pub nats: Option<String>,
+    /// A `.creds` file (JWT and nkey seed), or NATS_CREDS.
+    #[arg(long = "nats-creds", env = "NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// User name; the password comes from `--nats-password-file`.
+    #[arg(long = "nats-user")]
+    pub nats_user: Option<String>,
+    /// A file holding the password (never the password on the command line).
+    #[arg(long = "nats-password-file")]
+    pub nats_password_file: Option<std::path::PathBuf>,
+    /// A file holding a token.
+    #[arg(long = "nats-token-file")]
+    pub nats_token_file: Option<std::path::PathBuf>,
     /// Subject prefix.
     #[arg(long, default_value = "costmesh")]
     pub prefix: String,
@@ -99,6 +112,39 @@ pub enum JobsCommand {
     },
 }
 
+fn secret_file(flag: &str, path: &std::path::Path) -> anyhow::Result<String> {
+    let s = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?;
+    Ok(s.trim_end_matches(['\n', '\r']).to_string())
+}
+
+impl Conn {
+    /// The server URL: `--nats`, COSTMESH__NATS__URL, then NATS_URL.
+    pub fn url(&self) -> anyhow::Result<String> {
+        self.nats
+            .clone()
+            .or_else(|| std::env::var("NATS_URL").ok())
+            .ok_or_else(|| anyhow::anyhow!("no NATS server: pass --nats (or set COSTMESH__NATS__URL or NATS_URL)"))
+    }
+
+    /// Connects with the credentials given by flags (or in the URL).
+    pub async fn connect(&self, name: &str) -> anyhow::Result<NatsBus> {
+        let mut o = costmesh_bus::NatsConnectOptions { name: Some(name.to_string()), ..Default::default() };
+        o.credentials_file = self.nats_creds.clone();
+        if let Some(user) = &self.nats_user {
+            let Some(f) = &self.nats_password_file else {
+                anyhow::bail!("--nats-user needs --nats-password-file");
+            };
+            o.user = Some(user.clone());
+            o.password = Some(secret_file("--nats-password-file", f)?);
+        }
+        if let Some(f) = &self.nats_token_file {
+            o.token = Some(secret_file("--nats-token-file", f)?);
+        }
+        // The error names the server with any secret masked (the bus does that).
+        Ok(NatsBus::connect(&self.url()?, &o).await?)
+    }
+}
+
 struct Client {
     bus: Bus,
     subjects: Subjects,
@@ -106,7 +152,7 @@ struct Client {
 
 impl Client {
     async fn new(c: &Conn) -> anyhow::Result<Self> {
-        let bus = Bus::Nats(NatsBus::connect(&c.nats, &Default::default()).await?);
+        let bus = Bus::Nats(c.connect("costmesh-cli").await?);
         Ok(Self { bus, subjects: Subjects::new(&c.prefix).map_err(anyhow::Error::msg)? })
     }
 

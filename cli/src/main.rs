@@ -122,8 +122,9 @@ async fn purge(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn cost(url: &str, prefix: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let bus = costmesh_bus::Bus::Nats(costmesh_bus::NatsBus::connect(url, &Default::default()).await?);
+async fn cost(conn: &jobs::Conn) -> anyhow::Result<ExitCode> {
+    let (prefix, json) = (conn.prefix.as_str(), conn.json);
+    let bus = costmesh_bus::Bus::Nats(conn.connect("costmesh-cost").await?);
     let subject = costmesh_contracts::Subjects::new(prefix).map_err(anyhow::Error::msg)?.api("cost-watcher", "summary");
     let reply = bus
         .request(&subject, Default::default(), Default::default(), std::time::Duration::from_secs(5))
@@ -194,7 +195,7 @@ fn main() -> ExitCode {
             Command::Janitor { command } => janitor::run(command).await,
             Command::Roi { config, json } => roi(config, json),
             Command::Jobs { command } => jobs::run(command).await,
-            Command::Cost { conn } => cost(&conn.nats, &conn.prefix, conn.json).await,
+            Command::Cost { conn } => cost(&conn).await,
             Command::Cache { command: CacheCommand::Purge { gateway, route, model_version, all } } => {
                 purge(&gateway, route, model_version, all).await
             }
@@ -206,8 +207,7 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Events { command: EventsCommand::Tail { subject, conn, count } } => {
-                let (nats, prefix, json) = (conn.nats, conn.prefix, conn.json);
-                view::tail(&nats, &prefix, subject.as_deref(), json, count).await
+                view::tail(&conn, subject.as_deref(), count).await
             }
         }
     });

@@ -82,25 +82,16 @@ pub async fn print_live(mut sub: Subscription, prefix: String, shutdown: Cancell
 }
 
 /// `costmesh events tail`.
-pub async fn tail(
-    url: &str,
-    prefix: &str,
-    subject: Option<&str>,
-    json: bool,
-    count: Option<u64>,
-) -> anyhow::Result<ExitCode> {
-    let bus = costmesh_bus::NatsBus::connect(
-        url,
-        &costmesh_bus::NatsConnectOptions { name: Some("costmesh-tail".into()), ..Default::default() },
-    )
-    .await?;
+pub async fn tail(conn: &crate::jobs::Conn, subject: Option<&str>, count: Option<u64>) -> anyhow::Result<ExitCode> {
+    let (prefix, json) = (conn.prefix.as_str(), conn.json);
+    let bus = conn.connect("costmesh-tail").await?;
     let subjects = costmesh_contracts::Subjects::new(prefix).map_err(anyhow::Error::msg)?;
     let filter = subject.map(str::to_string).unwrap_or_else(|| subjects.all());
     let bus = costmesh_bus::Bus::Nats(bus);
     let mut sub = bus.subscribe(&filter).await?;
     // The server has the subscription once the flush returns.
     bus.flush().await?;
-    eprintln!("tailing {filter} on {}", costmesh_runtime::config::mask_url_password(url));
+    eprintln!("tailing {filter} on {}", costmesh_bus::masked_url(&conn.url()?));
     let mut seen = 0u64;
     while let Some(m) = sub.next().await {
         if json {

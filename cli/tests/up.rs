@@ -453,3 +453,45 @@ fn spawn_up(nats: &str, prefix: &str, extra: &[(&str, &str)]) -> tokio::process:
     }
     up.spawn().unwrap()
 }
+
+/// The CLI talks to an auth-enabled NATS: with `--nats-user` and a password
+/// file, or with credentials in the URL; a refused password is never printed.
+#[tokio::test]
+async fn the_cli_authenticates_and_never_prints_a_password() {
+    let server = costmesh_testkit::NatsServer::start_with_args(&["--user", "ops", "--pass", "pw-from-file-42"]);
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, "pw-from-file-42\n").unwrap();
+    let url = format!("nats://127.0.0.1:{}", server.port());
+    let run = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+            .args(&args)
+            .env_remove("COSTMESH__NATS__URL")
+            .env_remove("NATS_URL")
+            .output()
+            .await
+            .unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    // Connected (nobody answers the summary request: no cost-watcher runs).
+    let with_file = run(vec![
+        "cost".into(),
+        "--nats".into(),
+        url.clone(),
+        "--nats-user".into(),
+        "ops".into(),
+        "--nats-password-file".into(),
+        pw.display().to_string(),
+    ])
+    .await;
+    assert!(with_file.contains("no answer from the cost-watcher"), "{with_file}");
+    let in_url =
+        run(vec!["cost".into(), "--nats".into(), format!("nats://ops:pw-from-file-42@127.0.0.1:{}", server.port())])
+            .await;
+    assert!(in_url.contains("no answer from the cost-watcher"), "{in_url}");
+    assert!(!in_url.contains("pw-from-file-42"), "{in_url}");
+    let refused =
+        run(vec!["cost".into(), "--nats".into(), format!("nats://ops:wrong-secret-7@127.0.0.1:{}", server.port())])
+            .await;
+    assert!(!refused.contains("wrong-secret-7") && refused.contains("ops:***@"), "{refused}");
+}

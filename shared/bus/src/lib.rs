@@ -28,7 +28,7 @@ pub mod nats;
 pub mod subject;
 
 pub use memory::MemoryBus;
-pub use nats::{NatsBus, NatsConnectOptions};
+pub use nats::{masked_url, NatsBus, NatsConnectOptions};
 
 /// One message as a handler sees it.
 #[derive(Clone, Debug, PartialEq)]

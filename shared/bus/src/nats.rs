@@ -67,8 +67,68 @@ impl std::ops::Deref for NatsBus {
     }
 }
 
+/// Splits credentials out of `nats://user:pass@host` or `nats://token@host`:
+/// (the URL without them, user and password, token).
+fn url_credentials(url: &str) -> (String, Option<(String, String)>, Option<String>) {
+    let Some((scheme, rest)) = url.split_once("://") else { return (url.to_string(), None, None) };
+    // Only the first server of a list may carry them; `@` before any `/`.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return (url.to_string(), None, None) };
+    let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
+    let clean = format!("{scheme}://{host}");
+    let decode = |s: &str| percent_decode(s);
+    match userinfo.split_once(':') {
+        Some((u, p)) => (clean, Some((decode(u), decode(p))), None),
+        None if !userinfo.is_empty() => (clean, None, Some(decode(userinfo))),
+        None => (clean, None, None),
+    }
+}
+
+/// `%XX` escapes in URL userinfo (a password may hold `@` or `:`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The URL with any password or token replaced by `***`, for messages.
+pub fn masked_url(url: &str) -> String {
+    match url_credentials(url) {
+        (clean, Some((user, _)), _) => clean.replacen("://", &format!("://{user}:***@"), 1),
+        (clean, None, Some(_)) => clean.replacen("://", "://***@", 1),
+        (clean, None, None) => clean,
+    }
+}
+
 impl NatsBus {
     pub async fn connect(url: &str, opts: &NatsConnectOptions) -> Result<Self> {
+        // Credentials in the URL work as the nats CLI's do; explicit options win.
+        let (clean_url, url_user, url_token) = url_credentials(url);
+        let shown = masked_url(url);
+        let mut opts = opts.clone();
+        let explicit =
+            opts.credentials_file.is_some() || opts.nkey_seed.is_some() || opts.user.is_some() || opts.token.is_some();
+        if !explicit {
+            if let Some((u, p)) = url_user {
+                opts.user = Some(u);
+                opts.password = Some(p);
+            } else if let Some(t) = url_token {
+                opts.token = Some(t);
+            }
+        }
+        let url = clean_url.as_str();
         let disconnects = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = disconnects.clone();
         let mut o = async_nats::ConnectOptions::new().request_timeout(Some(Duration::from_secs(10))).event_callback(
@@ -115,7 +175,7 @@ impl NatsBus {
         if opts.retry_on_initial_connect {
             o = o.retry_on_initial_connect();
         }
-        let client = o.connect(url).await.map_err(|e| conn_err(format!("connecting to {url}: {e}")))?;
+        let client = o.connect(url).await.map_err(|e| conn_err(format!("connecting to {shown}: {e}")))?;
         let js = jetstream::new(client.clone());
         Ok(Self { inner: std::sync::Arc::new(Conn { client, js, disconnects }) })
     }
@@ -415,4 +475,22 @@ fn from_nats_message(m: async_nats::Message) -> Message {
         }
     }
     Message { subject: m.subject.to_string(), reply: m.reply.map(|r| r.to_string()), headers, payload: m.payload }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_come_out_of_the_url_and_never_show() {
+        let (u, up, t) = url_credentials("nats://alice:s%40cret@127.0.0.1:4222");
+        assert_eq!(u, "nats://127.0.0.1:4222");
+        assert_eq!(up, Some(("alice".into(), "s@cret".into())));
+        assert_eq!(t, None);
+        let (u, up, t) = url_credentials("tls://tok123@nats.example:4222");
+        assert_eq!((u.as_str(), up, t.as_deref()), ("tls://nats.example:4222", None, Some("tok123")));
+        assert_eq!(url_credentials("nats://h:4222").0, "nats://h:4222");
+        assert_eq!(masked_url("nats://alice:hunter2@h:4222"), "nats://alice:***@h:4222");
+        assert_eq!(masked_url("nats://hunter2@h:4222"), "nats://***@h:4222");
+    }
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use costmesh_bus::{Bus, BusErrorKind, ConsumerSpec, DeliverFrom, Headers, StreamSpec};
+use costmesh_bus::{Bus, BusErrorKind, ConsumerSpec, DeliverFrom, Headers, NatsBus, StreamSpec};
 use costmesh_testkit::NatsServer;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -299,4 +299,26 @@ async fn nats_restart_keeps_durable_events_and_reconnects() {
         m.ack().await.unwrap();
     }
     assert_eq!(got, vec!["before", "after"], "the event stored before the restart survived it");
+}
+
+/// Credentials in the URL authenticate (user:password and token, as the
+/// nats CLI takes them); a refused connect names the server without them.
+#[tokio::test]
+async fn credentials_in_the_url_authenticate_and_never_show_in_errors() {
+    let server = NatsServer::start_with_args(&["--user", "alice", "--pass", "s3cret-pw"]);
+    let host = format!("127.0.0.1:{}", server.port());
+    let ok = NatsBus::connect(&format!("nats://alice:s3cret-pw@{host}"), &Default::default()).await.unwrap();
+    Bus::Nats(ok).flush().await.unwrap();
+    let err = NatsBus::connect(&format!("nats://alice:wrong-pw@{host}"), &Default::default()).await.err().unwrap();
+    let text = err.to_string();
+    assert!(!text.contains("wrong-pw") && text.contains("alice:***@"), "{text}");
+    let anonymous = NatsBus::connect(&format!("nats://{host}"), &Default::default()).await;
+    assert!(anonymous.is_err(), "an anonymous client is refused");
+
+    let server = NatsServer::start_with_args(&["--auth", "tok-123456"]);
+    let host = format!("127.0.0.1:{}", server.port());
+    let ok = NatsBus::connect(&format!("nats://tok-123456@{host}"), &Default::default()).await.unwrap();
+    Bus::Nats(ok).flush().await.unwrap();
+    let err = NatsBus::connect(&format!("nats://bad-token@{host}"), &Default::default()).await.err().unwrap();
+    assert!(!err.to_string().contains("bad-token"), "{err}");
 }

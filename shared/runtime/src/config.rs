@@ -88,13 +88,14 @@ impl Serialize for Secret {
     }
 }
 
-/// Masks the password of a URL such as `redis://user:pass@host:6379/0`.
+/// Masks the password of a URL such as `redis://user:pass@host:6379/0`,
+/// and a token standing alone in it (`nats://token@host`).
 pub fn mask_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
     let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_string() };
     match userinfo.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
+        None => format!("{scheme}://***@{host}"),
     }
 }
 
@@ -641,6 +642,10 @@ mod tests {
         let c: Loaded<Svc> = load_service(Some(file), &env(&[]), "gpu_agent").unwrap();
         let shown = format!("{}\n{:?}", render(&c), c);
         assert!(!shown.contains("hunter2"), "{shown}");
+        let token_url = "[nats]\nurl = \"nats://hunter2@h:4222\"\n";
+        let c: Loaded<Svc> = load_service(Some(token_url), &env(&[]), "gpu_agent").unwrap();
+        let shown = format!("{}\n{:?}", render(&c), c);
+        assert!(!shown.contains("hunter2") && shown.contains("nats://***@h:4222"), "{shown}");
         assert!(shown.contains("rediss://:***@r:6380/0"), "{shown}");
         assert_eq!(c.common.nats.token.unwrap().expose(), "hunter2");
     }
