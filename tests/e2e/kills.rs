@@ -153,7 +153,13 @@ async fn a_killed_gpu_agent_leaves_no_orphans_and_its_jobs_resume_elsewhere_from
     // The agent comes back: nothing stale starts, the jobs stay where they are.
     m.restart(&node).await;
     m.wait_nodes(2).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Once its assignments and signals are all handled, anything stale it
+    // would have started has started.
+    let durable = format!("gpu-agent-jobs-{node}");
+    costmesh_testkit::eventually(WAIT, "the restarted agent caught up with its assignments", || async {
+        m.bus.consumer_backlog(&m.subjects.stream_name(), &durable).await.is_ok_and(|n| n == 0)
+    })
+    .await;
     for id in [&a, &b] {
         let starts: Vec<(String, u32)> =
             m.job_events(id, JobEventKind::Started).iter().map(|e| (e.node.clone(), e.attempt)).collect();
@@ -401,7 +407,30 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
     let doubles = watch.finish().await;
     m.kill("local-1").await;
     m.kill("cloud-1").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Telemetry as the cost-watcher should book it: the same rule, fed every
+    // sample the mesh's recorder saw (it subscribed before any agent started).
+    // The last samples are booked when the ledger and the recorder agree;
+    // if they never do, the comparison below says by how much.
+    let telemetry = format!("{}.telemetry.gpu.", m.subjects.prefix());
+    let truth_kwh = || {
+        let mut truth = costmesh_cost_watcher::energy::EnergyLedger::default();
+        for (subject, e) in m.events.lock().unwrap().iter() {
+            if let AnyEvent::GpuSample(s) = e {
+                if subject.starts_with(&telemetry) {
+                    truth.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
+                }
+            }
+        }
+        truth.total_kwh()
+    };
+    let settled = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < settled {
+        let booked = summary(&m).await["energy_kwh"].as_f64().unwrap_or_default();
+        if (booked - truth_kwh()).abs() <= 1e-9 * truth_kwh().max(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let s = summary(&m).await;
 
     let jobs = m.api("list", json!({})).await;
@@ -428,18 +457,7 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
     let reports = stored(&m, &m.subjects.storage_report()).await;
     let expected_storage = expected_storage_micros(&reports, tz) as f64 / 1e6;
     let booked_storage = s["cost"]["storage"].as_f64().unwrap_or(f64::NAN);
-    // Telemetry as the cost-watcher should book it: the same rule, fed every
-    // sample the mesh's recorder saw (it subscribed before any agent started).
-    let mut truth = costmesh_cost_watcher::energy::EnergyLedger::default();
-    let telemetry = format!("{}.telemetry.gpu.", m.subjects.prefix());
-    for (subject, e) in m.events.lock().unwrap().iter() {
-        if let AnyEvent::GpuSample(s) = e {
-            if subject.starts_with(&telemetry) {
-                truth.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
-            }
-        }
-    }
-    let expected_kwh = truth.total_kwh();
+    let expected_kwh = truth_kwh();
     let booked_kwh = s["energy_kwh"].as_f64().unwrap_or(f64::NAN);
     let booked_cloud = s["cost"]["cloud"].as_f64().unwrap_or(f64::NAN);
     // The 85 and 105 USD totals at one exchange rate: neither lost nor added twice.
@@ -479,27 +497,6 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
     );
     assert_eq!(jobs_lost, 0, "{jobs}");
     assert!(doubles.is_empty(), "jobs ran twice at once: {doubles:?}");
-    if energy_off {
-        let firsts: Vec<String> = {
-            let mut seen = std::collections::HashSet::new();
-            m.events
-                .lock()
-                .unwrap()
-                .iter()
-                .filter_map(|(_, e)| match e {
-                    AnyEvent::GpuSample(s) if seen.insert((s.node.clone(), s.gpu_index, s.boot_id.clone())) => {
-                        Some(format!("{}/{} {}", s.node, s.gpu_index, s.energy_mj))
-                    }
-                    _ => None,
-                })
-                .collect()
-        };
-        println!("recorder first samples: {firsts:?}");
-        let kv = m.bus.kv(&format!("{}_cost_watcher", m.subjects.prefix().replace(['.', '-'], "_"))).await.unwrap();
-        let state: serde_json::Value =
-            serde_json::from_slice(&kv.get("state").await.unwrap().unwrap().value).unwrap_or_default();
-        println!("energy: booked {}\ntruth {truth:?}", state["energy"]);
-    }
     assert_eq!(ledger_off, 0, "ledger: {s}");
     assert_eq!((missing, repeated), (0, 0), "{by:?}");
     assert_eq!(reactions_forgotten, 0);

@@ -642,11 +642,12 @@ mod tests {
         let c: Loaded<Svc> = load_service(Some(file), &env(&[]), "gpu_agent").unwrap();
         let shown = format!("{}\n{:?}", render(&c), c);
         assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("rediss://:***@r:6380/0"), "{shown}");
+        assert_eq!(c.common.nats.token.unwrap().expose(), "hunter2");
+        // A token alone in the URL is masked too.
         let token_url = "[nats]\nurl = \"nats://hunter2@h:4222\"\n";
         let c: Loaded<Svc> = load_service(Some(token_url), &env(&[]), "gpu_agent").unwrap();
         let shown = format!("{}\n{:?}", render(&c), c);
         assert!(!shown.contains("hunter2") && shown.contains("nats://***@h:4222"), "{shown}");
-        assert!(shown.contains("rediss://:***@r:6380/0"), "{shown}");
-        assert_eq!(c.common.nats.token.unwrap().expose(), "hunter2");
     }
 }
