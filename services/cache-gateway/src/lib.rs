@@ -239,12 +239,8 @@ impl Validate for Config {
             .parse::<std::net::SocketAddr>()
             .map_err(|e| ConfigError::new(key(p, "listen"), &self.listen, format!("not a socket address: {e}")))?;
         for (i, r) in self.routes.iter().enumerate() {
-            if costmesh_contracts::subjects::validate_token(&r.name).is_err() || r.name.contains('/') {
-                return Err(ConfigError::new(
-                    key(p, &format!("routes[{i}].name")),
-                    &r.name,
-                    "must be one path segment without dots",
-                ));
+            if let Err(why) = costmesh_contracts::subjects::validate_name(&r.name) {
+                return Err(ConfigError::new(key(p, &format!("routes[{i}].name")), &r.name, why));
             }
             for (j, b) in r.backends.iter().map(BackendSpec::url).enumerate() {
                 if !(b.starts_with("http://") || b.starts_with("https://")) {
@@ -511,5 +507,9 @@ mod config_tests {
         assert!(e.key.starts_with("cache_gateway.routes"), "{e}");
         load("[[cache_gateway.routes]]\nname = \"r\"\nbackends = [{ url = \"http://127.0.0.1:1\", pool = \"preemptible\" }]\n")
             .unwrap();
+        for bad in ["a/b", "..", "a.b", "-x"] {
+            let e = load(&format!("[[cache_gateway.routes]]\nname = \"{bad}\"\nbackends = []\n")).unwrap_err();
+            assert_eq!(e.key, "cache_gateway.routes[0].name", "{bad}: {e}");
+        }
     }
 }
