@@ -14,10 +14,9 @@ fn hdrs(pairs: &[(&str, &str)]) -> Headers {
     pairs.iter().copied().collect()
 }
 
-#[tokio::test]
-async fn malformed_messages_are_dead_lettered_and_the_next_good_one_is_handled() {
+/// A cost-watcher on its own prefix, ready: its subjects and metrics.
+async fn cost_watcher(t: &TestMesh) -> (costmesh_contracts::Subjects, costmesh_runtime::metrics::SharedRegistry) {
     costmesh_runtime::telemetry::init_for_tests();
-    let t = TestMesh::new("dlq");
     let watcher = t.context("cost-watcher").await;
     let subjects = watcher.subjects().clone();
     let registry = watcher.registry.clone();
@@ -29,6 +28,13 @@ async fn malformed_messages_are_dead_lettered_and_the_next_good_one_is_handled()
         async move { h.is_ready() }
     })
     .await;
+    (subjects, registry)
+}
+
+#[tokio::test]
+async fn malformed_messages_are_dead_lettered_and_the_next_good_one_is_handled() {
+    let t = TestMesh::new("dlq");
+    let (subjects, registry) = cost_watcher(&t).await;
 
     let producer = t.bus().await;
     let mut dlq = producer.subscribe(&subjects.dlq("cost-watcher")).await.unwrap();
@@ -97,18 +103,8 @@ async fn malformed_messages_are_dead_lettered_and_the_next_good_one_is_handled()
 /// payload cut to fit, and the cut is said in a header.
 #[tokio::test]
 async fn a_message_near_the_max_payload_is_dead_lettered_with_its_payload_cut() {
-    costmesh_runtime::telemetry::init_for_tests();
     let t = TestMesh::new("dlqbig");
-    let watcher = t.context("cost-watcher").await;
-    let subjects = watcher.subjects().clone();
-    let health = watcher.health.clone();
-    watcher.events.ensure_stream().await.unwrap();
-    tokio::spawn(costmesh_cost_watcher::run(Default::default(), watcher));
-    costmesh_testkit::eventually(WAIT, "cost-watcher ready", || {
-        let h = health.clone();
-        async move { h.is_ready() }
-    })
-    .await;
+    let (subjects, _) = cost_watcher(&t).await;
     let producer = t.bus().await;
     let mut dlq = producer.subscribe(&subjects.dlq("cost-watcher")).await.unwrap();
     producer.flush().await.unwrap();

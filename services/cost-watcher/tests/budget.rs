@@ -264,26 +264,9 @@ async fn storage_reports_and_cache_stats_reach_the_ledger_and_kpis() {
     let w = rig.start_watcher().await;
     let subjects = costmesh_contracts::Subjects::new(&rig.mesh.subject_prefix).unwrap();
     let t0 = rig.clock.now();
-    let report = |at: DateTime<Utc>| v1::StorageReport {
-        time: Some(costmesh_contracts::timestamp(at)),
-        usage: vec![v1::StorageUsage {
-            root: "/data".into(),
-            bytes: 1,
-            objects: 1,
-            monthly_cost: Some(v1::Money { currency_code: "TWD".into(), micros: 31_000_000 }),
-            ..Default::default()
-        }],
-        used_bytes: 70,
-        provisioned_bytes: 100,
-        ..Default::default()
-    };
     // Two reports a day apart: a 31-day month at 31/month costs 1.00 for that day.
     for at in [t0, t0 + chrono::Duration::days(1)] {
-        let (h, p) = costmesh_contracts::encode(
-            &report(at),
-            &EventMeta::new::<v1::StorageReport>("storage-janitor", at, ContentType::Protobuf),
-        );
-        rig.producer.publish_durable(&subjects.storage_report(), h, p).await.unwrap();
+        rig.storage_report(at, 31_000_000).await;
     }
     let stats = |started: i64, requests: u64| v1::CacheStats {
         instance: "gw-1".into(),
@@ -300,26 +283,13 @@ async fn storage_reports_and_cache_stats_reach_the_ledger_and_kpis() {
         rig.producer.publish(&subjects.cache_stats(), h, p).await.unwrap();
     }
     rig.producer.flush().await.unwrap();
-    let ask = || async {
-        let r = rig
-            .producer
-            .request(
-                &subjects.api("cost-watcher", "summary"),
-                Default::default(),
-                Default::default(),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()
-    };
     costmesh_testkit::eventually(Duration::from_secs(10), "both sources accounted", || async {
         rig.handle.advance(Duration::from_secs(3600)).await;
-        let v = ask().await;
+        let v = rig.summary().await;
         v["cost"]["storage"].as_f64() == Some(1.0) && v["kpis"]["storage_utilisation"].as_f64() == Some(0.7)
     })
     .await;
-    let v = ask().await;
+    let v = rig.summary().await;
     assert_eq!(v["period"], "2026-07");
     // 280 requests and no cloud cost yet: 0 per request (defined, not absent).
     assert_eq!(v["kpis"]["cost_per_inference_request"].as_f64(), Some(0.0), "{v}");

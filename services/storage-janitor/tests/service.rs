@@ -19,15 +19,38 @@ fn old_file(p: &std::path::Path, days: u64) {
     f.set_modified(SystemTime::now() - Duration::from_secs(days * 86_400)).unwrap();
 }
 
+/// Five versions of a model under `base`, v0 the oldest.
+fn five_versions(base: &std::path::Path) {
+    for v in 0..5 {
+        old_file(&base.join(format!("models/llm/v{v}/weights.bin")), 20 - v);
+    }
+}
+
+/// Publishes the assignment of a job that uses v0 (the oldest version).
+async fn assign_job_using_v0(
+    bus: &Bus,
+    subjects: &costmesh_contracts::Subjects,
+    base: &std::path::Path,
+    at: chrono::DateTime<chrono::Utc>,
+) {
+    let spec = JobSpec {
+        name: "finetune".into(),
+        args: vec![base.join("models/llm/v0/weights.bin").display().to_string()],
+        ..Default::default()
+    };
+    let assign = JobAssignment { job_id: "j1".into(), node: "n1".into(), spec: Some(spec), ..Default::default() };
+    let (h, p) =
+        costmesh_contracts::encode(&assign, &EventMeta::new::<JobAssignment>("scheduler", at, ContentType::Protobuf));
+    bus.publish_durable(&subjects.node_assign("n1"), h, p).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_budget_warning_runs_an_extra_pass_and_a_running_jobs_model_is_kept() {
     costmesh_runtime::telemetry::init_for_tests();
     let nats = NatsServer::start_new();
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path();
-    for v in 0..5 {
-        old_file(&base.join(format!("models/llm/v{v}/weights.bin")), 20 - v);
-    }
+    five_versions(base);
     let connect = || async { Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap()) };
     let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix("janitor"), ..Default::default() };
     // File times are real; the virtual clock starts at the real now.
@@ -44,17 +67,7 @@ async fn a_budget_warning_runs_an_extra_pass_and_a_running_jobs_model_is_kept() 
     observer.flush().await.unwrap();
 
     // A job is using v0 (the oldest version).
-    let spec = JobSpec {
-        name: "finetune".into(),
-        args: vec![base.join("models/llm/v0/weights.bin").display().to_string()],
-        ..Default::default()
-    };
-    let assign = JobAssignment { job_id: "j1".into(), node: "n1".into(), spec: Some(spec), ..Default::default() };
-    let (h, p) = costmesh_contracts::encode(
-        &assign,
-        &EventMeta::new::<JobAssignment>("scheduler", clock.now(), ContentType::Protobuf),
-    );
-    observer.publish_durable(&subjects.node_assign("n1"), h, p).await.unwrap();
+    assign_job_using_v0(&observer, &subjects, base, clock.now()).await;
 
     tokio::spawn(costmesh_storage_janitor::run(cfg, ctx));
     costmesh_testkit::eventually(Duration::from_secs(10), "janitor ready", || {
@@ -91,9 +104,7 @@ async fn a_restarted_janitor_keeps_running_jobs_models_and_its_schedule_and_dead
     let nats = NatsServer::start_new();
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path();
-    for v in 0..5 {
-        old_file(&base.join(format!("models/llm/v{v}/weights.bin")), 20 - v);
-    }
+    five_versions(base);
     let connect = || async { Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap()) };
     let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix("janitorrestart"), ..Default::default() };
     let (clock, handle) = Clock::manual(chrono::Utc::now());
@@ -124,17 +135,7 @@ async fn a_restarted_janitor_keeps_running_jobs_models_and_its_schedule_and_dead
     let shutdown = CancellationToken::new();
     let ctx = ServiceContext::new("storage-janitor", None, connect().await, &mesh, clock.clone(), shutdown.clone());
     ctx.events.ensure_stream().await.unwrap();
-    let spec = JobSpec {
-        name: "finetune".into(),
-        args: vec![base.join("models/llm/v0/weights.bin").display().to_string()],
-        ..Default::default()
-    };
-    let assign = JobAssignment { job_id: "j1".into(), node: "n1".into(), spec: Some(spec), ..Default::default() };
-    let (h, p) = costmesh_contracts::encode(
-        &assign,
-        &EventMeta::new::<JobAssignment>("scheduler", clock.now(), ContentType::Protobuf),
-    );
-    observer.publish_durable(&subjects.node_assign("n1"), h, p).await.unwrap();
+    assign_job_using_v0(&observer, &subjects, base, clock.now()).await;
     let first = start(ctx).await;
     // The first pass runs at start, once the job events are caught up.
     let m = tokio::time::timeout(Duration::from_secs(15), reports.next()).await.expect("a first pass").unwrap();
