@@ -24,18 +24,44 @@ pub struct EnergyLedger {
     total_mj: u64,
 }
 
+/// What one sample did to the ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// Energy added (millijoules; zero for a repeat or a reordered sample).
+    Growth(u64),
+    /// A counter not seen before: a first baseline (nothing added) or a
+    /// new boot's counter counted from zero.
+    NewCounter(u64),
+    /// A late sample of a boot already replaced: nothing added.
+    Late,
+}
+
+impl Observed {
+    pub fn added(self) -> u64 {
+        match self {
+            Observed::Growth(n) | Observed::NewCounter(n) => n,
+            Observed::Late => 0,
+        }
+    }
+}
+
 impl EnergyLedger {
     /// Records a sample; returns the energy it adds (millijoules).
     pub fn observe(&mut self, node: &str, gpu: u32, boot_id: &str, energy_mj: u64) -> u64 {
+        self.record(node, gpu, boot_id, energy_mj).added()
+    }
+
+    /// Records a sample and says what it did.
+    pub fn record(&mut self, node: &str, gpu: u32, boot_id: &str, energy_mj: u64) -> Observed {
         let key = format!("{node}/{gpu}");
         if self.retired.get(&key).is_some_and(|r| r.iter().any(|b| b == boot_id)) {
-            return 0;
+            return Observed::Late;
         }
-        let added = match self.gpus.get_mut(&key) {
+        let seen = match self.gpus.get_mut(&key) {
             Some(seen) if seen.boot_id == boot_id => {
                 let d = energy_mj.saturating_sub(seen.energy_mj);
                 seen.energy_mj = seen.energy_mj.max(energy_mj);
-                d
+                Observed::Growth(d)
             }
             Some(seen) => {
                 // A new boot: its counter started at zero.
@@ -45,28 +71,16 @@ impl EnergyLedger {
                 if r.len() > 16 {
                     r.remove(0);
                 }
-                energy_mj
+                Observed::NewCounter(energy_mj)
             }
             None => {
                 // First sight: the baseline; energy before we watched is not ours.
                 self.gpus.insert(key, Seen { boot_id: boot_id.to_string(), energy_mj });
-                0
+                Observed::NewCounter(0)
             }
         };
-        self.total_mj += added;
-        added
-    }
-
-    /// Whether `boot_id` is a finished counter of this GPU (a later boot was seen).
-    pub fn is_retired(&self, node: &str, gpu: u32, boot_id: &str) -> bool {
-        self.retired.get(&format!("{node}/{gpu}")).is_some_and(|r| r.iter().any(|b| b == boot_id))
-    }
-
-    /// Whether this GPU's counter under `boot_id` is already tracked (or retired).
-    pub fn knows(&self, node: &str, gpu: u32, boot_id: &str) -> bool {
-        let key = format!("{node}/{gpu}");
-        self.gpus.get(&key).is_some_and(|s| s.boot_id == boot_id)
-            || self.retired.get(&key).is_some_and(|r| r.iter().any(|b| b == boot_id))
+        self.total_mj += seen.added();
+        seen
     }
 
     pub fn total_mj(&self) -> u64 {

@@ -414,12 +414,12 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                         } else if prev.is_some_and(|p| p > at) {
                             sh.state.last_sample.insert(key, prev.unwrap_or(at));
                         }
-                        let known = sh.state.energy.knows(&s.node, s.gpu_index, &s.boot_id);
-                        if sh.state.energy.is_retired(&s.node, s.gpu_index, &s.boot_id) {
+                        let observed = sh.state.energy.record(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
+                        let added = observed.added();
+                        if observed == crate::energy::Observed::Late {
                             tracing::info!(node = %s.node, gpu = s.gpu_index, boot_id = %s.boot_id, energy_mj = s.energy_mj, "sample of a finished counter (the GPU's agent restarted since) arrived late; not booked");
                         }
-                        let added = sh.state.energy.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
-                        if !known {
+                        if matches!(observed, crate::energy::Observed::NewCounter(_)) {
                             tracing::info!(node = %s.node, gpu = s.gpu_index, boot_id = %s.boot_id, energy_mj = s.energy_mj, "new energy counter");
                             // A new counter's baseline: saved at once, or a
                             // restart would take a later sample as the

@@ -94,9 +94,9 @@ struct Sched {
     unsent: HashSet<String>,
     /// Nodes with lost attempts to stop when they are heard from again.
     fence_pending: HashSet<String>,
-    /// The bus's disconnect count at the last liveness check: silence heard
+    /// The bus's connection count at the last liveness check: silence heard
     /// while the scheduler itself was cut off proves nothing about nodes.
-    disconnects_seen: u64,
+    connects_seen: u64,
 }
 
 /// Runs the scheduler with the dry-run actuator until shutdown.
@@ -124,7 +124,7 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
         last_ask: HashMap::new(),
         unsent: HashSet::new(),
         fence_pending: HashSet::new(),
-        disconnects_seen: ctx.bus().disconnects(),
+        connects_seen: ctx.bus().connects(),
     };
     s.load().await?;
     // Budget states are whatever the newest event of each scope says; the
@@ -468,10 +468,10 @@ impl Sched {
         if !bus.is_connected() {
             return;
         }
-        if bus.disconnects() != self.disconnects_seen {
+        if bus.connects() != self.connects_seen {
             // Back from an outage of our own: every node gets the full
             // timeout from now to be heard from again.
-            self.disconnects_seen = bus.disconnects();
+            self.connects_seen = bus.connects();
             tracing::info!("scheduler reconnected: node liveness timers restart");
             for n in self.nodes.values_mut() {
                 n.last_seen = n.last_seen.max(now);

@@ -407,13 +407,13 @@ impl Bus {
         }
     }
 
-    /// How many times the connection was lost so far (never, in process).
-    /// A service that judges others by what it heard compares this between
-    /// judgements: it heard nothing while cut off.
-    pub fn disconnects(&self) -> u64 {
+    /// How many times the connection was made so far, the first included
+    /// (once, in process). A service that judges others by what it heard
+    /// compares this between judgements: it heard nothing while cut off.
+    pub fn connects(&self) -> u64 {
         match self {
-            Bus::Nats(b) => b.disconnects(),
-            Bus::Memory(_) => 0,
+            Bus::Nats(b) => b.connects(),
+            Bus::Memory(_) => 1,
         }
     }
 

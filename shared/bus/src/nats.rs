@@ -56,8 +56,6 @@ pub struct NatsBus {
 pub struct Conn {
     client: async_nats::Client,
     js: jetstream::Context,
-    /// Connection losses so far, so a caller can tell it was cut off.
-    disconnects: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::ops::Deref for NatsBus {
@@ -67,49 +65,35 @@ impl std::ops::Deref for NatsBus {
     }
 }
 
-/// Splits credentials out of `nats://user:pass@host` or `nats://token@host`:
-/// (the URL without them, user and password, token).
+/// Splits credentials out of `nats://user:pass@host` or `nats://token@host`
+/// (percent-escapes decoded): the URL without them, user and password, token.
 fn url_credentials(url: &str) -> (String, Option<(String, String)>, Option<String>) {
-    let Some((scheme, rest)) = url.split_once("://") else { return (url.to_string(), None, None) };
-    // Only the first server of a list may carry them; `@` before any `/`.
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return (url.to_string(), None, None) };
-    let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
-    let clean = format!("{scheme}://{host}");
-    let decode = |s: &str| percent_decode(s);
-    match userinfo.split_once(':') {
-        Some((u, p)) => (clean, Some((decode(u), decode(p))), None),
-        None if !userinfo.is_empty() => (clean, None, Some(decode(userinfo))),
-        None => (clean, None, None),
+    let Ok(mut parsed) = url::Url::parse(url) else { return (url.to_string(), None, None) };
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let (user, password) = (decode(parsed.username()), parsed.password().map(decode));
+    if user.is_empty() && password.is_none() {
+        return (url.to_string(), None, None);
+    }
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    match password {
+        Some(p) => (parsed.to_string(), Some((user, p)), None),
+        None => (parsed.to_string(), None, Some(user)),
     }
 }
 
-/// `%XX` escapes in URL userinfo (a password may hold `@` or `:`).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The URL with any password or token replaced by `***`, for messages.
+/// The URL with any password or token replaced by `***`, for messages and
+/// printed configuration (NATS and Redis URLs alike).
 pub fn masked_url(url: &str) -> String {
-    match url_credentials(url) {
-        (clean, Some((user, _)), _) => clean.replacen("://", &format!("://{user}:***@"), 1),
-        (clean, None, Some(_)) => clean.replacen("://", "://***@", 1),
-        (clean, None, None) => clean,
+    let Ok(mut parsed) = url::Url::parse(url) else { return url.to_string() };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    } else if !parsed.username().is_empty() {
+        let _ = parsed.set_username("***");
+    } else {
+        return url.to_string();
     }
+    parsed.to_string()
 }
 
 impl NatsBus {
@@ -129,20 +113,12 @@ impl NatsBus {
             }
         }
         let url = clean_url.as_str();
-        let disconnects = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = disconnects.clone();
         let mut o = async_nats::ConnectOptions::new().request_timeout(Some(Duration::from_secs(10))).event_callback(
-            move |ev| {
-                let counter = counter.clone();
-                async move {
-                    match ev {
-                        async_nats::Event::Disconnected => {
-                            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            tracing::warn!(event = %ev, "nats connection lost")
-                        }
-                        async_nats::Event::Connected => tracing::info!(event = %ev, "nats connected"),
-                        other => tracing::debug!(event = %other, "nats event"),
-                    }
+            |ev| async move {
+                match ev {
+                    async_nats::Event::Disconnected => tracing::warn!(event = %ev, "nats connection lost"),
+                    async_nats::Event::Connected => tracing::info!(event = %ev, "nats connected"),
+                    other => tracing::debug!(event = %other, "nats event"),
                 }
             },
         );
@@ -177,7 +153,7 @@ impl NatsBus {
         }
         let client = o.connect(url).await.map_err(|e| conn_err(format!("connecting to {shown}: {e}")))?;
         let js = jetstream::new(client.clone());
-        Ok(Self { inner: std::sync::Arc::new(Conn { client, js, disconnects }) })
+        Ok(Self { inner: std::sync::Arc::new(Conn { client, js }) })
     }
 
     /// The underlying client, for what the bus API does not cover.
@@ -304,8 +280,8 @@ impl NatsBus {
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 
-    pub(crate) fn disconnects(&self) -> u64 {
-        self.disconnects.load(std::sync::atomic::Ordering::SeqCst)
+    pub(crate) fn connects(&self) -> u64 {
+        self.client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn is_connected(&self) -> bool {

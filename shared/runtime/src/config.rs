@@ -91,12 +91,7 @@ impl Serialize for Secret {
 /// Masks the password of a URL such as `redis://user:pass@host:6379/0`,
 /// and a token standing alone in it (`nats://token@host`).
 pub fn mask_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_string() };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => format!("{scheme}://***@{host}"),
-    }
+    costmesh_bus::masked_url(url)
 }
 
 /// A URL that may carry a password; printed with the password masked.

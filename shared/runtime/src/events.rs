@@ -275,6 +275,11 @@ impl EventBus {
         }
     }
 
+    /// The durable consumer name `<service>-<name>`, made a valid NATS name.
+    fn durable_name(&self, name: &str) -> String {
+        format!("{}-{}", self.service, name).replace(['.', ' ', '*', '>'], "_")
+    }
+
     /// Binds a durable consumer named `<service>-<name>` on this prefix's
     /// events stream.
     pub async fn durable(
@@ -286,7 +291,7 @@ impl EventBus {
         self.ensure_stream().await?;
         let spec = ConsumerSpec {
             stream: self.subjects.stream_name(),
-            durable: format!("{}-{}", self.service, name).replace(['.', ' ', '*', '>'], "_"),
+            durable: self.durable_name(name),
             filter_subjects: filters,
             ack_wait,
             max_deliver: 20,
@@ -298,7 +303,7 @@ impl EventBus {
     /// Waits until the durable consumer `<service>-<name>` has caught up
     /// (nothing undelivered or unacked), or `timeout` passes; false then.
     pub async fn caught_up(&self, name: &str, timeout: Duration) -> bool {
-        let durable = format!("{}-{}", self.service, name).replace(['.', ' ', '*', '>'], "_");
+        let durable = self.durable_name(name);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match self.bus.consumer_backlog(&self.subjects.stream_name(), &durable).await {
