@@ -9,11 +9,8 @@ use costmesh_contracts::v1::{BudgetState, JobEventKind};
 use costmesh_contracts::AnyEvent;
 use serde_json::json;
 
-use super::{Host, Mesh, WAIT};
-
-const fn host(name: &'static str, cloud: bool, preemptible: bool) -> Host {
-    Host { name, cloud, preemptible }
-}
+use super::scenarios::host;
+use super::{Mesh, WAIT};
 
 /// The job processes alive on this machine, from `/proc`: job id -> attempts.
 /// The ground truth for "running twice at once", whatever the services say.
@@ -59,7 +56,11 @@ impl DoubleRunWatch {
         let (stop, doubles) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
         let (s, d) = (stop.clone(), doubles.clone());
         let task = tokio::spawn(async move {
+            // A sample of /proc every 50 ms: a double run shorter than that
+            // is not seen, one of any length that matters is.
+            let mut every = tokio::time::interval(Duration::from_millis(50));
             while !s.load(Ordering::SeqCst) {
+                every.tick().await;
                 let mine = jobs_of_this_test.lock().unwrap().clone();
                 let seen = tokio::task::spawn_blocking(job_processes).await.unwrap_or_default();
                 for (job, attempts) in seen {
@@ -67,7 +68,6 @@ impl DoubleRunWatch {
                         d.lock().unwrap().push((job, attempts));
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
         Self { stop, doubles, task }
@@ -331,7 +331,6 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
         status == 503 && body.contains("disconnected")
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     m.nats.start();
     m.wait_ready().await;
 
@@ -423,14 +422,15 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
         }
         truth.total_kwh()
     };
-    let settled = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::time::Instant::now() < settled {
-        let booked = summary(&m).await["energy_kwh"].as_f64().unwrap_or_default();
-        if (booked - truth_kwh()).abs() <= 1e-9 * truth_kwh().max(1.0) {
-            break;
+    costmesh_testkit::wait_for(WAIT, "the ledger agreeing with the recorded telemetry", || async {
+        let (booked, recorded) = (summary(&m).await["energy_kwh"].as_f64().unwrap_or_default(), truth_kwh());
+        if (booked - recorded).abs() <= 1e-9 * recorded.max(1.0) {
+            Ok(())
+        } else {
+            Err(format!("booked {booked:.9} kWh, recorded {recorded:.9} kWh"))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let s = summary(&m).await;
 
     let jobs = m.api("list", json!({})).await;

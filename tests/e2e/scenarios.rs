@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::{Host, Mesh, WAIT};
 
-const fn host(name: &'static str, cloud: bool, preemptible: bool) -> Host {
+pub(crate) const fn host(name: &'static str, cloud: bool, preemptible: bool) -> Host {
     Host { name, cloud, preemptible }
 }
 

@@ -91,6 +91,8 @@ struct Store {
     /// One save at a time: the ticker, the report handler and shutdown all save.
     saving: tokio::sync::Mutex<()>,
     conflicts: prometheus_client::metrics::counter::Counter,
+    /// Saves that failed for any reason (NATS unreachable, a second writer).
+    save_failures: prometheus_client::metrics::counter::Counter,
 }
 
 impl Store {
@@ -99,6 +101,14 @@ impl Store {
     /// that revision and saves again, since the in-memory state holds every
     /// change since; if another writer did, that is an error.
     async fn save(&self) -> anyhow::Result<()> {
+        let r = self.try_save().await;
+        if r.is_err() {
+            self.save_failures.inc();
+        }
+        r
+    }
+
+    async fn try_save(&self) -> anyhow::Result<()> {
         let _one = self.saving.lock().await;
         for _ in 0..3 {
             let (bytes, rev, generation) = {
@@ -361,12 +371,19 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         "Ledger saves refused because another cost-watcher wrote the state",
         conflicts.clone(),
     );
+    let save_failures = prometheus_client::metrics::counter::Counter::default();
+    ctx.register(
+        "costmesh_cost_watcher_ledger_save_failures",
+        "Ledger saves that failed (retried at the next evaluation)",
+        save_failures.clone(),
+    );
     let store = Arc::new(Store {
         kv,
         shared: shared.clone(),
         writer: format!("cost-watcher-{}", uuid::Uuid::now_v7()),
         saving: tokio::sync::Mutex::new(()),
         conflicts,
+        save_failures,
     });
 
     // Asks the main loop for a save before the next evaluation.

@@ -143,6 +143,18 @@ impl Watcher {
 }
 
 impl Rig {
+    /// Kills `w` (see [`Watcher::kill`]) and waits until the handler it had
+    /// in flight is done with: in one process a "killed" watcher's report
+    /// handler can still be saving, which a real SIGKILL would have cut.
+    async fn kill(&self, w: Watcher) {
+        w.kill().await;
+        let subjects = costmesh_contracts::Subjects::new(&self.mesh.subject_prefix).unwrap();
+        costmesh_testkit::eventually(Duration::from_secs(10), "the killed watcher's handlers done", || async {
+            self.producer.consumer_backlog(&subjects.stream_name(), "cost-watcher-reports").await.is_ok_and(|n| n == 0)
+        })
+        .await;
+    }
+
     async fn summary(&self) -> serde_json::Value {
         let subjects = costmesh_contracts::Subjects::new(&self.mesh.subject_prefix).unwrap();
         let r = self
@@ -325,7 +337,11 @@ async fn after_a_nats_restart_the_ledger_is_saved_again_and_the_budget_event_goe
     })
     .await;
     rig.handle.advance(hour).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    costmesh_testkit::eventually(Duration::from_secs(10), "a save tried during the outage", || {
+        let r = w.registry.clone();
+        async move { gauge(&r, "costmesh_cost_watcher_ledger_save_failures_total") >= 1.0 }
+    })
+    .await;
     rig.nats.start();
     costmesh_testkit::eventually(Duration::from_secs(20), "ready again after the restart", || {
         let h = w.health.clone();
@@ -346,7 +362,7 @@ async fn after_a_nats_restart_the_ledger_is_saved_again_and_the_budget_event_goe
     assert_eq!(e.state(), BudgetState::Exceeded);
     assert_eq!(gauge(&w.registry, "costmesh_cost_watcher_ledger_conflicts_total"), 0.0);
     // What was saved is what was booked: a restarted watcher reads 10.40.
-    w.kill().await;
+    rig.kill(w).await;
     let w = rig.start_watcher().await;
     assert_eq!(rig.summary().await["cost"]["local"].as_f64(), Some(10.4));
     w.stop().await;
@@ -370,7 +386,7 @@ async fn storage_cost_survives_sigkill_and_cache_counts_survive_sigterm() {
     })
     .await;
     // SIGKILL: no tick has run since, no shutdown save.
-    w.kill().await;
+    rig.kill(w).await;
     let w = rig.start_watcher().await;
     assert_eq!(rig.summary().await["cost"]["storage"].as_f64(), Some(1.0), "storage cost lost on a kill");
 

@@ -172,15 +172,7 @@ async fn a_scheduler_restarted_mid_run_loses_no_job_and_starts_none_twice() {
 
     m.stop_scheduler().await;
     // While it is down, job b finishes on the node.
-    let ev_b = costmesh_contracts::v1::JobEvent {
-        job_id: b.clone(),
-        kind: JobEventKind::Exited as i32,
-        node: "local-1".into(),
-        attempt: 1,
-        exit_code: 0,
-        ..Default::default()
-    };
-    m.publish(&m.subjects.job(&b, JobEventKind::Exited), &ev_b).await;
+    m.report(&b, JobEventKind::Exited, "local-1", 1, 0).await;
     m.start_scheduler().await;
     m.learn_nodes(1).await;
 
@@ -383,14 +375,7 @@ async fn a_silent_node_loses_its_jobs_they_run_elsewhere_and_it_is_told_to_stop_
     m.wait_event("placed on the ghost", |e| e.job_id == id && e.kind() == JobEventKind::Assigned && e.node == "ghost")
         .await;
     // The ghost's agent says it started, then dies without a word.
-    let started = costmesh_contracts::v1::JobEvent {
-        job_id: id.clone(),
-        kind: JobEventKind::Started as i32,
-        node: "ghost".into(),
-        attempt: 1,
-        ..Default::default()
-    };
-    m.publish(&m.subjects.job(&id, JobEventKind::Started), &started).await;
+    m.report(&id, JobEventKind::Started, "ghost", 1, 0).await;
     m.wait_state(&id, "running").await;
     m.start_agent(&node("gpu-1", 2, false, false)).await;
     // Time passes; only gpu-1 samples.
@@ -422,15 +407,7 @@ async fn a_silent_node_loses_its_jobs_they_run_elsewhere_and_it_is_told_to_stop_
         (id.as_str(), 1, costmesh_contracts::v1::JobSignalKind::Stop)
     );
     // Its stale report of attempt 1 changes nothing.
-    let exited = costmesh_contracts::v1::JobEvent {
-        job_id: id.clone(),
-        kind: JobEventKind::Exited as i32,
-        node: "ghost".into(),
-        attempt: 1,
-        exit_code: 143,
-        ..Default::default()
-    };
-    m.publish(&m.subjects.job(&id, JobEventKind::Exited), &exited).await;
+    m.report(&id, JobEventKind::Exited, "ghost", 1, 143).await;
     m.time.advance(SAMPLE).await;
     let j = m.show(&id).await;
     assert_eq!((j["state"].as_str(), j["attempt"].as_u64()), (Some("running"), Some(2)), "{j}");

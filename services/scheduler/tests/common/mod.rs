@@ -221,6 +221,19 @@ impl Mesh {
         self.events.lock().unwrap().iter().filter(|e| e.job_id == job && e.kind() == kind).count()
     }
 
+    /// Publishes a job event as `node`'s agent would.
+    pub async fn report(&self, job: &str, kind: JobEventKind, node: &str, attempt: u32, exit_code: i32) {
+        let e = JobEvent {
+            job_id: job.into(),
+            kind: kind as i32,
+            node: node.into(),
+            attempt,
+            exit_code,
+            ..Default::default()
+        };
+        self.publish(&self.subjects.job(job, kind), &e).await;
+    }
+
     pub async fn publish<E: costmesh_contracts::Event>(&self, subject: &str, e: &E) {
         let (h, p) =
             costmesh_contracts::encode(e, &EventMeta::new::<E>("test", self.clock.now(), ContentType::Protobuf));
