@@ -213,6 +213,8 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
             }
         });
     }
+    // Subscriptions reach the server before anyone is told we are ready.
+    ctx.bus().flush().await?;
     ctx.health.set("bus", true);
     tracing::info!(bucket, jobs = s.jobs.len(), "scheduler ready");
 
@@ -1035,7 +1037,9 @@ impl Sched {
                             "cloud": n.cloud,
                             "preemptible": n.preemptible,
                             "last_seen": n.last_seen,
-                            "alive": now - n.last_seen <= self.planner.node_timeout,
+                            // A node restored from job records before any sample
+                            // is not known to be alive yet.
+                            "alive": !n.gpus.is_empty() && now - n.last_seen <= self.planner.node_timeout,
                             "held_until": n.held_until,
                             "idle_since": n.idle_since,
                         })
