@@ -101,6 +101,19 @@ impl MeshFile {
         if demo_defaults && !logs_set {
             m.gpu_agent.jobs.logs_root = std::env::temp_dir().join("costmesh-demo").join("job-logs");
         }
+        // And the example jobs may run, as whoever runs the demo (a real
+        // node names its job user; see docs/config.md).
+        let policy_set = env.contains_key("COSTMESH__GPU_AGENT__JOBS__ALLOWED_COMMANDS")
+            || file.is_some_and(|f| f.contains("allowed_commands"));
+        let examples = std::env::current_dir().map(|d| d.join("examples/jobs")).ok().filter(|d| d.is_dir());
+        if let (true, false, Some(dir)) = (demo_defaults, policy_set, examples) {
+            m.gpu_agent.jobs.allowed_commands = vec![dir];
+            if m.gpu_agent.jobs.run_as_user.is_empty() {
+                let me = std::process::Command::new("id").arg("-un").output().ok();
+                m.gpu_agent.jobs.run_as_user =
+                    me.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+            }
+        }
         Ok(m)
     }
 }

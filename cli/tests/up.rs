@@ -299,7 +299,18 @@ async fn jobs_submit_ls_show_logs_cancel_against_the_running_mesh() {
     let prefix = costmesh_testkit::unique_prefix("jobs");
     let logs = tempfile::tempdir().unwrap();
     let logs_root = logs.path().display().to_string();
-    let _up = spawn_up(&nats.url(), &prefix, &[("COSTMESH__GPU_AGENT__JOBS__LOGS_ROOT", &logs_root)]);
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs");
+    let allowed = format!("[{:?}]", examples.canonicalize().unwrap().display().to_string());
+    let user = costmesh_testkit::current_user();
+    let _up = spawn_up(
+        &nats.url(),
+        &prefix,
+        &[
+            ("COSTMESH__GPU_AGENT__JOBS__LOGS_ROOT", &logs_root),
+            ("COSTMESH__GPU_AGENT__JOBS__ALLOWED_COMMANDS", &allowed),
+            ("COSTMESH__GPU_AGENT__JOBS__RUN_AS_USER", &user),
+        ],
+    );
     let url = nats.url();
     let jobs = |args: Vec<String>| {
         let (url, prefix) = (url.clone(), prefix.clone());

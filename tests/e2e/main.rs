@@ -207,6 +207,11 @@ impl Mesh {
                     e("PREEMPTION__METADATA_URL", meta.url().to_string()),
                     e("JOBS__LOGS_ROOT", work.path().join("logs").join(h.name).display().to_string()),
                     e("JOBS__STOP_GRACE", "5s".into()),
+                    e(
+                        "JOBS__ALLOWED_COMMANDS",
+                        format!("[{:?}]", workspace_root().join("examples/jobs").display().to_string()),
+                    ),
+                    e("JOBS__RUN_AS_USER", costmesh_testkit::current_user()),
                 ],
             );
             metadata.insert(h.name, meta);

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use costmesh_contracts::v1::{Action, ActionState, EnforcementMode, GpuProcess, GpuSample, PowerCommand, PowerProfile};
+use costmesh_contracts::AnyEvent;
 use costmesh_runtime::events::HandlerError;
 use costmesh_runtime::ServiceContext;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -471,21 +472,6 @@ pub async fn run_with_backend(
     let gauges = Gauges::register(&ctx);
 
     ctx.events.ensure_stream().await?;
-    let (h_agent, h_ctx, h_gauges) = (agent.clone(), ctx.clone(), gauges.clone());
-    ctx.spawn_durable::<PowerCommand, _, _>(
-        &format!("power-{}", cfg.node),
-        vec![ctx.subjects().node_power(&cfg.node)],
-        move |_, _, cmd| {
-            let (agent, ctx, gauges) = (h_agent.clone(), h_ctx.clone(), h_gauges.clone());
-            async move {
-                let out = handle_power(&agent, cmd, ctx.clock.now())?;
-                publish(&ctx, &gauges, out).await;
-                Ok(())
-            }
-        },
-    )
-    .await?;
-
     if cfg.preemption.enabled {
         tokio::spawn(crate::preemption::watch(
             cfg.preemption.metadata_url.clone(),
@@ -497,6 +483,42 @@ pub async fn run_with_backend(
     }
     let runner =
         crate::jobs::Runner::start(&cfg.node, cfg.jobs.clone(), ctx.clone(), Some(AgentHandle(agent.clone()))).await?;
+    let verifier = costmesh_runtime::signing::Verifier::new(&cfg.trusted_scheduler_keys)
+        .map_err(|e| anyhow::anyhow!("gpu_agent.trusted_scheduler_keys: {e}"))?;
+    if !verifier.is_enabled() {
+        tracing::warn!("gpu_agent.trusted_scheduler_keys is empty: commands on this node's subjects are obeyed unsigned (NATS permissions are the only guard)");
+    }
+    // One consumer for everything sent to this node (`node.<node>.*`), so a
+    // node's NATS user may bind a consumer on its own subjects only.
+    let (h_agent, h_ctx, h_gauges, h_runner) = (agent.clone(), ctx.clone(), gauges.clone(), runner.clone());
+    ctx.spawn_durable::<AnyEvent, _, _>(
+        &format!("node-{}", cfg.node),
+        vec![ctx.subjects().node_all(&cfg.node)],
+        move |msg, _, event| {
+            let (agent, ctx, gauges, runner, verifier) =
+                (h_agent.clone(), h_ctx.clone(), h_gauges.clone(), h_runner.clone(), verifier.clone());
+            async move {
+                if verifier.is_enabled() {
+                    verifier
+                        .verify(&msg.subject, &msg.headers, &msg.payload)
+                        .map_err(|why| HandlerError::Reject(format!("{} refused: {why}", event.type_name())))?;
+                }
+                match event {
+                    AnyEvent::JobAssignment(a) => runner.assign(a).await,
+                    AnyEvent::JobSignal(s) => runner.signal(s),
+                    AnyEvent::PowerCommand(cmd) => {
+                        let out = handle_power(&agent, cmd, ctx.clock.now())?;
+                        publish(&ctx, &gauges, out).await;
+                        Ok(())
+                    }
+                    other => {
+                        Err(HandlerError::Reject(format!("{} does not belong on {}", other.type_name(), msg.subject)))
+                    }
+                }
+            }
+        },
+    )
+    .await?;
     // Armed before anyone learns the agent is up, so no tick is missed.
     let mut ticker = ctx.clock.ticker(cfg.sample_interval);
     ctx.health.set("bus", true);

@@ -157,6 +157,12 @@ pub struct Config {
     /// This node may be preempted (spot / preemptible VM).
     pub preemptible: bool,
     pub jobs: JobsConfig,
+    /// Public nkeys (`U...`) of the schedulers whose assignments, signals and
+    /// power commands this node obeys; anything unsigned or signed by
+    /// another key is refused and dead-lettered. Empty: nothing is checked
+    /// (a warning at start says so), and NATS permissions are all that
+    /// keeps others off this node's subjects.
+    pub trusted_scheduler_keys: Vec<String>,
     pub admin: AdminConfig,
 }
 
@@ -173,6 +179,18 @@ pub struct JobsConfig {
     pub stop_grace: Duration,
     /// The signal that asks a job to checkpoint now.
     pub checkpoint_signal: String,
+    /// What may run: executables, or directories whose executables (at any
+    /// depth) may run. A command is resolved (`PATH`, then links) before it
+    /// is matched, so `/opt/jobs/../../bin/sh` is `/usr/bin/sh`. Empty: no
+    /// job runs; each assignment fails naming this key. Allowing a shell or
+    /// an interpreter allows whatever it is given.
+    pub allowed_commands: Vec<std::path::PathBuf>,
+    /// The user jobs run as. Required when the agent runs as root (name
+    /// `root` to run them as root on purpose); empty otherwise runs them as
+    /// the agent's own user.
+    pub run_as_user: String,
+    /// Their group; empty: the user's primary group.
+    pub run_as_group: String,
 }
 
 impl Default for JobsConfig {
@@ -182,6 +200,9 @@ impl Default for JobsConfig {
             logs_root: "/var/log/costmesh/jobs".into(),
             stop_grace: Duration::from_secs(30),
             checkpoint_signal: "SIGUSR1".into(),
+            allowed_commands: Vec::new(),
+            run_as_user: String::new(),
+            run_as_group: String::new(),
         }
     }
 }
@@ -210,6 +231,7 @@ impl Default for Config {
             cloud: false,
             preemptible: false,
             jobs: JobsConfig::default(),
+            trusted_scheduler_keys: Vec::new(),
             admin: AdminConfig::on_port(9101),
         }
     }
@@ -238,6 +260,10 @@ impl Validate for Config {
                 "not a signal name (e.g. SIGUSR1, SIGUSR2, SIGHUP)",
             ));
         }
+        costmesh_runtime::signing::Verifier::new(&self.trusted_scheduler_keys)
+            .map_err(|why| ConfigError::new(key(p, "trusted_scheduler_keys"), "[..]", why))?;
+        crate::policy::Policy::from_config(&self.jobs)
+            .map_err(|(name, value, why)| ConfigError::new(key(p, &format!("jobs.{name}")), value, why))?;
         if !self.jobs.logs_root.is_absolute() {
             return Err(ConfigError::new(
                 key(p, "jobs.logs_root"),

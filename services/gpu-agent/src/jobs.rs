@@ -41,7 +41,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use costmesh_contracts::v1::{JobAssignment, JobEvent, JobEventKind, JobSignal, JobSignalKind};
-use costmesh_contracts::AnyEvent;
 use costmesh_runtime::events::HandlerError;
 use costmesh_runtime::ServiceContext;
 use nix::sys::signal::Signal;
@@ -119,6 +118,7 @@ fn kill_group(pid: u32) {
 pub struct Runner {
     node: String,
     cfg: JobsConfig,
+    policy: crate::policy::Policy,
     /// Newest attempt seen per job (the fence).
     seen: Arc<Mutex<HashMap<String, u32>>>,
     running: Arc<Mutex<HashMap<String, Running>>>,
@@ -148,19 +148,28 @@ impl Outbox {
 }
 
 impl Runner {
-    /// Starts the outbox publisher and the assignment/signal consumer.
+    /// Starts the outbox publisher and the logs responder; the agent hands
+    /// it assignments and signals ([`Runner::assign`], [`Runner::signal`]).
     pub async fn start(
         node: &str,
         cfg: JobsConfig,
         ctx: ServiceContext,
         agent: Option<AgentHandle>,
     ) -> anyhow::Result<Runner> {
+        let policy = crate::policy::Policy::from_config(&cfg)
+            .map_err(|(name, value, why)| anyhow::anyhow!("gpu_agent.jobs.{name} = {value:?}: {why}"))?;
+        match (cfg.allowed_commands.is_empty(), policy.run_as()) {
+            (true, _) => tracing::warn!("gpu_agent.jobs.allowed_commands is empty: every assignment will be refused"),
+            (false, Some(u)) => tracing::info!(user = %u.user, uid = u.uid, gid = u.gid, "jobs run as this user"),
+            (false, None) => tracing::info!("jobs run as the agent's own user"),
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(publish_outbox(ctx.clone(), rx, pending.clone()));
         let runner = Runner {
             node: node.to_string(),
             cfg: cfg.clone(),
+            policy,
             seen: Default::default(),
             running: Default::default(),
             outbox: Outbox { tx, pending },
@@ -169,24 +178,6 @@ impl Runner {
             stopping: Default::default(),
         };
         runner.reap_orphans();
-        let r = runner.clone();
-        ctx.spawn_durable::<AnyEvent, _, _>(
-            &format!("jobs-{node}"),
-            vec![ctx.subjects().node_assign(node), ctx.subjects().node_signal(node)],
-            move |_, _, event| {
-                let r = r.clone();
-                async move {
-                    match event {
-                        AnyEvent::JobAssignment(a) => r.assign(a).await,
-                        AnyEvent::JobSignal(s) => r.signal(s),
-                        other => {
-                            Err(HandlerError::Reject(format!("{} does not belong on this subject", other.type_name())))
-                        }
-                    }
-                }
-            },
-        )
-        .await?;
         // Logs on request: `costmesh jobs logs`.
         let sub = ctx.bus().subscribe(&ctx.subjects().node_logs(node)).await?;
         let r = runner.clone();
@@ -243,7 +234,7 @@ impl Runner {
         self.cfg.logs_root.join(costmesh_contracts::subjects::token(job)).join(format!("{attempt}.log"))
     }
 
-    async fn assign(&self, a: JobAssignment) -> Result<(), HandlerError> {
+    pub async fn assign(&self, a: JobAssignment) -> Result<(), HandlerError> {
         let Some(spec) = a.spec.clone() else {
             return Err(HandlerError::Reject(format!("assignment of {} has no job spec", a.job_id)));
         };
@@ -269,6 +260,16 @@ impl Runner {
             self.outbox.send(e);
             return Ok(());
         }
+        let program = match self.policy.check(&spec.command, &spec.env) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::warn!(job = %a.job_id, attempt = a.attempt, command = %spec.command, %why, "job refused by the node's policy; nothing run");
+                let mut ev = self.event(&a.job_id, a.attempt, JobEventKind::Failed, &a.gpu_indices);
+                ev.reason = why;
+                self.outbox.send(ev);
+                return Ok(());
+            }
+        };
         let log_path = self.log_path(&a.job_id, a.attempt);
         let log = async {
             tokio::fs::create_dir_all(log_path.parent().expect("log dir")).await?;
@@ -291,7 +292,13 @@ impl Runner {
             }
         };
         let gpus: Vec<String> = a.gpu_indices.iter().map(u32::to_string).collect();
-        let mut cmd = tokio::process::Command::new(&spec.command);
+        // The resolved path runs (a link changed after the check cannot
+        // redirect it); the job still sees the name it was given as argv[0].
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.arg0(&spec.command);
+        if let Some(u) = self.policy.run_as() {
+            cmd.uid(u.uid).gid(u.gid);
+        }
         cmd.args(&spec.args)
             .envs(&spec.env)
             .env("CUDA_VISIBLE_DEVICES", gpus.join(","))
@@ -432,7 +439,7 @@ impl Runner {
         Ok(())
     }
 
-    fn signal(&self, s: JobSignal) -> Result<(), HandlerError> {
+    pub fn signal(&self, s: JobSignal) -> Result<(), HandlerError> {
         let kind = s.kind();
         let pid = {
             let running = self.running.lock().expect("jobs lock");

@@ -13,8 +13,12 @@
 //! - [`agent`]: the sampling loop, profiles and command handlers.
 //! - [`jobs`]: runs the jobs the scheduler places here (child processes,
 //!   logs, checkpoint and stop signals, job events through an outbox).
+//! - [`policy`]: which commands a job may run, and as which user.
 //!
 //! **Invariant:** the agent changes no GPU setting unless `mode = "enforce"`.
+//! **Invariant:** no job runs unless its command is on
+//! `jobs.allowed_commands`; with `trusted_scheduler_keys` set, no command
+//! from the bus is obeyed unless a trusted scheduler signed it.
 // One `unsafe` block, in `jobs::supervise`: a `pre_exec` hook (see there).
 #![deny(unsafe_code)]
 
@@ -25,6 +29,7 @@ pub mod drift;
 pub mod guard;
 pub mod jobs;
 pub mod nvml;
+pub mod policy;
 pub mod preemption;
 pub mod sim;
 

@@ -9,6 +9,7 @@ use costmesh_gpu_agent::config::BackendKind;
 use costmesh_gpu_agent::Config;
 use costmesh_runtime::clock::Clock;
 use costmesh_runtime::config::MeshConfig;
+use costmesh_runtime::signing::Signer;
 use costmesh_runtime::ServiceContext;
 use costmesh_testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,10 @@ struct Node {
 }
 
 async fn node(test: &str) -> Node {
+    node_with(test, |_| {}).await
+}
+
+async fn node_with(test: &str, tweak: impl FnOnce(&mut Config)) -> Node {
     costmesh_runtime::telemetry::init_for_tests();
     let nats = NatsServer::start_new();
     let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix(test), ..Default::default() };
@@ -34,6 +39,9 @@ async fn node(test: &str) -> Node {
     cfg.backend = BackendKind::Sim;
     cfg.sim.gpus = vec!["RTX 4090".into(); 2];
     cfg.jobs.logs_root = logs.path().to_path_buf();
+    cfg.jobs.allowed_commands = vec!["/bin/bash".into(), "/bin/sh".into()];
+    cfg.jobs.run_as_user = costmesh_testkit::current_user();
+    tweak(&mut cfg);
     cfg.jobs.stop_grace = Duration::from_millis(300);
     let (clock, _time) = Clock::manual("2026-07-01T06:00:00Z".parse().unwrap());
     let shutdown = CancellationToken::new();
@@ -72,12 +80,19 @@ async fn node(test: &str) -> Node {
 
 impl Node {
     async fn send<E: costmesh_contracts::Event>(&self, subject: &str, e: &E) {
-        let (h, p) =
+        self.send_signed(subject, e, None).await
+    }
+
+    async fn send_signed<E: costmesh_contracts::Event>(&self, subject: &str, e: &E, signer: Option<&Signer>) {
+        let (mut h, p) =
             costmesh_contracts::encode(e, &EventMeta::new::<E>("test", chrono::Utc::now(), ContentType::Protobuf));
+        if let Some(s) = signer {
+            s.sign(subject, &mut h, &p);
+        }
         self.bus.publish_durable(subject, h, p).await.unwrap();
     }
 
-    async fn assign(&self, job: &str, attempt: u32, command: &str, args: &[&str]) {
+    fn assignment(&self, job: &str, attempt: u32, command: &str, args: &[&str]) -> JobAssignment {
         let spec = JobSpec {
             name: job.into(),
             command: command.into(),
@@ -88,7 +103,7 @@ impl Node {
             checkpoint_dir: self.logs.path().join("ckpt").display().to_string(),
             ..Default::default()
         };
-        let a = JobAssignment {
+        JobAssignment {
             job_id: job.into(),
             attempt,
             node: "n1".into(),
@@ -96,7 +111,11 @@ impl Node {
             spec: Some(spec),
             fencing_token: attempt as u64,
             resume_from: String::new(),
-        };
+        }
+    }
+
+    async fn assign(&self, job: &str, attempt: u32, command: &str, args: &[&str]) {
+        let a = self.assignment(job, attempt, command, args);
         self.send(&self.subjects.node_assign("n1"), &a).await;
     }
 
@@ -245,4 +264,112 @@ async fn the_logs_api_reads_nothing_outside_the_logs_root() {
     let reason = d.headers.get(costmesh_contracts::headers::names::DLQ_REASON).unwrap_or_default().to_string();
     assert!(reason.contains("job id refused"), "{reason}");
     assert!(!std::path::Path::new("/tmp/costmesh-should-not-exist").exists());
+}
+
+/// A command outside `allowed_commands` (or with an env that would change
+/// what runs) fails naming the rule, and nothing runs: no process, no log.
+#[tokio::test]
+async fn a_command_that_is_not_allowed_fails_with_the_rule_and_runs_nothing() {
+    let n = node("jobpolicy").await;
+    let marker = n.logs.path().join("marker");
+    let m = marker.display().to_string();
+    n.assign("j-touch", 1, "touch", &[&m]).await;
+    let e = n.wait("failed", |e| e.job_id == "j-touch" && e.kind() == JobEventKind::Failed).await;
+    assert!(e.reason.contains("not allowed by gpu_agent.jobs.allowed_commands"), "{e:?}");
+    assert!(e.reason.contains("/bin/bash"), "the reason lists what is allowed: {e:?}");
+    // A path through an allowed directory's parent is resolved first.
+    n.assign("j-dotdot", 1, "/usr/bin/../bin/touch", &[&m]).await;
+    let e = n.wait("failed", |e| e.job_id == "j-dotdot" && e.kind() == JobEventKind::Failed).await;
+    assert!(e.reason.contains("resolved to /usr/bin/touch"), "{e:?}");
+    // An allowed shell with a preloaded library is refused too.
+    let mut a = n.assignment("j-preload", 1, "/bin/sh", &["-c", &format!("touch {m}")]);
+    a.spec.as_mut().unwrap().env.insert("LD_PRELOAD".into(), "/tmp/evil.so".into());
+    n.send(&n.subjects.node_assign("n1"), &a).await;
+    let e = n.wait("failed", |e| e.job_id == "j-preload" && e.kind() == JobEventKind::Failed).await;
+    assert!(e.reason.contains("may not set LD_PRELOAD"), "{e:?}");
+    // Fenced and ordered: an allowed job after them runs, so they were all handled.
+    n.assign("j-ok", 1, "/bin/sh", &["-c", "echo fine"]).await;
+    n.wait("exited", |e| e.job_id == "j-ok" && e.kind() == JobEventKind::Exited).await;
+    assert!(!marker.exists(), "a refused command ran");
+    for job in ["j-touch", "j-dotdot", "j-preload"] {
+        assert!(!n.logs.path().join(job).exists(), "{job}: a refused job got a log directory");
+        let started = n.events.lock().unwrap().iter().any(|e| e.job_id == job && e.kind() == JobEventKind::Started);
+        assert!(!started, "{job} reported started");
+    }
+}
+
+/// With no allowed commands, nothing runs at all.
+#[tokio::test]
+async fn an_empty_allow_list_runs_nothing() {
+    let n = node_with("jobnone", |c| c.jobs.allowed_commands.clear()).await;
+    n.assign("j1", 1, "/bin/sh", &["-c", "echo hi"]).await;
+    let e = n.wait("failed", |e| e.job_id == "j1" && e.kind() == JobEventKind::Failed).await;
+    assert!(e.reason.contains("allowed_commands is empty"), "{e:?}");
+}
+
+/// An agent running as root runs jobs as the configured user and group.
+#[tokio::test]
+async fn jobs_run_as_the_configured_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: only an agent running as root can switch users (CI runs as root)");
+        return;
+    }
+    let n = node_with("jobuser", |c| {
+        c.jobs.run_as_user = "nobody".into();
+        c.jobs.run_as_group = "nogroup".into();
+    })
+    .await;
+    n.assign("j-id", 1, "/bin/sh", &["-c", "echo uid=$(id -u) gid=$(id -g) groups=$(id -G)"]).await;
+    n.wait("exited", |e| e.job_id == "j-id" && e.kind() == JobEventKind::Exited).await;
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let nogroup = nix::unistd::Group::from_name("nogroup").unwrap().unwrap();
+    let log = n.log("j-id", 1);
+    let want = format!("uid={} gid={} groups={}", nobody.uid, nogroup.gid, nogroup.gid);
+    assert!(log.contains(&want), "want {want:?} (no supplementary groups of root kept), got {log:?}");
+}
+
+/// With trusted scheduler keys, an unsigned or foreign-signed assignment is
+/// refused and dead-lettered, and runs nothing; one the scheduler signed runs.
+#[tokio::test]
+async fn a_forged_assignment_is_refused_and_dead_lettered() {
+    let scheduler = nkeys::KeyPair::new_user();
+    let trusted = scheduler.public_key();
+    let n = node_with("jobsigned", move |c| c.trusted_scheduler_keys = vec![trusted]).await;
+    let signer = Signer::from_seed(&scheduler.seed().unwrap()).unwrap();
+    let forger = Signer::from_seed(&nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    let mut dlq = n.bus.subscribe(&n.subjects.dlq("gpu-agent")).await.unwrap();
+    n.bus.flush().await.unwrap();
+    let marker = n.logs.path().join("forged");
+    let touch = format!("touch {}", marker.display());
+    let subject = n.subjects.node_assign("n1");
+    for (job, by, why) in [("j-unsigned", None, "not signed"), ("j-foreign", Some(&forger), "not a trusted key")] {
+        n.send_signed(&subject, &n.assignment(job, 1, "/bin/sh", &["-c", &touch]), by).await;
+        let d = tokio::time::timeout(WAIT, dlq.next()).await.expect("a dead letter").unwrap();
+        let reason = d.headers.get(costmesh_contracts::headers::names::DLQ_REASON).unwrap_or_default().to_string();
+        assert!(reason.contains("JobAssignment refused") && reason.contains(why), "{job}: {reason}");
+    }
+    // Signed for another node and replayed onto this one: the subject is signed too.
+    let other = n.subjects.node_assign("n2");
+    let a = n.assignment("j-replayed", 1, "/bin/sh", &["-c", &touch]);
+    let (mut h, p) = costmesh_contracts::encode(
+        &a,
+        &EventMeta::new::<JobAssignment>("test", chrono::Utc::now(), ContentType::Protobuf),
+    );
+    signer.sign(&other, &mut h, &p);
+    n.bus.publish_durable(&subject, h, p).await.unwrap();
+    let d = tokio::time::timeout(WAIT, dlq.next()).await.expect("a dead letter").unwrap();
+    let reason = d.headers.get(costmesh_contracts::headers::names::DLQ_REASON).unwrap_or_default().to_string();
+    assert!(reason.contains("does not match"), "{reason}");
+    // Signals are checked the same way.
+    let stop =
+        JobSignal { job_id: "j-x".into(), attempt: 1, kind: JobSignalKind::Stop as i32, reason: "forged".into() };
+    n.send(&n.subjects.node_signal("n1"), &stop).await;
+    let d = tokio::time::timeout(WAIT, dlq.next()).await.expect("a dead letter").unwrap();
+    assert!(d.subject.ends_with(".dlq.gpu-agent"), "{}", d.subject);
+
+    n.send_signed(&subject, &n.assignment("j-signed", 1, "/bin/sh", &["-c", "echo signed-ok"]), Some(&signer)).await;
+    n.wait("exited", |e| e.job_id == "j-signed" && e.kind() == JobEventKind::Exited).await;
+    assert!(n.log("j-signed", 1).contains("signed-ok"));
+    assert!(!marker.exists(), "a forged assignment ran");
+    assert!(n.events.lock().unwrap().iter().all(|e| e.job_id == "j-signed"), "forged jobs reported events");
 }

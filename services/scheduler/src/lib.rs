@@ -115,6 +115,11 @@ pub struct Config {
     pub preempted_hold: Duration,
     pub budget: BudgetGating,
     pub idle: IdleConfig,
+    /// An nkey seed file (`costmesh nats-config` writes one per user): the
+    /// scheduler signs its assignments, signals and power commands with it,
+    /// and gpu-agents that list its public key in `trusted_scheduler_keys`
+    /// refuse anything not signed by it.
+    pub signing_key_file: Option<std::path::PathBuf>,
     pub admin: AdminConfig,
 }
 
@@ -138,6 +143,7 @@ impl Default for Config {
             preempted_hold: Duration::from_secs(600),
             budget: BudgetGating::default(),
             idle: IdleConfig::default(),
+            signing_key_file: None,
             admin: AdminConfig::on_port(9102),
         }
     }
@@ -163,6 +169,10 @@ fn at_least(p: &str, name: &str, v: Duration, min: Duration) -> Result<(), Confi
 
 impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
+        if let Some(f) = &self.signing_key_file {
+            costmesh_runtime::signing::Signer::from_file(f)
+                .map_err(|why| ConfigError::new(key(p, "signing_key_file"), f.display(), why))?;
+        }
         hhmm(p, "off_peak_start", &self.off_peak_start)?;
         hhmm(p, "off_peak_end", &self.off_peak_end)?;
         hhmm(p, "idle.business_start", &self.idle.business_start)?;

@@ -106,6 +106,17 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
 
 /// Runs the scheduler, sending idle actions to `actuator`.
 pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<dyn Actuator>) -> anyhow::Result<()> {
+    let signer = match &cfg.signing_key_file {
+        Some(f) => Some(
+            costmesh_runtime::signing::Signer::from_file(f)
+                .map_err(|e| anyhow::anyhow!("scheduler.signing_key_file: {e}"))?,
+        ),
+        None => None,
+    };
+    if let Some(s) = &signer {
+        tracing::info!(key = %s.public_key(), "commands to nodes are signed");
+    }
+    let ctx = ctx.with_signer(signer);
     ctx.events.ensure_stream().await?;
     let bucket = format!("{}_jobs", ctx.subjects().prefix().replace(['.', '-'], "_"));
     let kv = ctx.kv("jobs").await?;

@@ -339,7 +339,14 @@ impl NatsBus {
             .map_err(|e| BusError::new(BusErrorKind::NoStream, format!("stream {}: {e}", spec.stream)))?;
         let config = consumer::pull::Config {
             durable_name: Some(spec.durable.clone()),
-            filter_subjects: spec.filter_subjects.clone(),
+            // One filter goes in the singular field: the server then puts it
+            // in the create request's subject, where NATS permissions can
+            // limit which subjects a user's consumer may read.
+            filter_subject: match spec.filter_subjects.as_slice() {
+                [one] => one.clone(),
+                _ => String::new(),
+            },
+            filter_subjects: if spec.filter_subjects.len() == 1 { Vec::new() } else { spec.filter_subjects.clone() },
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: spec.ack_wait,
             max_deliver: spec.max_deliver,

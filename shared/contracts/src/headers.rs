@@ -25,6 +25,11 @@ pub mod names {
     pub const DLQ_SERVICE: &str = "costmesh-dlq-service";
     /// Set on dead letters whose payload was cut to fit the max payload.
     pub const DLQ_TRUNCATED: &str = "costmesh-dlq-truncated";
+    /// The public nkey (`U...`) of whoever signed the message.
+    pub const SIGNER: &str = "costmesh-signer";
+    /// Ed25519 signature (base64url, no padding) over subject, content type
+    /// and payload, by [`SIGNER`]'s key.
+    pub const SIGNATURE: &str = "costmesh-signature";
 }
 
 /// An ordered multi-map of headers with case-insensitive lookup.

@@ -85,6 +85,9 @@ pub struct EventBus {
     pub metrics: EventMetrics,
     /// `[mesh.limits]`: how much the events stream may hold.
     pub limits: crate::config::Limits,
+    /// Signs everything this service publishes (the scheduler's commands to
+    /// nodes); None sends unsigned.
+    pub signer: Option<crate::signing::Signer>,
 }
 
 /// The stream that stores every durable subject under `subjects`' prefix.
@@ -151,7 +154,10 @@ impl EventBus {
         let span =
             tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
         async {
-            let (meta, headers, payload) = self.stamp(event);
+            let (meta, mut headers, payload) = self.stamp(event);
+            if let Some(s) = &self.signer {
+                s.sign(subject, &mut headers, &payload);
+            }
             self.bus.publish(subject, headers, payload).await?;
             self.count_published::<E>();
             Ok(meta)
@@ -190,6 +196,9 @@ impl EventBus {
                 meta.id = id.to_string();
                 headers.insert(names::EVENT_ID, id);
                 headers.insert(names::NATS_MSG_ID, id);
+            }
+            if let Some(s) = &self.signer {
+                s.sign(subject, &mut headers, &payload);
             }
             let ack = self.bus.publish_durable(subject, headers, payload).await?;
             self.count_published::<E>();

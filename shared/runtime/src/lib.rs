@@ -9,6 +9,7 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`events`]: typed publish, consumer loops, dead letters, de-duplication.
 //! - [`tariff`]: flat and time-of-use electricity prices.
+//! - [`signing`]: Ed25519 (nkey) signatures on commands to nodes.
 //! - [`service`]: the context a service runs in, signals, bus connection.
 //! - [`host`]: runs one service as a process (the service binaries' `main`).
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@ pub mod events;
 pub mod host;
 pub mod metrics;
 pub mod service;
+pub mod signing;
 pub mod tariff;
 pub mod telemetry;
 

@@ -62,6 +62,7 @@ impl ServiceContext {
                 content_type: mesh.content_type,
                 metrics,
                 limits: mesh.limits.clone(),
+                signer: None,
             },
             clock,
             registry: Arc::new(Mutex::new(registry)),
@@ -75,6 +76,12 @@ impl ServiceContext {
     /// Hands over the `[redis]` URL.
     pub fn with_redis(mut self, url: Option<crate::config::SecretUrl>) -> Self {
         self.redis_url = url;
+        self
+    }
+
+    /// Signs everything this service publishes with `signer`.
+    pub fn with_signer(mut self, signer: Option<crate::signing::Signer>) -> Self {
+        self.events.signer = signer;
         self
     }
 

@@ -226,6 +226,13 @@ impl Drop for RedisServer {
     }
 }
 
+/// The name of the user the tests run as (for job policies that must name
+/// the user jobs run as).
+pub fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().expect("running id -un");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A prefix unique to one test, so tests sharing a server never see each
 /// other's subjects, streams or keys.
 pub fn unique_prefix(test: &str) -> String {

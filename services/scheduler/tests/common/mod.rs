@@ -104,6 +104,8 @@ impl Mesh {
         cfg.cloud = n.cloud;
         cfg.preemptible = n.preemptible;
         cfg.jobs.logs_root = self.work.join("logs").join(n.name);
+        cfg.jobs.allowed_commands = vec![std::path::Path::new(&train_script()).parent().unwrap().to_path_buf()];
+        cfg.jobs.run_as_user = costmesh_testkit::current_user();
         cfg.jobs.stop_grace = Duration::from_secs(5);
         let shutdown = CancellationToken::new();
         let ctx = self.ctx("gpu-agent", Some(n.name), shutdown.clone()).await;
