@@ -28,6 +28,10 @@ pub struct Conn {
     /// A file holding a token.
     #[arg(long = "nats-token-file")]
     pub nats_token_file: Option<std::path::PathBuf>,
+    /// A file holding an nkey seed (what `costmesh nats-config` writes for
+    /// each client user), or NATS_NKEY.
+    #[arg(long = "nats-nkey-file", env = "NATS_NKEY")]
+    pub nats_nkey_file: Option<std::path::PathBuf>,
     /// Subject prefix.
     #[arg(long, default_value = "costmesh")]
     pub prefix: String,
@@ -139,6 +143,9 @@ impl Conn {
         }
         if let Some(f) = &self.nats_token_file {
             o.token = Some(secret_file("--nats-token-file", f)?);
+        }
+        if let Some(f) = &self.nats_nkey_file {
+            o.nkey_seed = Some(secret_file("--nats-nkey-file", f)?);
         }
         // The error names the server with any secret masked (the bus does that).
         Ok(NatsBus::connect(&self.url()?, &o).await?)

@@ -7,6 +7,7 @@ use costmesh_runtime::config::EXIT_BAD_CONFIG;
 mod janitor;
 mod jobs;
 mod mesh;
+mod natsconf;
 mod view;
 
 #[derive(Parser, Debug)]
@@ -49,6 +50,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the nats-server authorization for a mesh: one nkey user per
+    /// service, node, client and operator, each allowed only its subjects.
+    NatsConfig(natsconf::NatsConfigArgs),
     /// Live events from a NATS server.
     Events {
         #[command(subcommand)]
@@ -194,6 +198,7 @@ fn main() -> ExitCode {
             Command::Up(args) => mesh::up(args).await,
             Command::Janitor { command } => janitor::run(command).await,
             Command::Roi { config, json } => roi(config, json),
+            Command::NatsConfig(args) => natsconf::run(args),
             Command::Jobs { command } => jobs::run(command).await,
             Command::Cost { conn } => cost(&conn).await,
             Command::Cache { command: CacheCommand::Purge { gateway, route, model_version, all } } => {

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 
 mod kills;
 mod scenarios;
+mod security;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -37,7 +38,7 @@ pub const STARTED_AT: &str = "@started-at";
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
-    for b in ["gpu-agent", "scheduler", "storage-janitor", "cost-watcher", "cache-gateway"] {
+    for b in ["gpu-agent", "scheduler", "storage-janitor", "cost-watcher", "cache-gateway", "costmesh"] {
         assert!(dir.join(b).is_file(), "{} missing: run `cargo build --workspace --bins` first", dir.join(b).display());
     }
     dir
@@ -112,12 +113,30 @@ pub struct Mesh {
     pub spot: Model,
     /// Every event seen on the prefix, in order: (subject, event).
     pub events: Arc<Mutex<Vec<(String, AnyEvent)>>>,
+    /// Under the generated authorization: the users' key files
+    /// (`<user>.nk`) and the Redis password file.
+    pub keys: Option<PathBuf>,
     procs: Vec<Proc>,
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
+/// The Redis password of a secure mesh (a test fixture, grepped for in logs).
+pub const REDIS_PASSWORD: &str = "redis-pw-5f2c9a7e";
+
 impl Mesh {
     pub async fn start(test: &str, hosts: &[Host], extra_env: &[(&str, &str)]) -> Mesh {
+        Self::start_with(test, hosts, extra_env, false).await
+    }
+
+    /// The mesh as compose deploys it: NATS under `costmesh nats-config`'s
+    /// authorization (one nkey user per service and node, a client user
+    /// `alice`, the harness as operator `harness`), signed commands to
+    /// nodes, and Redis behind a password read from a file.
+    pub async fn start_secure(test: &str, hosts: &[Host]) -> Mesh {
+        Self::start_with(test, hosts, &[], true).await
+    }
+
+    async fn start_with(test: &str, hosts: &[Host], extra_env: &[(&str, &str)], secure: bool) -> Mesh {
         let serial = SERIAL.lock().await;
         let started_at = chrono::Utc::now().to_rfc3339();
         let extra_env: Vec<(String, String)> = extra_env
@@ -125,14 +144,52 @@ impl Mesh {
             .map(|(k, v)| (k.to_string(), if *v == STARTED_AT { started_at.clone() } else { v.to_string() }))
             .collect();
         let bins = bin_dir();
-        let nats = NatsServer::start_new();
-        let redis = RedisServer::start_new();
+        let prefix = costmesh_testkit::unique_prefix(test);
+        let work = tempfile::tempdir().unwrap();
+        let keys = secure.then(|| work.path().join("keys"));
+        let (nats, redis, harness) = match &keys {
+            None => (NatsServer::start_new(), RedisServer::start_new(), Default::default()),
+            Some(keys) => {
+                let mut args = vec!["nats-config".to_string(), "--keys-dir".into(), keys.display().to_string()];
+                args.extend(["--prefix".into(), prefix.clone(), "--client".into(), "alice".into()]);
+                args.extend(["--admin".into(), "harness".into()]);
+                for h in hosts {
+                    args.extend(["--node".into(), h.name.to_string()]);
+                }
+                let auth = work.path().join("auth.conf");
+                args.extend(["--out".into(), auth.display().to_string()]);
+                let out = std::process::Command::new(bins.join("costmesh")).args(&args).output().unwrap();
+                assert!(out.status.success(), "nats-config: {}", String::from_utf8_lossy(&out.stderr));
+                std::fs::write(work.path().join("nats-config.out"), [out.stdout, out.stderr].concat()).unwrap();
+                let conf = work.path().join("nats.conf");
+                std::fs::write(&conf, "include \"auth.conf\"\n").unwrap();
+                std::fs::write(keys.join("redis.pw"), format!("{REDIS_PASSWORD}\n")).unwrap();
+                let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+                let redis = RedisServer::start_with_args(&["--requirepass", REDIS_PASSWORD]);
+                let harness = costmesh_bus::NatsConnectOptions {
+                    nkey_seed: Some(std::fs::read_to_string(keys.join("admin-harness.nk")).unwrap()),
+                    ..Default::default()
+                };
+                (nats, redis, harness)
+            }
+        };
         let pubsub = FakePubSub::start().await;
         let otlp = OtlpReceiver::start().await;
-        let prefix = costmesh_testkit::unique_prefix(test);
-        let bus = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());
+        let bus = Bus::Nats(NatsBus::connect(&nats.url(), &harness).await.unwrap());
         let subjects = Subjects::new(&prefix).unwrap();
-        let work = tempfile::tempdir().unwrap();
+        // Each process's NATS user, and what it signs or trusts.
+        let auth = |user: &str| -> Vec<(String, String)> {
+            match &keys {
+                None => Vec::new(),
+                Some(k) => {
+                    vec![("COSTMESH__NATS__NKEY_SEED_FILE".into(), k.join(format!("{user}.nk")).display().to_string())]
+                }
+            }
+        };
+        let scheduler_key = keys.as_ref().map(|k| {
+            let seed = std::fs::read_to_string(k.join("scheduler.nk")).unwrap();
+            nkeys::KeyPair::from_seed(seed.trim()).unwrap().public_key()
+        });
         let (regular, spot) = (model("regular").await, model("spot").await);
 
         // Record every event.
@@ -176,15 +233,19 @@ impl Mesh {
             "cost-watcher",
             "cost-watcher",
             "COST_WATCHER",
-            vec![
-                ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL".into(), "1s".into()),
-                (
-                    "COSTMESH__COST_WATCHER__BILLING__SUBSCRIPTION".into(),
-                    "projects/costmesh-test/subscriptions/budget".into(),
-                ),
-                ("COSTMESH__COST_WATCHER__BILLING__ENDPOINT".into(), pubsub.endpoint()),
-                ("COSTMESH__COST_WATCHER__BILLING__CREDENTIALS".into(), "anonymous".into()),
-            ],
+            [
+                auth("cost-watcher"),
+                vec![
+                    ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL".into(), "1s".into()),
+                    (
+                        "COSTMESH__COST_WATCHER__BILLING__SUBSCRIPTION".into(),
+                        "projects/costmesh-test/subscriptions/budget".into(),
+                    ),
+                    ("COSTMESH__COST_WATCHER__BILLING__ENDPOINT".into(), pubsub.endpoint()),
+                    ("COSTMESH__COST_WATCHER__BILLING__CREDENTIALS".into(), "anonymous".into()),
+                ],
+            ]
+            .concat(),
         );
         costmesh_testkit::eventually(WAIT, "cost-watcher ready", || async move {
             costmesh_testkit::http_get(&format!("127.0.0.1:{cw_admin}"), "/readyz").await.is_ok_and(|(s, _)| s == 200)
@@ -193,26 +254,34 @@ impl Mesh {
         for h in hosts {
             let meta = MetadataServer::start().await;
             let e = |k: &str, v: String| (format!("COSTMESH__GPU_AGENT__{k}"), v);
+            let mut env = auth(&format!("gpu-agent-{}", h.name));
+            if let Some(k) = &scheduler_key {
+                env.push(e("TRUSTED_SCHEDULER_KEYS", format!("[{k:?}]")));
+            }
             spawn(
                 h.name,
                 "gpu-agent",
                 "GPU_AGENT",
-                vec![
-                    e("NODE", h.name.into()),
-                    e("BACKEND", "sim".into()),
-                    e("SAMPLE_INTERVAL", "500ms".into()),
-                    e("CLOUD", h.cloud.to_string()),
-                    e("PREEMPTIBLE", h.preemptible.to_string()),
-                    e("PREEMPTION__ENABLED", h.preemptible.to_string()),
-                    e("PREEMPTION__METADATA_URL", meta.url().to_string()),
-                    e("JOBS__LOGS_ROOT", work.path().join("logs").join(h.name).display().to_string()),
-                    e("JOBS__STOP_GRACE", "5s".into()),
-                    e(
-                        "JOBS__ALLOWED_COMMANDS",
-                        format!("[{:?}]", workspace_root().join("examples/jobs").display().to_string()),
-                    ),
-                    e("JOBS__RUN_AS_USER", costmesh_testkit::current_user()),
-                ],
+                [
+                    env,
+                    vec![
+                        e("NODE", h.name.into()),
+                        e("BACKEND", "sim".into()),
+                        e("SAMPLE_INTERVAL", "500ms".into()),
+                        e("CLOUD", h.cloud.to_string()),
+                        e("PREEMPTIBLE", h.preemptible.to_string()),
+                        e("PREEMPTION__ENABLED", h.preemptible.to_string()),
+                        e("PREEMPTION__METADATA_URL", meta.url().to_string()),
+                        e("JOBS__LOGS_ROOT", work.path().join("logs").join(h.name).display().to_string()),
+                        e("JOBS__STOP_GRACE", "5s".into()),
+                        e(
+                            "JOBS__ALLOWED_COMMANDS",
+                            format!("[{:?}]", workspace_root().join("examples/jobs").display().to_string()),
+                        ),
+                        e("JOBS__RUN_AS_USER", costmesh_testkit::current_user()),
+                    ],
+                ]
+                .concat(),
             );
             metadata.insert(h.name, meta);
         }
@@ -220,10 +289,22 @@ impl Mesh {
             "scheduler",
             "scheduler",
             "SCHEDULER",
-            vec![
-                ("COSTMESH__SCHEDULER__RETRY_BACKOFF".into(), "1s".into()),
-                ("COSTMESH__SCHEDULER__DECIDE_INTERVAL".into(), "1s".into()),
-            ],
+            [
+                auth("scheduler"),
+                vec![
+                    ("COSTMESH__SCHEDULER__RETRY_BACKOFF".into(), "1s".into()),
+                    ("COSTMESH__SCHEDULER__DECIDE_INTERVAL".into(), "1s".into()),
+                ],
+                keys.iter()
+                    .map(|k| {
+                        (
+                            "COSTMESH__SCHEDULER__SIGNING_KEY_FILE".to_string(),
+                            k.join("scheduler.nk").display().to_string(),
+                        )
+                    })
+                    .collect(),
+            ]
+            .concat(),
         );
         let base = work.path().join("storage");
         std::fs::create_dir_all(base.join("logs")).unwrap();
@@ -231,11 +312,15 @@ impl Mesh {
             "storage-janitor",
             "storage-janitor",
             "STORAGE_JANITOR",
-            vec![
-                ("COSTMESH__STORAGE_JANITOR__BASE_DIR".into(), base.display().to_string()),
-                // Passes only when asked (a full disk here must not add passes).
-                ("COSTMESH__STORAGE_JANITOR__DISK_PRESSURE_PCT".into(), "100".into()),
-            ],
+            [
+                auth("storage-janitor"),
+                vec![
+                    ("COSTMESH__STORAGE_JANITOR__BASE_DIR".into(), base.display().to_string()),
+                    // Passes only when asked (a full disk here must not add passes).
+                    ("COSTMESH__STORAGE_JANITOR__DISK_PRESSURE_PCT".into(), "100".into()),
+                ],
+            ]
+            .concat(),
         );
         let routes = format!(
             r#"[{{ name = "chat", backends = ["{}", {{ url = "{}", pool = "preemptible", node = "spot-1" }}] }}, {{ name = "batch", priority = "low", backends = ["{}"] }}]"#,
@@ -245,13 +330,20 @@ impl Mesh {
             "cache-gateway",
             "cache-gateway",
             "CACHE_GATEWAY",
-            vec![
-                ("COSTMESH__REDIS__URL".into(), redis.url()),
-                ("COSTMESH__CACHE_GATEWAY__LISTEN".into(), format!("127.0.0.1:{gateway_port}")),
-                ("COSTMESH__CACHE_GATEWAY__ROUTES".into(), routes),
-                ("COSTMESH__CACHE_GATEWAY__HEALTH_INTERVAL".into(), "200ms".into()),
-                ("COSTMESH__CACHE_GATEWAY__STATS_INTERVAL".into(), "1s".into()),
-            ],
+            [
+                auth("cache-gateway"),
+                keys.iter()
+                    .map(|k| ("COSTMESH__REDIS__PASSWORD_FILE".to_string(), k.join("redis.pw").display().to_string()))
+                    .collect(),
+                vec![
+                    ("COSTMESH__REDIS__URL".into(), redis.url()),
+                    ("COSTMESH__CACHE_GATEWAY__LISTEN".into(), format!("127.0.0.1:{gateway_port}")),
+                    ("COSTMESH__CACHE_GATEWAY__ROUTES".into(), routes),
+                    ("COSTMESH__CACHE_GATEWAY__HEALTH_INTERVAL".into(), "200ms".into()),
+                    ("COSTMESH__CACHE_GATEWAY__STATS_INTERVAL".into(), "1s".into()),
+                ],
+            ]
+            .concat(),
         );
         let mesh = Mesh {
             nats,
@@ -266,6 +358,7 @@ impl Mesh {
             regular,
             spot,
             events,
+            keys,
             procs,
             _serial: serial,
         };
@@ -452,6 +545,11 @@ impl Mesh {
     pub fn job_log(&self, node: &str, job: &str, attempt: u32) -> String {
         std::fs::read_to_string(self.work.path().join("logs").join(node).join(job).join(format!("{attempt}.log")))
             .unwrap_or_default()
+    }
+
+    /// Every process's log so far, by name.
+    pub fn logs(&self) -> Vec<(String, String)> {
+        self.procs.iter().map(|p| (p.name.clone(), std::fs::read_to_string(&p.log).unwrap_or_default())).collect()
     }
 
     /// Spans received for `trace_id`, by service.

@@ -354,7 +354,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let tz = ctx.mesh.tz();
     let currency = ctx.mesh.currency.clone();
     ctx.events.ensure_stream().await?;
-    let bucket = format!("{}_cost_watcher", ctx.subjects().prefix().replace(['.', '-'], "_"));
+    let bucket = costmesh_runtime::service::kv_bucket(ctx.subjects(), "cost_watcher");
     let kv = ctx.bus().kv(&bucket).await?;
     let (state, revision) = load(&kv).await?;
     tracing::info!(

@@ -118,7 +118,7 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
     }
     let ctx = ctx.with_signer(signer);
     ctx.events.ensure_stream().await?;
-    let bucket = format!("{}_jobs", ctx.subjects().prefix().replace(['.', '-'], "_"));
+    let bucket = costmesh_runtime::service::kv_bucket(ctx.subjects(), "jobs");
     let kv = ctx.kv("jobs").await?;
     let planner = planner(&cfg, &ctx);
     let metrics = Metrics::register(&ctx);

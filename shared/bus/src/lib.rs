@@ -28,7 +28,7 @@ pub mod nats;
 pub mod subject;
 
 pub use memory::MemoryBus;
-pub use nats::{masked_url, NatsBus, NatsConnectOptions};
+pub use nats::{masked_url, nkey_inbox_prefix, NatsBus, NatsConnectOptions};
 
 /// One message as a handler sees it.
 #[derive(Clone, Debug, PartialEq)]

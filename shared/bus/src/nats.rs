@@ -30,10 +30,17 @@ pub struct NatsConnectOptions {
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub require_tls: bool,
+    /// Where replies to this client go (`_INBOX` by default). With an nkey
+    /// and no prefix set, [`nkey_inbox_prefix`] of its public key, which is
+    /// what `costmesh nats-config` permits that user to subscribe to.
+    pub inbox_prefix: Option<String>,
     /// Keep trying the first connect instead of failing (services started
     /// before the server in compose).
     pub retry_on_initial_connect: bool,
 }
+
+/// How long a user that may not create the events stream waits for it.
+const STREAM_WAIT: Duration = Duration::from_secs(60);
 
 /// The longest a durable publish waits for its acknowledgement.
 const DURABLE_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,6 +87,12 @@ fn url_credentials(url: &str) -> (String, Option<(String, String)>, Option<Strin
         Some(p) => (parsed.to_string(), Some((user, p)), None),
         None => (parsed.to_string(), None, Some(user)),
     }
+}
+
+/// The inbox prefix of the user with this public nkey: its own, so that no
+/// other user may be allowed to read its replies.
+pub fn nkey_inbox_prefix(public_key: &str) -> String {
+    format!("_INBOX_{public_key}")
 }
 
 /// The URL with any password or token replaced by `***`, for messages and
@@ -131,7 +144,16 @@ impl NatsBus {
             })?;
         }
         if let Some(seed) = &opts.nkey_seed {
-            o = o.nkey(seed.clone());
+            let pair = nkeys::KeyPair::from_seed(seed.trim()).map_err(|e| {
+                BusError::new(BusErrorKind::Connection, format!("the nkey seed is not valid ({})", e.kind()))
+            })?;
+            if opts.inbox_prefix.is_none() {
+                o = o.custom_inbox_prefix(nkey_inbox_prefix(&pair.public_key()));
+            }
+            o = o.nkey(seed.trim().to_string());
+        }
+        if let Some(p) = &opts.inbox_prefix {
+            o = o.custom_inbox_prefix(p);
         }
         if let (Some(u), Some(p)) = (&opts.user, &opts.password) {
             o = o.user_and_password(u.clone(), p.clone());
@@ -225,7 +247,11 @@ impl NatsBus {
                     || info.config.max_bytes != config.max_bytes
                     || info.config.max_age != config.max_age
                 {
-                    self.js.update_stream(config).await.map_err(other)?;
+                    // A user without the right to update it (a gpu-agent)
+                    // uses the stream as the control plane configured it.
+                    if let Err(e) = self.js.update_stream(config).await {
+                        tracing::warn!(stream = %spec.name, error = %e, "stream not updated to this service's settings; using it as it is");
+                    }
                 }
                 Ok(())
             }
@@ -236,7 +262,18 @@ impl NatsBus {
                     tracing::debug!(error = %e, stream = %spec.name, "stream created concurrently");
                     Ok(())
                 }
-                Err(e) => Err(other(format!("creating stream {}: {e}", spec.name))),
+                Err(e) => {
+                    // A user that may not create it waits for one that may.
+                    let deadline = tokio::time::Instant::now() + STREAM_WAIT;
+                    tracing::warn!(stream = %spec.name, error = %e, "stream not created here; waiting for a control-plane service to create it");
+                    while tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if self.js.get_stream(&spec.name).await.is_ok() {
+                            return Ok(());
+                        }
+                    }
+                    Err(other(format!("creating stream {}: {e}", spec.name)))
+                }
             },
         }
     }

@@ -23,8 +23,31 @@ pub struct SubjectSpec {
     /// Full proto name of the payload, or `*` for any (dead letters).
     pub message: &'static str,
     pub durability: Durability,
+    /// Who may publish it (comma-separated service names, or `every
+    /// service`). NATS permissions are generated from this column.
     pub publisher: &'static str,
+    /// Who subscribes to it on core NATS (JetStream subjects are read
+    /// through consumers, which the permissions name separately).
+    pub subscribers: &'static str,
 }
+
+/// One request-reply subject family (core NATS, JSON bodies).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestSpec {
+    /// Pattern after the prefix, placeholders in angle brackets.
+    pub pattern: &'static str,
+    /// The service that answers.
+    pub served_by: &'static str,
+    /// Who may ask: `client` (configured client users) and services.
+    pub asked_by: &'static str,
+}
+
+/// Every request-reply family.
+pub const REQUESTS: &[RequestSpec] = &[
+    RequestSpec { pattern: "api.scheduler.<verb>", served_by: "scheduler", asked_by: "client" },
+    RequestSpec { pattern: "api.cost-watcher.<verb>", served_by: "cost-watcher", asked_by: "client" },
+    RequestSpec { pattern: "node.<node>.logs", served_by: "gpu-agent", asked_by: "client" },
+];
 
 /// Every subject family costmesh uses.
 pub const SUBJECTS: &[SubjectSpec] = &[
@@ -33,72 +56,84 @@ pub const SUBJECTS: &[SubjectSpec] = &[
         message: "costmesh.v1.GpuSample",
         durability: Durability::Core,
         publisher: "gpu-agent",
+        subscribers: "scheduler, cost-watcher",
     },
     SubjectSpec {
         pattern: "preemption.<node>",
         message: "costmesh.v1.PreemptionNotice",
         durability: Durability::JetStream,
         publisher: "gpu-agent",
+        subscribers: "",
     },
     SubjectSpec {
         pattern: "budget.<scope>.<state>",
         message: "costmesh.v1.BudgetEvent",
         durability: Durability::JetStream,
         publisher: "cost-watcher",
+        subscribers: "",
     },
     SubjectSpec {
         pattern: "jobs.<job>.<event>",
         message: "costmesh.v1.JobEvent",
         durability: Durability::JetStream,
         publisher: "scheduler, gpu-agent",
+        subscribers: "",
     },
     SubjectSpec {
         pattern: "node.<node>.assign",
         message: "costmesh.v1.JobAssignment",
         durability: Durability::JetStream,
         publisher: "scheduler",
+        subscribers: "",
     },
     SubjectSpec {
         pattern: "node.<node>.signal",
         message: "costmesh.v1.JobSignal",
         durability: Durability::JetStream,
         publisher: "scheduler",
+        subscribers: "",
     },
     SubjectSpec {
         pattern: "node.<node>.power",
         message: "costmesh.v1.PowerCommand",
         durability: Durability::JetStream,
         publisher: "scheduler",
+        subscribers: "",
     },
     SubjectSpec {
         pattern: "storage.report",
         message: "costmesh.v1.StorageReport",
         durability: Durability::JetStream,
         publisher: "storage-janitor",
+        subscribers: "",
     },
     SubjectSpec {
         pattern: "cache.stats",
         message: "costmesh.v1.CacheStats",
         durability: Durability::Core,
         publisher: "cache-gateway",
+        subscribers: "cost-watcher",
     },
     SubjectSpec {
         pattern: "actions.<kind>",
         message: "costmesh.v1.Action",
         durability: Durability::JetStream,
-        publisher: "scheduler, storage-janitor",
+        publisher: "scheduler, storage-janitor, gpu-agent",
+        subscribers: "",
     },
     SubjectSpec {
         pattern: "billing.gcp.<budget>",
         message: "costmesh.v1.CloudBudgetNotification",
         durability: Durability::JetStream,
         publisher: "cost-watcher",
+        subscribers: "",
     },
     SubjectSpec {
         pattern: "dlq.<service>",
         message: "*",
         durability: Durability::JetStream,
         publisher: "every service",
+        subscribers: "",
     },
 ];
 
@@ -187,9 +222,10 @@ impl Subjects {
     pub fn gpu_telemetry(&self, node: &str, gpu: u32) -> String {
         self.join(&["telemetry", "gpu", &token(node), &gpu.to_string()])
     }
-    /// Every GPU sample from every node.
+    /// Every GPU sample from every node (`*.*`, not `>`: a subscription
+    /// must fit inside the permission generated from the subject table).
     pub fn gpu_telemetry_all(&self) -> String {
-        self.join(&["telemetry", "gpu", ">"])
+        self.join(&["telemetry", "gpu", "*", "*"])
     }
     pub fn preemption(&self, node: &str) -> String {
         self.join(&["preemption", &token(node)])

@@ -283,13 +283,32 @@ pub struct NatsConfig {
     pub url: Option<SecretUrl>,
     pub credentials_file: Option<PathBuf>,
     pub nkey_seed: Option<Secret>,
+    /// A file holding the nkey seed (what `costmesh nats-config` writes; a
+    /// compose secret).
+    pub nkey_seed_file: Option<PathBuf>,
     pub user: Option<String>,
     pub password: Option<Secret>,
+    /// A file holding the password (trailing newline ignored).
+    pub password_file: Option<PathBuf>,
     pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    /// Where replies to this service go; default `_INBOX`, or with an nkey
+    /// `_INBOX_<its public key>` (what the generated permissions allow).
+    pub inbox_prefix: Option<String>,
     pub tls_ca_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub require_tls: bool,
+}
+
+/// The first line of a secret file, trimmed; the error names the file, never its content.
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
+    if line.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(line.to_string())
 }
 
 impl Validate for NatsConfig {
@@ -301,16 +320,48 @@ impl Validate for NatsConfig {
                 return Err(ConfigError::new(key(p, "url"), url, "scheme must be nats://, tls://, ws:// or wss://"));
             }
         }
-        let auths =
-            [self.credentials_file.is_some(), self.nkey_seed.is_some(), self.user.is_some(), self.token.is_some()];
+        let auths = [
+            self.credentials_file.is_some(),
+            self.nkey_seed.is_some() || self.nkey_seed_file.is_some(),
+            self.user.is_some(),
+            self.token.is_some() || self.token_file.is_some(),
+        ];
         if auths.iter().filter(|a| **a).count() > 1 {
             return Err(ConfigError {
                 key: p.to_string(),
                 value: None,
-                reason: "set only one of credentials_file, nkey_seed, user/password, token".into(),
+                reason: "set only one of credentials_file, nkey_seed(_file), user/password(_file), token(_file)".into(),
             });
         }
-        if self.user.is_some() != self.password.is_some() {
+        for (name, both) in [
+            ("nkey_seed_file", self.nkey_seed.is_some() && self.nkey_seed_file.is_some()),
+            ("password_file", self.password.is_some() && self.password_file.is_some()),
+            ("token_file", self.token.is_some() && self.token_file.is_some()),
+        ] {
+            if both {
+                return Err(ConfigError {
+                    key: key(p, name),
+                    value: None,
+                    reason: format!("set the secret or {name}, not both"),
+                });
+            }
+        }
+        for (name, f) in [
+            ("nkey_seed_file", &self.nkey_seed_file),
+            ("password_file", &self.password_file),
+            ("token_file", &self.token_file),
+        ] {
+            if let Some(f) = f {
+                read_secret_file(f).map_err(|why| ConfigError::new(key(p, name), f.display(), why))?;
+            }
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            if prefix.is_empty() || prefix.split('.').any(|t| costmesh_contracts::subjects::validate_token(t).is_err())
+            {
+                return Err(ConfigError::new(key(p, "inbox_prefix"), prefix, "must be dot-separated subject tokens"));
+            }
+        }
+        if self.user.is_some() != (self.password.is_some() || self.password_file.is_some()) {
             return Err(ConfigError {
                 key: key(p, "password"),
                 value: None,
@@ -341,20 +392,29 @@ impl Validate for NatsConfig {
 }
 
 impl NatsConfig {
-    pub fn connect_options(&self, name: &str) -> costmesh_bus::NatsConnectOptions {
-        costmesh_bus::NatsConnectOptions {
+    /// The client options, with secret files read.
+    pub fn connect_options(&self, name: &str) -> Result<costmesh_bus::NatsConnectOptions, String> {
+        let secret = |inline: &Option<Secret>, file: &Option<PathBuf>| -> Result<Option<String>, String> {
+            match (inline, file) {
+                (Some(s), _) => Ok(Some(s.expose().to_string())),
+                (None, Some(f)) => read_secret_file(f).map(Some),
+                (None, None) => Ok(None),
+            }
+        };
+        Ok(costmesh_bus::NatsConnectOptions {
             name: Some(name.to_string()),
             credentials_file: self.credentials_file.clone(),
-            nkey_seed: self.nkey_seed.as_ref().map(|s| s.expose().to_string()),
+            nkey_seed: secret(&self.nkey_seed, &self.nkey_seed_file)?,
             user: self.user.clone(),
-            password: self.password.as_ref().map(|s| s.expose().to_string()),
-            token: self.token.as_ref().map(|s| s.expose().to_string()),
+            password: secret(&self.password, &self.password_file)?,
+            token: secret(&self.token, &self.token_file)?,
+            inbox_prefix: self.inbox_prefix.clone(),
             tls_ca_file: self.tls_ca_file.clone(),
             tls_cert_file: self.tls_cert_file.clone(),
             tls_key_file: self.tls_key_file.clone(),
             require_tls: self.require_tls,
             retry_on_initial_connect: true,
-        }
+        })
     }
 }
 
@@ -364,6 +424,19 @@ impl NatsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     pub url: Option<SecretUrl>,
+    /// A file holding the password (a compose secret), added to the URL.
+    pub password_file: Option<PathBuf>,
+}
+
+impl RedisConfig {
+    /// The URL to connect with, the password file's password in it.
+    pub fn effective_url(&self) -> Result<Option<SecretUrl>, String> {
+        let (Some(url), Some(f)) = (&self.url, &self.password_file) else { return Ok(self.url.clone()) };
+        let password = read_secret_file(f)?;
+        let mut u = url::Url::parse(url.expose()).map_err(|e| format!("redis.url: {e}"))?;
+        u.set_password(Some(&password)).map_err(|_| "redis.url cannot carry a password".to_string())?;
+        Ok(Some(SecretUrl::new(u.to_string())))
+    }
 }
 
 impl Validate for RedisConfig {
@@ -373,6 +446,12 @@ impl Validate for RedisConfig {
             if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://")) {
                 return Err(ConfigError::new(key(p, "url"), url, "scheme must be redis://, rediss:// or unix://"));
             }
+        }
+        if let Some(f) = &self.password_file {
+            if self.url.is_none() {
+                return Err(ConfigError::new(key(p, "password_file"), f.display(), "needs redis.url"));
+            }
+            self.effective_url().map_err(|why| ConfigError::new(key(p, "password_file"), f.display(), why))?;
         }
         Ok(())
     }

@@ -90,6 +90,11 @@ pub struct EventBus {
     pub signer: Option<crate::signing::Signer>,
 }
 
+/// The durable consumer name `<service>-<name>`, made a valid NATS name.
+pub fn durable_name(service: &str, name: &str) -> String {
+    format!("{service}-{name}").replace(['.', ' ', '*', '>'], "_")
+}
+
 /// The stream that stores every durable subject under `subjects`' prefix.
 pub fn events_stream(subjects: &Subjects, limits: &crate::config::Limits) -> StreamSpec {
     StreamSpec {
@@ -284,9 +289,8 @@ impl EventBus {
         }
     }
 
-    /// The durable consumer name `<service>-<name>`, made a valid NATS name.
     fn durable_name(&self, name: &str) -> String {
-        format!("{}-{}", self.service, name).replace(['.', ' ', '*', '>'], "_")
+        durable_name(&self.service, name)
     }
 
     /// Binds a durable consumer named `<service>-<name>` on this prefix's

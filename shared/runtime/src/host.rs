@@ -136,7 +136,7 @@ where
         cfg.common.mesh.clock(),
         shutdown.clone(),
     )
-    .with_redis(cfg.common.redis.url.clone());
+    .with_redis(cfg.common.redis.effective_url().map_err(anyhow::Error::msg)?);
     let listener = tokio::net::TcpListener::bind(&cfg.service.admin().listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding admin endpoint {}: {e}", cfg.service.admin().listen))?;

@@ -1,6 +1,7 @@
 //! Runtime plumbing every costmesh service shares.
 //!
 //! # Layout
+//! - [`authz`]: the NATS permissions of each mesh user, from the subject table.
 //! - [`clock`]: the injectable clock (system or virtual) and fixed-rate tickers.
 //! - [`config`]: TOML plus environment overrides, validation naming key, value
 //!   and reason; secrets that never print.
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod clock;
 pub mod config;
 pub mod events;

@@ -88,7 +88,7 @@ impl ServiceContext {
     /// Opens this service's KV bucket `<PREFIX>_<name>`, bounded by
     /// `[mesh.limits] kv_max_bytes`.
     pub async fn kv(&self, name: &str) -> Result<costmesh_bus::Kv, costmesh_bus::BusError> {
-        let bucket = format!("{}_{name}", self.subjects().prefix().replace(['.', '-'], "_"));
+        let bucket = kv_bucket(self.subjects(), name);
         self.bus().kv_bounded(&bucket, self.mesh.limits.kv_max_bytes.min(i64::MAX as u64) as i64).await
     }
 
@@ -128,6 +128,12 @@ impl ServiceContext {
     }
 }
 
+/// The KV bucket `<PREFIX>_<name>` of a service (dots and dashes of the
+/// prefix become `_`).
+pub fn kv_bucket(subjects: &Subjects, name: &str) -> String {
+    format!("{}_{name}", subjects.prefix().replace(['.', '-'], "_"))
+}
+
 /// Cancels `token` on SIGINT or SIGTERM.
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
@@ -159,7 +165,10 @@ pub fn cancel_on_signal(token: CancellationToken) {
 pub async fn connect_bus(nats: &crate::config::NatsConfig, client_name: &str) -> Result<Bus, costmesh_bus::BusError> {
     match &nats.url {
         Some(url) => {
-            let b = costmesh_bus::NatsBus::connect(url.expose(), &nats.connect_options(client_name)).await?;
+            let opts = nats
+                .connect_options(client_name)
+                .map_err(|e| costmesh_bus::BusError::new(costmesh_bus::BusErrorKind::Connection, e))?;
+            let b = costmesh_bus::NatsBus::connect(url.expose(), &opts).await?;
             Ok(Bus::Nats(b))
         }
         None => Ok(Bus::memory()),

@@ -21,7 +21,7 @@ async fn user_and_password() {
     let mut bad = ok.clone();
     bad.password = Some(Secret::new("wrong-pw"));
     bad.url = Some(SecretUrl::new(server.url()));
-    let opts = bad.connect_options("test");
+    let opts = bad.connect_options("test").unwrap();
     let opts = costmesh_bus::NatsConnectOptions { retry_on_initial_connect: false, ..opts };
     let err = costmesh_bus::NatsBus::connect(&server.url(), &opts).await.err().expect("wrong password refused");
     let text = err.to_string();

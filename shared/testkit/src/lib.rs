@@ -172,13 +172,21 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     binary: PathBuf,
+    /// Extra command-line arguments (`--requirepass`, TLS).
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start_new() -> Self {
+        Self::start_with_args(&[])
+    }
+
+    /// Starts a server with extra arguments, e.g. `["--requirepass", "pw"]`.
+    pub fn start_with_args(args: &[&str]) -> Self {
         let binary = find_binary("redis-server", "REDIS_SERVER_BIN");
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
-        let mut s = Self { port: free_port(), dir, child: None, binary };
+        let extra_args = args.iter().map(|a| a.to_string()).collect();
+        let mut s = Self { port: free_port(), dir, child: None, binary, extra_args };
         s.start();
         s
     }
@@ -199,6 +207,7 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -206,7 +215,10 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("spawning {}: {e}", self.binary.display()));
         wait_ready("redis-server", &mut child, self.port, |s| {
             let mut buf = [0u8; 7];
-            s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+            // A server that requires a password answers -NOAUTH: up all the same.
+            s.write_all(b"PING\r\n").is_ok()
+                && s.read_exact(&mut buf).is_ok()
+                && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
         });
         self.child = Some(child);
     }
