@@ -172,7 +172,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             let section = $section.clone();
             let ctx =
                 ServiceContext::new($name, section.instance(), bus.clone(), mesh, clock.clone(), shutdown.clone())
-                    .with_redis(cfg.common.redis.effective_url().map_err(anyhow::Error::msg)?);
+                    .with_redis(cfg.common.redis.effective_url().map_err(anyhow::Error::msg)?)
+                    .with_redis_tls(cfg.common.redis.tls());
             let listen = section.admin().listen.clone();
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await

@@ -298,8 +298,18 @@ impl ServiceConfig for Config {
 
 /// Builds the proxy from the config (Redis from `redis_url` when set).
 pub async fn gateway(cfg: &Config, redis_url: Option<&str>, stats: proxy::Stats) -> anyhow::Result<proxy::Gateway> {
+    gateway_with_tls(cfg, redis_url, &Default::default(), stats).await
+}
+
+/// [`gateway`], with TLS files for a `rediss://` Redis.
+pub async fn gateway_with_tls(
+    cfg: &Config,
+    redis_url: Option<&str>,
+    tls: &costmesh_runtime::config::RedisTls,
+    stats: proxy::Stats,
+) -> anyhow::Result<proxy::Gateway> {
     let store =
-        store::Store::new(redis_url, cfg.l1_entries, Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
+        store::Store::new(redis_url, tls, cfg.l1_entries, Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
     let routes = cfg
         .routes
         .iter()
@@ -353,7 +363,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         hit_rate.clone(),
     );
     ctx.register("costmesh_cache_hit_rate_target", "The hit-rate target (seed: 85 %)", target);
-    let gw = gateway(&cfg, redis_url.as_deref(), stats).await?.with_clock(ctx.clock.clone());
+    let gw = gateway_with_tls(&cfg, redis_url.as_deref(), &ctx.redis_tls, stats).await?.with_clock(ctx.clock.clone());
     let gw_stats = gw.stats.clone();
     let gw_budget = gw.budget_state.clone();
     let gw_routes = proxy::Routes(gw.routes.clone());

@@ -98,11 +98,31 @@ impl Lookup {
 impl Store {
     /// `redis_url` None: in-process tier only. A Redis that is down at start
     /// is not fatal: the manager keeps trying.
-    pub async fn new(redis_url: Option<&str>, l1_entries: u64, l1_ttl: Duration) -> Result<Self, String> {
+    /// With `rediss://`, `tls` names the CA and the client certificate.
+    pub async fn new(
+        redis_url: Option<&str>,
+        tls: &costmesh_runtime::config::RedisTls,
+        l1_entries: u64,
+        l1_ttl: Duration,
+    ) -> Result<Self, String> {
         let redis = match redis_url {
             None => None,
             Some(url) => {
-                let client = redis::Client::open(url).map_err(|e| format!("redis URL: {e}"))?;
+                let client = if tls.ca_file.is_some() || tls.cert_file.is_some() {
+                    let read =
+                        |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("redis TLS {}: {e}", p.display()));
+                    let client_tls = match (&tls.cert_file, &tls.key_file) {
+                        (Some(c), Some(k)) => {
+                            Some(redis::ClientTlsConfig { client_cert: read(c)?, client_key: read(k)? })
+                        }
+                        _ => None,
+                    };
+                    let root_cert = tls.ca_file.as_deref().map(read).transpose()?;
+                    redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls, root_cert })
+                } else {
+                    redis::Client::open(url)
+                }
+                .map_err(|e| format!("redis URL: {e}"))?;
                 let cfg = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Duration::from_millis(500))
                     .set_response_timeout(Duration::from_millis(500))

@@ -426,9 +426,30 @@ pub struct RedisConfig {
     pub url: Option<SecretUrl>,
     /// A file holding the password (a compose secret), added to the URL.
     pub password_file: Option<PathBuf>,
+    /// With `rediss://`: the CA to verify the server with (else the web
+    /// PKI roots), and a client certificate and key for mutual TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// The TLS files of a Redis connection.
+#[derive(Clone, Debug, Default)]
+pub struct RedisTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
+    pub fn tls(&self) -> RedisTls {
+        RedisTls {
+            ca_file: self.tls_ca_file.clone(),
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+        }
+    }
+
     /// The URL to connect with, the password file's password in it.
     pub fn effective_url(&self) -> Result<Option<SecretUrl>, String> {
         let (Some(url), Some(f)) = (&self.url, &self.password_file) else { return Ok(self.url.clone()) };
@@ -445,6 +466,27 @@ impl Validate for RedisConfig {
             let u = url.expose();
             if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://")) {
                 return Err(ConfigError::new(key(p, "url"), url, "scheme must be redis://, rediss:// or unix://"));
+            }
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(ConfigError {
+                key: key(p, "tls_key_file"),
+                value: None,
+                reason: "tls_cert_file and tls_key_file go together".into(),
+            });
+        }
+        for (name, f) in [
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+        ] {
+            if let Some(f) = f {
+                if !self.url.as_ref().is_some_and(|u| u.expose().starts_with("rediss://")) {
+                    return Err(ConfigError::new(key(p, name), f.display(), "TLS files need a rediss:// url"));
+                }
+                if !f.is_file() {
+                    return Err(ConfigError::new(key(p, name), f.display(), "file does not exist"));
+                }
             }
         }
         if let Some(f) = &self.password_file {

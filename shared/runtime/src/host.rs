@@ -136,7 +136,8 @@ where
         cfg.common.mesh.clock(),
         shutdown.clone(),
     )
-    .with_redis(cfg.common.redis.effective_url().map_err(anyhow::Error::msg)?);
+    .with_redis(cfg.common.redis.effective_url().map_err(anyhow::Error::msg)?)
+    .with_redis_tls(cfg.common.redis.tls());
     let listener = tokio::net::TcpListener::bind(&cfg.service.admin().listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding admin endpoint {}: {e}", cfg.service.admin().listen))?;

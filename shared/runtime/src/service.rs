@@ -25,6 +25,8 @@ pub struct ServiceContext {
     pub mesh: MeshConfig,
     /// `[redis]` url, for the services that cache (the gateway).
     pub redis_url: Option<crate::config::SecretUrl>,
+    /// `[redis]` TLS files.
+    pub redis_tls: crate::config::RedisTls,
 }
 
 impl ServiceContext {
@@ -70,12 +72,19 @@ impl ServiceContext {
             shutdown,
             mesh: mesh.clone(),
             redis_url: None,
+            redis_tls: Default::default(),
         }
     }
 
     /// Hands over the `[redis]` URL.
     pub fn with_redis(mut self, url: Option<crate::config::SecretUrl>) -> Self {
         self.redis_url = url;
+        self
+    }
+
+    /// Hands over the `[redis]` TLS files.
+    pub fn with_redis_tls(mut self, tls: crate::config::RedisTls) -> Self {
+        self.redis_tls = tls;
         self
     }
 

@@ -17,6 +17,7 @@
 pub mod metadata;
 pub mod otlp;
 pub mod pubsub;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -174,6 +175,8 @@ pub struct RedisServer {
     binary: PathBuf,
     /// Extra command-line arguments (`--requirepass`, TLS).
     extra_args: Vec<String>,
+    /// Serves TLS only (on `port`), with client certificates required.
+    tls: bool,
 }
 
 impl RedisServer {
@@ -186,7 +189,28 @@ impl RedisServer {
         let binary = find_binary("redis-server", "REDIS_SERVER_BIN");
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
         let extra_args = args.iter().map(|a| a.to_string()).collect();
-        let mut s = Self { port: free_port(), dir, child: None, binary, extra_args };
+        let mut s = Self { port: free_port(), dir, child: None, binary, extra_args, tls: false };
+        s.start();
+        s
+    }
+
+    /// A server that speaks only TLS with `pki`'s server certificate and
+    /// requires client certificates signed by its CA.
+    pub fn start_tls(pki: &tls::Pki) -> Self {
+        let binary = find_binary("redis-server", "REDIS_SERVER_BIN");
+        let dir = tempfile::tempdir().expect("temp dir for redis-server");
+        let p = |x: &Path| x.display().to_string();
+        let extra_args = vec![
+            "--tls-cert-file".into(),
+            p(&pki.server_cert),
+            "--tls-key-file".into(),
+            p(&pki.server_key),
+            "--tls-ca-cert-file".into(),
+            p(&pki.ca),
+            "--tls-auth-clients".into(),
+            "yes".into(),
+        ];
+        let mut s = Self { port: free_port(), dir, child: None, binary, extra_args, tls: true };
         s.start();
         s
     }
@@ -196,15 +220,21 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     pub fn start(&mut self) {
         if self.child.is_some() {
             return;
         }
+        let port = self.port.to_string();
+        let ports: [&str; 4] =
+            if self.tls { ["--port", "0", "--tls-port", &port] } else { ["--port", &port, "--save", ""] };
         let mut child = Command::new(&self.binary)
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1"])
+            .args(ports)
+            .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .args(&self.extra_args)
@@ -213,7 +243,11 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", self.binary.display()));
+        let tls = self.tls;
         wait_ready("redis-server", &mut child, self.port, |s| {
+            if tls {
+                return true; // listening is all a plain probe can see
+            }
             let mut buf = [0u8; 7];
             // A server that requires a password answers -NOAUTH: up all the same.
             s.write_all(b"PING\r\n").is_ok()
