@@ -2,7 +2,7 @@
 //! one nkey user per service, per gpu-agent node, per client and operator,
 //! with the permissions [`costmesh_runtime::authz`] derives from the subject
 //! table. Seeds are written to `<keys-dir>/<user>.nk` (mode 0600) the first
-//! time and reused after, so running it again for a new node keeps every
+//! time and reused after (public keys to `<user>.pub`), so running it again for a new node keeps every
 //! other user's key.
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -74,6 +74,9 @@ pub fn run(args: NatsConfigArgs) -> anyhow::Result<ExitCode> {
     for role in roles {
         let path = args.keys_dir.join(format!("{}.nk", role.user()));
         let pair = load_or_create(&path)?;
+        let public = args.keys_dir.join(format!("{}.pub", role.user()));
+        std::fs::write(&public, format!("{}\n", pair.public_key()))
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", public.display()))?;
         eprintln!("{:<28} {}  {}", role.user(), pair.public_key(), path.display());
         users.push((role, pair.public_key()));
     }
@@ -82,7 +85,8 @@ pub fn run(args: NatsConfigArgs) -> anyhow::Result<ExitCode> {
     text.push_str(&format!(
         "# Each service: [nats] nkey_seed_file = \"<keys-dir>/<user>.nk\".\n\
          # Scheduler: [scheduler] signing_key_file = \"<keys-dir>/scheduler.nk\";\n\
-         # every gpu-agent: [gpu_agent] trusted_scheduler_keys = [\"{scheduler}\"].\n"
+         # every gpu-agent: [gpu_agent] trusted_scheduler_keys = [\"{scheduler}\"]\n\
+         # (or trusted_scheduler_keys_file = \"<keys-dir>/scheduler.pub\").\n"
     ));
     match &args.out {
         Some(p) => std::fs::write(p, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?,

@@ -375,12 +375,38 @@ async fn compose_environment_is_valid_config() {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
+    // The secrets compose mounts, as scripts/compose-secrets.sh writes them
+    // (`costmesh nats-config` for the keys), in a directory standing in for
+    // /run/secrets.
+    let secrets = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+        .args(["nats-config", "--keys-dir"])
+        .arg(secrets.path())
+        .args(["--node", "gpu-host-1", "--client", "cli", "--admin", "operator", "--out"])
+        .arg(secrets.path().join("nats-auth.conf"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(secrets.path().join("redis.pw"), "pw\n").unwrap();
     let mut env = Vec::new();
     for line in compose.lines() {
         let Some((k, v)) = line.trim().split_once(':') else { continue };
         if !k.starts_with("COSTMESH__") {
             continue;
         }
+        let v = match v.trim().strip_prefix("/run/secrets/") {
+            Some(name) => {
+                assert!(
+                    compose.contains(&format!("\n  {name}:\n    file: ./secrets/{name}\n")),
+                    "{k}: secret {name} is not declared"
+                );
+                let path = secrets.path().join(name);
+                assert!(path.is_file(), "{k}: scripts/compose-secrets.sh does not write {name}");
+                path.display().to_string()
+            }
+            None => v.to_string(),
+        };
         let mut v = v.trim().trim_matches('\'').trim_matches('"').to_string();
         // ${NAME:-default}: the .env value, else the default.
         while let Some(start) = v.find("${") {

@@ -483,7 +483,9 @@ pub async fn run_with_backend(
     }
     let runner =
         crate::jobs::Runner::start(&cfg.node, cfg.jobs.clone(), ctx.clone(), Some(AgentHandle(agent.clone()))).await?;
-    let verifier = costmesh_runtime::signing::Verifier::new(&cfg.trusted_scheduler_keys)
+    let verifier = cfg
+        .scheduler_keys()
+        .and_then(|k| costmesh_runtime::signing::Verifier::new(&k))
         .map_err(|e| anyhow::anyhow!("gpu_agent.trusted_scheduler_keys: {e}"))?;
     if !verifier.is_enabled() {
         tracing::warn!("gpu_agent.trusted_scheduler_keys is empty: commands on this node's subjects are obeyed unsigned (NATS permissions are the only guard)");

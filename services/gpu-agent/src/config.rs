@@ -163,6 +163,9 @@ pub struct Config {
     /// (a warning at start says so), and NATS permissions are all that
     /// keeps others off this node's subjects.
     pub trusted_scheduler_keys: Vec<String>,
+    /// A file of more such keys, one per line (`costmesh nats-config`
+    /// writes `scheduler.pub`; a compose secret).
+    pub trusted_scheduler_keys_file: Option<std::path::PathBuf>,
     pub admin: AdminConfig,
 }
 
@@ -232,6 +235,7 @@ impl Default for Config {
             preemptible: false,
             jobs: JobsConfig::default(),
             trusted_scheduler_keys: Vec::new(),
+            trusted_scheduler_keys_file: None,
             admin: AdminConfig::on_port(9101),
         }
     }
@@ -260,7 +264,11 @@ impl Validate for Config {
                 "not a signal name (e.g. SIGUSR1, SIGUSR2, SIGHUP)",
             ));
         }
-        costmesh_runtime::signing::Verifier::new(&self.trusted_scheduler_keys)
+        let keys = self.scheduler_keys().map_err(|why| {
+            let f = self.trusted_scheduler_keys_file.as_ref().map(|f| f.display().to_string()).unwrap_or_default();
+            ConfigError::new(key(p, "trusted_scheduler_keys_file"), f, why)
+        })?;
+        costmesh_runtime::signing::Verifier::new(&keys)
             .map_err(|why| ConfigError::new(key(p, "trusted_scheduler_keys"), "[..]", why))?;
         crate::policy::Policy::from_config(&self.jobs)
             .map_err(|(name, value, why)| ConfigError::new(key(p, &format!("jobs.{name}")), value, why))?;
@@ -347,6 +355,18 @@ impl Validate for Config {
             }
         }
         self.admin.validate(&key(p, "admin"))
+    }
+}
+
+impl Config {
+    /// `trusted_scheduler_keys` and the keys in `trusted_scheduler_keys_file`.
+    pub fn scheduler_keys(&self) -> Result<Vec<String>, String> {
+        let mut keys = self.trusted_scheduler_keys.clone();
+        if let Some(f) = &self.trusted_scheduler_keys_file {
+            let text = std::fs::read_to_string(f).map_err(|e| format!("reading {}: {e}", f.display()))?;
+            keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+        }
+        Ok(keys)
     }
 }
 
