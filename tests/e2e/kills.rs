@@ -155,7 +155,7 @@ async fn a_killed_gpu_agent_leaves_no_orphans_and_its_jobs_resume_elsewhere_from
     m.wait_nodes(2).await;
     // Once its assignments and signals are all handled, anything stale it
     // would have started has started.
-    let durable = format!("gpu-agent-jobs-{node}");
+    let durable = format!("gpu-agent-node-{node}");
     costmesh_testkit::eventually(WAIT, "the restarted agent caught up with its assignments", || async {
         m.bus.consumer_backlog(&m.subjects.stream_name(), &durable).await.is_ok_and(|n| n == 0)
     })
