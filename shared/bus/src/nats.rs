@@ -39,6 +39,9 @@ pub struct NatsConnectOptions {
     pub retry_on_initial_connect: bool,
 }
 
+/// How long a flush waits for the server (through an outage at start, too).
+const FLUSH_WAIT: Duration = Duration::from_secs(120);
+
 /// How long a user that may not create the events stream waits for it.
 const STREAM_WAIT: Duration = Duration::from_secs(60);
 
@@ -225,8 +228,33 @@ impl NatsBus {
         })
     }
 
+    /// Returns once the server has processed everything sent before, our
+    /// subscriptions included: async-nats's own flush only empties the
+    /// write buffer, so a message to ourselves is sent through the server
+    /// and waited for (the server handles one connection's commands in order).
     pub(crate) async fn flush(&self) -> Result<()> {
-        self.client.flush().await.map_err(conn_err)
+        let inbox = self.client.new_inbox();
+        let mut echo = self.client.subscribe(inbox.clone()).await.map_err(conn_err)?;
+        // Sent again every few seconds: an echo lost in a reconnect (or a
+        // start during an outage) is asked for once the server is back.
+        let deadline = tokio::time::Instant::now() + FLUSH_WAIT;
+        let result = loop {
+            self.client.publish(inbox.clone(), Bytes::new()).await.map_err(conn_err)?;
+            let _ = self.client.flush().await;
+            match tokio::time::timeout(Duration::from_secs(5), echo.next()).await {
+                Ok(Some(_)) => break Ok(()),
+                Ok(None) => break Err(conn_err("connection closed while flushing")),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    break Err(BusError::new(
+                        BusErrorKind::TimedOut,
+                        format!("the server did not answer a flush within {FLUSH_WAIT:?}"),
+                    ))
+                }
+                Err(_) => tracing::debug!(connected = self.is_connected(), "flush not answered yet; asking again"),
+            }
+        };
+        let _ = echo.unsubscribe().await;
+        result
     }
 
     pub(crate) async fn ensure_stream(&self, spec: &StreamSpec) -> Result<()> {

@@ -135,7 +135,12 @@ pub fn permissions(role: &Role, subjects: &Subjects, inbox: &str) -> Permissions
         return Permissions { publish: vec![">".into()], subscribe: vec![">".into()], allow_responses: true };
     }
     let service = role.service();
-    let mut p = Permissions { subscribe: vec![format!("{inbox}.>")], ..Default::default() };
+    // Its own inbox: replies, deliveries, and the echo `Bus::flush` sends itself.
+    let mut p = Permissions {
+        publish: vec![format!("{inbox}.>")],
+        subscribe: vec![format!("{inbox}.>")],
+        ..Default::default()
+    };
     for s in SUBJECTS {
         let publishes = s.publisher == "every service" && !matches!(role, Role::Client { .. })
             || names(s.publisher).any(|n| n == service);
