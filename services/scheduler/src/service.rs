@@ -795,7 +795,14 @@ impl Sched {
             tracing::warn!(job = %e.job_id, kind = kind.as_str_name(), "event for an unknown job ignored");
             return;
         };
-        let current = e.attempt == job.attempt && job.state.holds_gpus();
+        // The agent user may publish any job's events (the subject has no
+        // node token), so an event counts only from the node the attempt
+        // was placed on.
+        let from_its_node = job.node.as_deref() == Some(e.node.as_str());
+        if !from_its_node && e.attempt == job.attempt {
+            tracing::warn!(job = %e.job_id, attempt = e.attempt, node = %e.node, placed_on = ?job.node, kind = kind.as_str_name(), "job event from a node the attempt is not on; ignored");
+        }
+        let current = e.attempt == job.attempt && job.state.holds_gpus() && from_its_node;
         let now = self.now();
         match kind {
             JobEventKind::Started if current && job.state == State::Assigned => {

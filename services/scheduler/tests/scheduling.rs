@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use costmesh_contracts::v1::{BudgetEvent, BudgetState, JobEventKind, PreemptionNotice};
+use costmesh_contracts::v1::{BudgetEvent, BudgetState, JobEvent, JobEventKind, PreemptionNotice};
 use costmesh_runtime::tariff::{Days, Tariff, TouPeriod};
 use serde_json::{json, Value};
 
@@ -508,4 +508,38 @@ async fn undecodable_telemetry_is_dead_lettered_with_its_reason() {
     let d = tokio::time::timeout(WAIT, dlq.next()).await.expect("a dead letter from the scheduler").unwrap();
     let reason = d.headers.get(costmesh_contracts::headers::names::DLQ_REASON).unwrap_or_default().to_string();
     assert!(reason.starts_with("malformed_payload"), "{reason}");
+}
+
+/// An agent's user may publish any job's events (the subject carries no
+/// node), so an event counts only from the node its attempt runs on: a
+/// forged "exited 0" from another node neither finishes nor fails the job.
+#[tokio::test]
+async fn a_job_event_from_another_node_changes_nothing() {
+    let m = Mesh::start("forgedevent", "2026-07-01T06:00:00Z", Default::default(), &[node("local-1", 1, false, false)])
+        .await;
+    let id = m.submit(job("victim", 1.0, json!({}))).await;
+    m.wait_state(&id, "running").await;
+    m.report(&id, JobEventKind::Exited, "other-node", 1, 0).await;
+    m.report(&id, JobEventKind::Failed, "other-node", 1, 1).await;
+    // Then the real node's checkpoint: once it is in, the forged ones were handled before it.
+    let ckpt = JobEvent {
+        job_id: id.clone(),
+        kind: JobEventKind::Checkpointed as i32,
+        node: "local-1".into(),
+        attempt: 1,
+        checkpoint_path: "/ckpt/after-forgery".into(),
+        ..Default::default()
+    };
+    m.publish(&m.subjects.job(&id, JobEventKind::Checkpointed), &ckpt).await;
+    let j = costmesh_testkit::wait_for(WAIT, "the checkpoint recorded", || async {
+        let j = m.show(&id).await;
+        if j["lastCheckpoint"] == "/ckpt/after-forgery" || j["last_checkpoint"] == "/ckpt/after-forgery" {
+            Ok(j)
+        } else {
+            Err(j.to_string())
+        }
+    })
+    .await;
+    assert_eq!(j["state"], "running", "a forged event moved the job: {j}");
+    assert_eq!(j["attempt"], 1, "{j}");
 }
