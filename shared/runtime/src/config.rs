@@ -301,6 +301,30 @@ pub struct NatsConfig {
     pub require_tls: bool,
 }
 
+/// A TLS CA and client certificate/key pair: the pair together, every file there.
+fn check_tls_files(
+    p: &str,
+    ca: &Option<PathBuf>,
+    cert: &Option<PathBuf>,
+    key_file: &Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    if cert.is_some() != key_file.is_some() {
+        return Err(ConfigError {
+            key: key(p, "tls_key_file"),
+            value: None,
+            reason: "tls_cert_file and tls_key_file go together".into(),
+        });
+    }
+    for (name, f) in [("tls_ca_file", ca), ("tls_cert_file", cert), ("tls_key_file", key_file)] {
+        if let Some(f) = f {
+            if !f.is_file() {
+                return Err(ConfigError::new(key(p, name), f.display(), "file does not exist"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The first line of a secret file, trimmed; the error names the file, never its content.
 pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
@@ -368,23 +392,10 @@ impl Validate for NatsConfig {
                 reason: "user and password go together".into(),
             });
         }
-        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
-            return Err(ConfigError {
-                key: key(p, "tls_key_file"),
-                value: None,
-                reason: "tls_cert_file and tls_key_file go together".into(),
-            });
-        }
-        for (name, f) in [
-            ("credentials_file", &self.credentials_file),
-            ("tls_ca_file", &self.tls_ca_file),
-            ("tls_cert_file", &self.tls_cert_file),
-            ("tls_key_file", &self.tls_key_file),
-        ] {
-            if let Some(f) = f {
-                if !f.is_file() {
-                    return Err(ConfigError::new(key(p, name), f.display(), "file does not exist"));
-                }
+        check_tls_files(p, &self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file)?;
+        if let Some(f) = &self.credentials_file {
+            if !f.is_file() {
+                return Err(ConfigError::new(key(p, "credentials_file"), f.display(), "file does not exist"));
             }
         }
         Ok(())
@@ -468,25 +479,11 @@ impl Validate for RedisConfig {
                 return Err(ConfigError::new(key(p, "url"), url, "scheme must be redis://, rediss:// or unix://"));
             }
         }
-        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
-            return Err(ConfigError {
-                key: key(p, "tls_key_file"),
-                value: None,
-                reason: "tls_cert_file and tls_key_file go together".into(),
-            });
-        }
-        for (name, f) in [
-            ("tls_ca_file", &self.tls_ca_file),
-            ("tls_cert_file", &self.tls_cert_file),
-            ("tls_key_file", &self.tls_key_file),
-        ] {
-            if let Some(f) = f {
-                if !self.url.as_ref().is_some_and(|u| u.expose().starts_with("rediss://")) {
-                    return Err(ConfigError::new(key(p, name), f.display(), "TLS files need a rediss:// url"));
-                }
-                if !f.is_file() {
-                    return Err(ConfigError::new(key(p, name), f.display(), "file does not exist"));
-                }
+        check_tls_files(p, &self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file)?;
+        let tls = [("tls_ca_file", &self.tls_ca_file), ("tls_cert_file", &self.tls_cert_file)];
+        if let Some((name, Some(f))) = tls.iter().find(|(_, f)| f.is_some()) {
+            if !self.url.as_ref().is_some_and(|u| u.expose().starts_with("rediss://")) {
+                return Err(ConfigError::new(key(p, name), f.display(), "TLS files need a rediss:// url"));
             }
         }
         if let Some(f) = &self.password_file {
