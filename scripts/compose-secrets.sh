@@ -5,7 +5,7 @@
 #     client (`costmesh nats-config`; existing keys are kept), the public
 #     keys, and the nats-server config holding the generated authorization;
 #   - the Redis password (and a redis.conf requiring it), the Grafana admin
-#     password.
+#     password, the gateway's admin token (`costmesh cache purge --token-file`).
 # Run it once before `docker compose up`, and again after adding a node
 # (COSTMESH_NODES, space-separated; default gpu-host-1). Then restart nats.
 set -euo pipefail
@@ -36,6 +36,7 @@ umask 077
 secret() { [ -s "$dir/$1" ] || head -c 32 /dev/urandom | base64 | tr -d '/+=\n' > "$dir/$1"; }
 secret redis.pw
 secret grafana-admin.pw
+secret gateway-admin.token
 printf 'requirepass %s\nsave ""\nappendonly no\n' "$(cat "$dir/redis.pw")" > "$dir/redis.conf"
 # Readable inside the containers (they run as uid 10001; a compose file
 # secret is a bind mount), private on the host through the 0700 directory.

@@ -82,6 +82,11 @@ enum CacheCommand {
         model_version: Option<String>,
         #[arg(long)]
         all: bool,
+        /// A file holding the gateway's admin token
+        /// (`cache_gateway.admin_token_file`); default: the one `costmesh up`
+        /// writes under the temp directory.
+        #[arg(long, env = "COSTMESH_GATEWAY_TOKEN_FILE")]
+        token_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -105,14 +110,19 @@ async fn purge(
     route: Option<String>,
     model_version: Option<String>,
     all: bool,
+    token_file: Option<std::path::PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     if !all && route.is_none() && model_version.is_none() {
         anyhow::bail!("say what to purge: --route, --model-version, or --all");
     }
+    let token_file = token_file.unwrap_or_else(mesh::demo_admin_token_file);
+    let token = costmesh_runtime::config::read_secret_file(&token_file)
+        .map_err(|e| anyhow::anyhow!("the gateway's admin token (--token-file): {e}"))?;
     let body = serde_json::json!({"route": route, "model_version": model_version, "all": all});
     let r = reqwest::Client::new()
         .post(format!("{}/_costmesh/purge", gateway.trim_end_matches('/')))
         .header("content-type", "application/json")
+        .bearer_auth(token)
         .body(body.to_string())
         .send()
         .await
@@ -201,8 +211,8 @@ fn main() -> ExitCode {
             Command::NatsConfig(args) => natsconf::run(args),
             Command::Jobs { command } => jobs::run(command).await,
             Command::Cost { conn } => cost(&conn).await,
-            Command::Cache { command: CacheCommand::Purge { gateway, route, model_version, all } } => {
-                purge(&gateway, route, model_version, all).await
+            Command::Cache { command: CacheCommand::Purge { gateway, route, model_version, all, token_file } } => {
+                purge(&gateway, route, model_version, all, token_file).await
             }
             Command::Cache { command: CacheCommand::DemoModel { listen, latency_ms } } => {
                 let url = costmesh_cache_gateway::demo::start_on(&listen, std::time::Duration::from_millis(latency_ms))

@@ -118,6 +118,23 @@ impl MeshFile {
     }
 }
 
+/// Where `costmesh up` keeps the gateway's admin token.
+pub fn demo_admin_token_file() -> std::path::PathBuf {
+    std::env::temp_dir().join("costmesh-demo").join("gateway-admin-token")
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let env = config::process_env();
     let text = config::read_file(args.config.as_deref(), &env)?;
@@ -147,8 +164,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             backends: vec![url.into()],
             ttl: None,
             priority: Default::default(),
+            ..Default::default()
         });
         demo = Some(cfg.cache_gateway.listen.clone());
+    }
+    // Purge needs an admin token: the demo makes one (`costmesh cache purge` reads it).
+    if cfg.cache_gateway.admin_token_file.is_none() {
+        let f = demo_admin_token_file();
+        write_private(&f, &format!("{}{}\n", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()))?;
+        tracing::info!(file = %f.display(), "gateway admin token for this run (costmesh cache purge uses it)");
+        cfg.cache_gateway.admin_token_file = Some(f);
     }
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());

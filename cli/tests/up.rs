@@ -235,7 +235,11 @@ async fn up_exports_traces_over_otlp_when_asked() {
 #[tokio::test]
 async fn up_serves_a_demo_model_whose_second_answer_is_a_cache_hit() {
     let gw_port = free_port();
+    // Its own admin token (other tests' `up`s write the demo's default one).
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "purge-token-for-this-test\n").unwrap();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    cmd.env("COSTMESH__CACHE_GATEWAY__ADMIN_TOKEN_FILE", token.path());
     cmd.arg("up")
         .env_remove("COSTMESH__NATS__URL")
         .env_remove("COSTMESH_CONFIG")
@@ -272,6 +276,8 @@ async fn up_serves_a_demo_model_whose_second_answer_is_a_cache_hit() {
     // `costmesh cache purge` empties the route: the next answer is a miss.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
         .args(["cache", "purge", "--route", "demo", "--gateway", &format!("http://{addr}")])
+        .arg("--token-file")
+        .arg(token.path())
         .output()
         .await
         .unwrap();
@@ -388,7 +394,9 @@ async fn compose_environment_is_valid_config() {
         .await
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(secrets.path().join("redis.pw"), "pw\n").unwrap();
+    for f in ["redis.pw", "gateway-admin.token"] {
+        std::fs::write(secrets.path().join(f), "secret\n").unwrap();
+    }
     let mut env = Vec::new();
     for line in compose.lines() {
         let Some((k, v)) = line.trim().split_once(':') else { continue };

@@ -83,6 +83,7 @@ fn entry() -> Cached {
         ttl: 60,
         grace: 0,
         body: bytes::Bytes::from_static(b"{\"tls\":true}"),
+        ..Default::default()
     }
 }
 
@@ -98,22 +99,22 @@ async fn redis_with_client_certificates() {
         cert_file: Some(client.client_cert.clone()),
         key_file: Some(client.client_key.clone()),
     };
-    let writer = Store::new(Some(&redis.url()), &tls(&pki, &pki), 10, Duration::from_secs(30)).await.unwrap();
+    let writer = Store::new(Some(&redis.url()), &tls(&pki, &pki), 1 << 20, Duration::from_secs(30)).await.unwrap();
     writer.put("k-tls", entry()).await;
     // A second store has nothing in its own tier: a hit comes from Redis.
-    let reader = Store::new(Some(&redis.url()), &tls(&pki, &pki), 10, Duration::from_secs(30)).await.unwrap();
+    let reader = Store::new(Some(&redis.url()), &tls(&pki, &pki), 1 << 20, Duration::from_secs(30)).await.unwrap();
     assert!(
         matches!(reader.get("k-tls", 1_001).await, Lookup::Fresh(c) if c.body == entry().body),
         "not read back over TLS"
     );
 
-    let err = Store::new(Some(&redis.url()), &tls(&wrong, &pki), 10, Duration::from_secs(30))
+    let err = Store::new(Some(&redis.url()), &tls(&wrong, &pki), 1 << 20, Duration::from_secs(30))
         .await
         .err()
         .expect("a wrong CA was trusted");
     assert!(err.contains("certificate") || err.contains("UnknownIssuer"), "unclear error for a wrong CA: {err}");
     assert!(
-        Store::new(Some(&redis.url()), &tls(&pki, &wrong), 10, Duration::from_secs(30)).await.is_err(),
+        Store::new(Some(&redis.url()), &tls(&pki, &wrong), 1 << 20, Duration::from_secs(30)).await.is_err(),
         "a foreign client certificate got in"
     );
 }

@@ -1,5 +1,5 @@
 //! Cache keys: method, route, path, model and model version, the caller's
-//! tenant, and the request body in a canonical form (JSON with sorted keys
+//! tenant, the route's key headers (Accept, ...), and the request body in a canonical form (JSON with sorted keys
 //! and normalised numbers), hashed with SHA-256. Callers never share an
 //! entry across tenants; semantically equal JSON bodies share one.
 use serde_json::Value;
@@ -28,6 +28,8 @@ pub struct KeyParts<'a> {
     pub model: &'a str,
     pub model_version: &'a str,
     pub tenant: &'a str,
+    /// The route's key headers with the request's values.
+    pub headers: &'a [(&'a str, String)],
     /// The body: canonical JSON when it parses, else the raw bytes.
     pub body: &'a [u8],
     pub json: Option<&'a Value>,
@@ -40,6 +42,12 @@ pub fn cache_key(p: &KeyParts<'_>) -> String {
     for part in [p.method, p.route, p.path, p.model, p.model_version, p.tenant] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
+    }
+    for (name, value) in p.headers {
+        for part in [*name, value.as_str()] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
     }
     match p.json {
         Some(v) => h.update(canonical(v).to_string().as_bytes()),
@@ -79,6 +87,7 @@ mod tests {
             model: "m",
             model_version: "1",
             tenant,
+            headers: &[],
             body: body.as_bytes(),
             json: Some(&v),
         })

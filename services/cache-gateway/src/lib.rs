@@ -4,6 +4,10 @@
 //! - [`key`]: cache keys (canonical JSON, tenant, model, version).
 //! - [`store`]: the in-process tier in front of Redis; fails open.
 //! - [`proxy`]: routing, caching, coalescing, `Cache-Status`.
+//! - [`rules`]: RFC 9111 shared-cache rules (credentials, `Vary`, stored
+//!   headers, conditional requests).
+//! - [`paths`]: the route's remainder and method, checked before forwarding.
+//! - [`tenants`]: tenants from API keys, trusted proxies, the admin token.
 //!
 //! The proxy has a two-tier cache (moka in front of Redis, fail-open),
 //! RFC 9111 request directives, RFC 9211 `Cache-Status`, coalesced misses,
@@ -15,8 +19,11 @@
 
 pub mod demo;
 pub mod key;
+pub mod paths;
 pub mod proxy;
+pub mod rules;
 pub mod store;
+pub mod tenants;
 
 use std::time::Duration;
 
@@ -70,7 +77,7 @@ impl From<String> for BackendSpec {
 }
 
 /// One route: requests to `/<name>/...` go to these backends.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: String,
@@ -81,6 +88,31 @@ pub struct RouteConfig {
     /// `low` routes are shed first when the budget is exceeded.
     #[serde(default)]
     pub priority: Priority,
+    /// Request headers that are part of the cache key (default: Accept,
+    /// Accept-Language, Accept-Encoding, Content-Type).
+    #[serde(default)]
+    pub key_headers: Option<Vec<String>>,
+    /// Methods forwarded; others get 405 (default: GET, HEAD, POST, PUT,
+    /// PATCH, DELETE, OPTIONS).
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    /// Requests with cookies may share entries (off: a `Cookie` makes a
+    /// request private, like `Authorization`).
+    #[serde(default)]
+    pub cache_cookies: bool,
+    /// Only clients with a tenant API key (`x-api-key`) may use the route;
+    /// others get 401.
+    #[serde(default)]
+    pub require_tenant: bool,
+}
+
+/// A tenant and the SHA-256 (hex) of its API key; the key itself is never
+/// in config (`printf %s KEY | sha256sum`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    pub key_sha256: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,8 +209,19 @@ pub struct Config {
     pub max_body_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub backend_timeout: Duration,
-    /// Entries in the in-process tier.
-    pub l1_entries: u64,
+    /// Bytes the in-process tier may hold (bodies, headers, keys and a
+    /// fixed per-entry overhead).
+    pub l1_max_bytes: u64,
+    /// Larger answers are streamed to the client and not stored.
+    pub max_object_bytes: usize,
+    /// Tenants by API key hash.
+    pub tenants: Vec<TenantConfig>,
+    /// Peers whose `x-tenant` header is believed (a front proxy that
+    /// authenticated the client); from anyone else it is ignored.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// A file holding the admin token that `POST /_costmesh/purge` needs as
+    /// `Authorization: Bearer <token>`; without one, purge is disabled.
+    pub admin_token_file: Option<std::path::PathBuf>,
     pub budget: BudgetConfig,
     /// Share of requests sent to the preemptible pool (seed: 80 %).
     pub preemptible_share: f64,
@@ -204,7 +247,11 @@ impl Default for Config {
             outlier: OutlierConfig::default(),
             max_body_bytes: 1 << 20,
             backend_timeout: Duration::from_secs(30),
-            l1_entries: 10_000,
+            l1_max_bytes: 64 << 20,
+            max_object_bytes: 1 << 20,
+            tenants: Vec::new(),
+            trusted_proxies: Vec::new(),
+            admin_token_file: None,
             stats_interval: Duration::from_secs(10),
             budget: BudgetConfig::default(),
             preemptible_share: 0.8,
@@ -230,6 +277,19 @@ impl Validate for Config {
         check_duration(key(p, "budget.exceeded_stale"), self.budget.exceeded_stale, s(0), s(30 * DAY))?;
         check_duration(key(p, "outlier.ejection_time"), self.outlier.ejection_time, s(1), s(DAY))?;
         check_size(key(p, "max_body_bytes"), self.max_body_bytes as u64, 1, 1 << 30)?;
+        check_size(key(p, "l1_max_bytes"), self.l1_max_bytes, 1 << 20, 1 << 40)?;
+        check_size(key(p, "max_object_bytes"), self.max_object_bytes as u64, 1, 1 << 30)?;
+        if let Some(f) = &self.admin_token_file {
+            costmesh_runtime::config::read_secret_file(f)
+                .map_err(|why| ConfigError::new(key(p, "admin_token_file"), f.display(), why))?;
+        }
+        let pairs: Vec<(String, String)> =
+            self.tenants.iter().map(|t| (t.name.clone(), t.key_sha256.clone())).collect();
+        tenants::Tenants::new(&pairs, &[], None).map_err(|why| ConfigError::new(key(p, "tenants"), "[..]", why))?;
+        for (i, t) in self.tenants.iter().enumerate() {
+            costmesh_contracts::subjects::validate_name(&t.name)
+                .map_err(|why| ConfigError::new(key(p, &format!("tenants[{i}].name")), &t.name, why))?;
+        }
         for (i, r) in self.routes.iter().enumerate() {
             if let Some(t) = r.ttl {
                 check_duration(key(p, &format!("routes[{i}].ttl")), t, s(1), s(365 * DAY))?;
@@ -241,6 +301,24 @@ impl Validate for Config {
         for (i, r) in self.routes.iter().enumerate() {
             if let Err(why) = costmesh_contracts::subjects::validate_name(&r.name) {
                 return Err(ConfigError::new(key(p, &format!("routes[{i}].name")), &r.name, why));
+            }
+            for (j, m) in r.methods.iter().flatten().enumerate() {
+                if axum::http::Method::from_bytes(m.as_bytes()).is_err() || m.to_ascii_uppercase() != *m {
+                    return Err(ConfigError::new(
+                        key(p, &format!("routes[{i}].methods[{j}]")),
+                        m,
+                        "not an upper-case HTTP method",
+                    ));
+                }
+            }
+            for (j, h) in r.key_headers.iter().flatten().enumerate() {
+                if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(ConfigError::new(
+                        key(p, &format!("routes[{i}].key_headers[{j}]")),
+                        h,
+                        "not a header name",
+                    ));
+                }
             }
             for (j, b) in r.backends.iter().map(BackendSpec::url).enumerate() {
                 if !(b.starts_with("http://") || b.starts_with("https://")) {
@@ -308,8 +386,9 @@ pub async fn gateway_with_tls(
     tls: &costmesh_runtime::config::RedisTls,
     stats: proxy::Stats,
 ) -> anyhow::Result<proxy::Gateway> {
-    let store =
-        store::Store::new(redis_url, tls, cfg.l1_entries, Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
+    let store = store::Store::new(redis_url, tls, cfg.l1_max_bytes, Duration::from_secs(30))
+        .await
+        .map_err(anyhow::Error::msg)?;
     let routes = cfg
         .routes
         .iter()
@@ -323,11 +402,21 @@ pub async fn gateway_with_tls(
                 })
                 .collect();
             let route = proxy::Route::with_backends(backends, r.ttl.unwrap_or(cfg.ttl), cfg.preemptible_share)
-                .with_priority(r.priority);
+                .with_priority(r.priority)
+                .with_rules(r);
             (r.name.clone(), route)
         })
         .collect();
+    let admin_token = match &cfg.admin_token_file {
+        Some(f) => Some(costmesh_runtime::config::read_secret_file(f).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let pairs: Vec<(String, String)> = cfg.tenants.iter().map(|t| (t.name.clone(), t.key_sha256.clone())).collect();
+    let tenants =
+        tenants::Tenants::new(&pairs, &cfg.trusted_proxies, admin_token.as_deref()).map_err(anyhow::Error::msg)?;
     Ok(proxy::Gateway::new(routes, store, cfg.backend_timeout, stats)
+        .with_tenants(tenants)
+        .with_limits(cfg.max_body_bytes, cfg.max_object_bytes)
         .with_budget(cfg.budget.clone())
         .with_grace(cfg.stale_while_revalidate, cfg.stale_if_error)
         .with_outlier(cfg.outlier.clone()))
@@ -372,10 +461,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, routes = cfg.routes.len(), redis = redis_url.is_some(), "cache-gateway serving");
     let app = proxy::router(gw, cfg.max_body_bytes);
     let shutdown = ctx.shutdown.clone();
-    let server =
-        tokio::spawn(
-            async move { axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await },
-        );
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    });
 
     // Cumulative counters for the cost-watcher (a lost report loses nothing).
     {

@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
+use futures::StreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,6 +27,13 @@ const CACHE_NAME: &str = "costmesh";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub route: String,
+    /// Empty for anonymous clients.
+    pub tenant: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,6 +60,8 @@ pub struct Stats {
     pub bytes: Family<RouteLabels, Counter>,
     pub ejections: Family<BackendLabels, Counter>,
     pub budget_changes: Family<StateLabels, Counter>,
+    /// Requests by route and tenant (as resolved from API keys).
+    pub tenant_requests: Family<TenantLabels, Counter>,
 }
 
 /// One route's counters, looked up once (the hot path only increments).
@@ -144,6 +154,11 @@ pub struct Route {
     pub priority: crate::Priority,
     /// Share of requests for the preemptible pool.
     pub preemptible_share: f64,
+    /// Request headers in the key (lower case).
+    pub key_headers: Vec<String>,
+    pub methods: Vec<Method>,
+    pub cache_cookies: bool,
+    pub require_tenant: bool,
     next: AtomicUsize,
     counters: RouteCounters,
 }
@@ -161,9 +176,29 @@ impl Route {
             ttl,
             priority: crate::Priority::Normal,
             preemptible_share,
+            key_headers: crate::rules::DEFAULT_KEY_HEADERS.iter().map(|s| s.to_string()).collect(),
+            methods: crate::paths::DEFAULT_METHODS
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .collect(),
+            cache_cookies: false,
+            require_tenant: false,
             next: AtomicUsize::new(0),
             counters: RouteCounters::default(),
         }
+    }
+
+    /// The route's shared-cache, method and tenant settings.
+    pub fn with_rules(mut self, r: &crate::RouteConfig) -> Self {
+        if let Some(h) = &r.key_headers {
+            self.key_headers = h.iter().map(|s| s.to_ascii_lowercase()).collect();
+        }
+        if let Some(m) = &r.methods {
+            self.methods = m.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok()).collect();
+        }
+        self.cache_cookies = r.cache_cookies;
+        self.require_tenant = r.require_tenant;
+        self
     }
 
     pub fn with_priority(mut self, p: crate::Priority) -> Self {
@@ -305,6 +340,11 @@ pub struct Gateway {
     pub outlier: crate::OutlierConfig,
     /// Whole-answer limit for buffered calls (streams get it between reads).
     pub backend_timeout: Duration,
+    pub tenants: crate::tenants::Tenants,
+    /// Request bodies above this get 413.
+    pub max_body_bytes: usize,
+    /// Answers above this are streamed and not stored.
+    pub max_object_bytes: usize,
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
 }
 
@@ -330,8 +370,22 @@ impl Gateway {
             stale_if_error: 0,
             outlier: Default::default(),
             backend_timeout,
+            tenants: Default::default(),
+            max_body_bytes: 1 << 20,
+            max_object_bytes: 1 << 20,
             inflight: Default::default(),
         }
+    }
+
+    pub fn with_tenants(mut self, t: crate::tenants::Tenants) -> Self {
+        self.tenants = t;
+        self
+    }
+
+    pub fn with_limits(mut self, max_body_bytes: usize, max_object_bytes: usize) -> Self {
+        self.max_body_bytes = max_body_bytes;
+        self.max_object_bytes = max_object_bytes;
+        self
     }
 
     pub fn with_grace(mut self, while_revalidate: Duration, if_error: Duration) -> Self {
@@ -369,6 +423,9 @@ impl Gateway {
     async fn store_entry(&self, key: &str, route: &Route, mut entry: Cached, budget: BudgetLevel) {
         let factor = if budget == BudgetLevel::Warning { self.budget.warning_ttl_factor } else { 1.0 };
         entry.ttl = (route.ttl.as_secs_f64() * factor) as u64;
+        if let Some(max) = entry.max_age {
+            entry.ttl = entry.ttl.min(max);
+        }
         let (swr, sie) = self.graces(budget);
         let by_budget = if self.budget.on_exceeded == crate::OnExceeded::ServeStale {
             self.budget.exceeded_stale.as_secs()
@@ -419,28 +476,36 @@ fn revalidate(gw: &Gateway, key: &str, fwd: Forward, budget: BudgetLevel) {
         let Some(route) = gw.routes.get(&fwd.route) else {
             return gw.finish(&key, Err((StatusCode::NOT_FOUND, "route gone".into())));
         };
-        let outcome = call_backend(&gw, route, &fwd).await;
-        gw.finish(&key, outcome.as_ref().map(|(c, _)| Arc::new(c.clone())).map_err(|e| e.clone()));
-        match outcome {
-            Ok((c, true)) => gw.store_entry(&key, route, c, budget).await,
-            Ok((c, false)) => {
-                tracing::warn!(route = %fwd.route, status = c.status, "background refresh not cacheable; stale entry kept")
+        match call_backend(&gw, route, &fwd).await {
+            Ok(Answer::Whole(c, policy)) => {
+                gw.finish(&key, Ok(Arc::new(c.clone())));
+                if policy.storable {
+                    gw.store_entry(&key, route, c, budget).await;
+                } else {
+                    tracing::warn!(route = %fwd.route, status = c.status, why = policy.reason, "background refresh not cacheable; stale entry kept");
+                }
             }
-            Err((_, e)) => {
-                tracing::warn!(route = %fwd.route, error = %e, "background refresh failed; stale entry kept")
+            Ok(Answer::Large { .. }) => {
+                gw.finish(&key, Err(too_large()));
+                tracing::warn!(route = %fwd.route, "background refresh larger than max_object_bytes; stale entry kept");
+            }
+            Err(e) => {
+                tracing::warn!(route = %fwd.route, error = %e.1, "background refresh failed; stale entry kept");
+                gw.finish(&key, Err(e));
             }
         }
     });
 }
 
-/// The gateway's HTTP router.
-pub fn router(gw: Gateway, max_body_bytes: usize) -> Router {
-    Router::new()
-        .route("/_costmesh/purge", axum::routing::post(purge))
-        .route("/{route}", any(handle_root))
-        .route("/{route}/{*rest}", any(handle))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(gw)
+/// The outcome a coalesced follower gets for an answer too large to share.
+fn too_large() -> (StatusCode, String) {
+    (StatusCode::PAYLOAD_TOO_LARGE, "the answer is larger than max_object_bytes and is not shared".into())
+}
+
+/// The gateway's HTTP router. `max_body_bytes` bounds request bodies.
+pub fn router(mut gw: Gateway, max_body_bytes: usize) -> Router {
+    gw.max_body_bytes = max_body_bytes;
+    Router::new().route("/_costmesh/purge", any(purge)).fallback(entry).with_state(gw)
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -453,8 +518,8 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 /// `POST /_costmesh/purge` with `{"route": ..}`, `{"model_version": ..}`,
-/// both, or `{"all": true}`.
-async fn purge(State(gw): State<Gateway>, body: Bytes) -> Response {
+/// both, or `{"all": true}`; only with `Authorization: Bearer <admin token>`.
+async fn purge(State(gw): State<Gateway>, method: Method, headers: HeaderMap, body: Bytes) -> Response {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Purge {
@@ -462,6 +527,19 @@ async fn purge(State(gw): State<Gateway>, body: Bytes) -> Response {
         model_version: Option<String>,
         #[serde(default)]
         all: bool,
+    }
+    if method != Method::POST {
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "purge is POST");
+        r.headers_mut().insert("allow", HeaderValue::from_static("POST"));
+        return r;
+    }
+    if !gw.tenants.admin_enabled() {
+        return error(StatusCode::FORBIDDEN, "purge is disabled: set cache_gateway.admin_token_file");
+    }
+    if !gw.tenants.is_admin(&headers) {
+        let mut r = error(StatusCode::UNAUTHORIZED, "purge needs Authorization: Bearer <admin token>");
+        r.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        return r;
     }
     let p: Purge = match serde_json::from_slice(&body) {
         Ok(p) => p,
@@ -507,11 +585,18 @@ fn directives(h: &HeaderMap) -> Directives {
     d
 }
 
-fn respond(c: &Cached, cache_status: String, age: Option<u64>) -> Response {
-    let mut r = Response::builder().status(c.status);
+fn with_stored_headers(mut r: axum::http::response::Builder, c: &Cached) -> axum::http::response::Builder {
     if !c.content_type.is_empty() {
         r = r.header("content-type", &c.content_type);
     }
+    for (k, v) in &c.headers {
+        r = r.header(k.as_str(), v.as_str());
+    }
+    r
+}
+
+fn respond(c: &Cached, cache_status: String, age: Option<u64>) -> Response {
+    let mut r = with_stored_headers(Response::builder().status(c.status), c);
     if let Some(a) = age {
         r = r.header("age", a.to_string());
     }
@@ -520,49 +605,121 @@ fn respond(c: &Cached, cache_status: String, age: Option<u64>) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn handle_root(
-    state: State<Gateway>,
-    Path(route): Path<String>,
-    RawQuery(query): RawQuery,
-    method: Method,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    proxy(state.0, route, with_query(String::new(), query), method, headers, body).await
+/// 304 for a conditional request that matches a fresh entry's `ETag`.
+fn not_modified(c: &Cached, cache_status: String, age: u64) -> Response {
+    let mut r = Response::builder().status(StatusCode::NOT_MODIFIED);
+    for (k, v) in c.headers.iter().filter(|(k, _)| k != "content-encoding" && k != "content-language") {
+        r = r.header(k.as_str(), v.as_str());
+    }
+    r.header("age", age.to_string())
+        .header("cache-status", cache_status)
+        .body(axum::body::Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn handle(
-    state: State<Gateway>,
-    Path((route, rest)): Path<(String, String)>,
-    RawQuery(query): RawQuery,
-    method: Method,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    proxy(state.0, route, with_query(rest, query), method, headers, body).await
-}
-
-/// The path after the route, with the query string (part of the key and forwarded).
-fn with_query(rest: String, query: Option<String>) -> String {
-    match query {
+/// Every request but purge: `/<route>/<rest>`. The remainder is taken from
+/// the raw path, so percent-escapes are checked before anything decodes them.
+async fn entry(State(gw): State<Gateway>, req: axum::extract::Request) -> Response {
+    let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    let (parts, body) = req.into_parts();
+    let raw = parts.uri.path().strip_prefix('/').unwrap_or(parts.uri.path());
+    let (route, rest) = raw.split_once('/').unwrap_or((raw, ""));
+    let route = route.to_string();
+    let rest = match crate::paths::check_rest(rest) {
+        Ok(r) => r.to_string(),
+        Err(why) => return error(StatusCode::BAD_REQUEST, format!("bad path: {why}")),
+    };
+    let body = match axum::body::to_bytes(body, gw.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than max_body_bytes ({})", gw.max_body_bytes),
+            )
+        }
+    };
+    let rest = match parts.uri.query() {
         Some(q) => format!("{rest}?{q}"),
         None => rest,
+    };
+    proxy(gw, route, rest, parts.method, parts.headers, body, peer).await
+}
+
+/// What a backend call gave.
+enum Answer {
+    /// Read whole, with what its headers say about storing it.
+    Whole(Cached, crate::rules::ResponsePolicy),
+    /// Larger than `max_object_bytes`: what was read, and the rest to stream.
+    Large { status: u16, headers: HeaderMap, head: Bytes, rest: reqwest::Response },
+}
+
+impl Answer {
+    fn into_response(self, cache_status: String) -> Response {
+        match self {
+            Answer::Whole(c, _) => respond(&c, cache_status, None),
+            Answer::Large { status, headers, head, rest } => {
+                let mut out = Response::builder().status(status);
+                for (k, v) in &headers {
+                    if !HOP_BY_HOP.contains(&k.as_str()) {
+                        out = out.header(k, v);
+                    }
+                }
+                let stream =
+                    futures::stream::once(async move { Ok::<Bytes, reqwest::Error>(head) }).chain(rest.bytes_stream());
+                out.header("cache-status", format!("{cache_status}; detail=too-large"))
+                    .body(axum::body::Body::from_stream(stream))
+                    .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+            }
+        }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn proxy(
     gw: Gateway,
     route_name: String,
     rest: String,
     method: Method,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     body: Bytes,
+    peer: Option<std::net::IpAddr>,
 ) -> Response {
     let Some(route) = gw.routes.get(&route_name) else {
         return error(StatusCode::NOT_FOUND, format!("unknown route {route_name:?}"));
     };
+    if !route.methods.contains(&method) {
+        let allow: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
+        let mut r =
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} is not allowed on route {route_name:?}"));
+        if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+            r.headers_mut().insert("allow", v);
+        }
+        return r;
+    }
+    let tenant = match gw.tenants.resolve(&headers, peer) {
+        crate::tenants::Tenant::Known(t) => t,
+        crate::tenants::Tenant::UnknownKey => {
+            return error(StatusCode::UNAUTHORIZED, format!("unknown API key ({})", crate::tenants::API_KEY_HEADER))
+        }
+        crate::tenants::Tenant::Anonymous if route.require_tenant => {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                format!("route {route_name:?} needs a tenant API key in {}", crate::tenants::API_KEY_HEADER),
+            )
+        }
+        crate::tenants::Tenant::Anonymous => String::new(),
+    };
+    // The key stays here; the backend learns the tenant the gateway settled on.
+    headers.remove(crate::tenants::API_KEY_HEADER);
+    headers.remove(crate::tenants::TENANT_HEADER);
+    if let Ok(v) = HeaderValue::from_str(&tenant) {
+        if !tenant.is_empty() {
+            headers.insert(crate::tenants::TENANT_HEADER, v);
+        }
+    }
     let m = &route.counters;
     m.requests.inc();
+    gw.stats.tenant_requests.get_or_create(&TenantLabels { route: route_name.clone(), tenant: tenant.clone() }).inc();
     let budget = gw.budget_state.worst();
     if budget == costmesh_contracts::v1::BudgetState::Exceeded
         && gw.budget.on_exceeded == crate::OnExceeded::ShedLowPriority
@@ -589,9 +746,12 @@ async fn proxy(
         None
     };
     let hv = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let (tenant, model, version) = (hv("x-tenant"), hv("x-model"), hv("x-model-version"));
+    let (model, version) = (hv("x-model"), hv("x-model-version"));
     let d = directives(&headers);
+    // Credentials make the answer private unless the response says otherwise.
+    let private = crate::rules::is_private_request(&headers, route.cache_cookies);
     let cacheable_method = method == Method::GET || method == Method::POST;
+    let varied = crate::rules::key_headers(&headers, &route.key_headers);
     let key = cache_key(&KeyParts {
         method: method.as_str(),
         route: &route_name,
@@ -599,6 +759,7 @@ async fn proxy(
         model: &model,
         model_version: &version,
         tenant: &tenant,
+        headers: &varied,
         body: &body,
         json: json.as_ref(),
     });
@@ -610,13 +771,17 @@ async fn proxy(
     let mut fallback: Option<Arc<Cached>> = None;
     if cacheable_method && !d.no_store && !d.no_cache {
         match gw.store.get(&key, now).await {
-            Lookup::Fresh(c) if d.max_age.is_none_or(|m| c.age(now) <= m) => {
+            Lookup::Fresh(c) if servable(&fwd.headers, private, &c) && d.max_age.is_none_or(|m| c.age(now) <= m) => {
                 let age = c.age(now);
                 m.hits.inc();
+                let status = format!("{CACHE_NAME}; hit; ttl={}", c.ttl.saturating_sub(age));
+                if crate::rules::not_modified(&fwd.headers, c.etag()) {
+                    return not_modified(&c, status, age);
+                }
                 m.bytes.inc_by(c.body.len() as u64);
-                return respond(&c, format!("{CACHE_NAME}; hit; ttl={}", c.ttl.saturating_sub(age)), Some(age));
+                return respond(&c, status, Some(age));
             }
-            Lookup::Stale(c) => {
+            Lookup::Stale(c) if servable(&fwd.headers, private, &c) => {
                 let late = c.stale_for(now);
                 let by_budget = budget == BudgetLevel::Exceeded
                     && gw.budget.on_exceeded == crate::OnExceeded::ServeStale
@@ -627,7 +792,7 @@ async fn proxy(
                     let detail = if by_budget {
                         "budget-exceeded"
                     } else {
-                        revalidate(&gw, &key, fwd, budget);
+                        revalidate(&gw, &key, fwd.clone(), budget);
                         "stale-while-revalidate"
                     };
                     return respond(&c, format!("{CACHE_NAME}; hit; ttl=-{late}; detail={detail}"), Some(c.age(now)));
@@ -645,31 +810,44 @@ async fn proxy(
         return stream_backend(&gw, route, &fwd, why, detail).await;
     }
 
-    // Identical concurrent misses wait for one backend call.
-    let follow = if store_it {
+    // Identical concurrent misses wait for one backend call; a private
+    // request neither waits for nor leads one (its answer is its own).
+    let follow = if private {
+        None
+    } else {
         let inflight = gw.inflight.lock().expect("inflight lock");
         inflight.get(&key).map(|tx| tx.subscribe())
-    } else {
-        None
     };
     if let Some(mut rx) = follow {
         m.coalesced.inc();
-        return match rx.recv().await {
-            Ok(Ok(c)) => respond(&c, format!("{CACHE_NAME}; fwd=miss; collapsed"), None),
-            Ok(Err((status, msg))) => error(status, msg),
-            Err(_) => error(StatusCode::BAD_GATEWAY, "the shared backend call was lost"),
-        };
+        match rx.recv().await {
+            Ok(Ok(c)) if servable(&fwd.headers, private, &c) => {
+                return respond(&c, format!("{CACHE_NAME}; fwd=miss; collapsed"), None)
+            }
+            Ok(Ok(_)) => {} // varies on something this request differs in: its own call
+            Ok(Err((status, _))) if status == StatusCode::PAYLOAD_TOO_LARGE => {
+                return stream_backend(&gw, route, &fwd, "miss", "; detail=too-large").await
+            }
+            Ok(Err((status, msg))) => return error(status, msg),
+            Err(_) => return error(StatusCode::BAD_GATEWAY, "the shared backend call was lost"),
+        }
     }
-    let leader = store_it && gw.lead(&key);
+    let leader = !private && gw.lead(&key);
 
-    let outcome = call_backend(&gw, route, &fwd).await.map(|(c, cacheable)| (Arc::new(c), cacheable));
+    let outcome = call_backend(&gw, route, &fwd).await;
     if leader {
-        gw.finish(&key, outcome.as_ref().map(|(c, _)| c.clone()).map_err(|e| e.clone()));
+        let shared = match &outcome {
+            Ok(Answer::Whole(c, _)) => Ok(Arc::new(c.clone())),
+            Ok(Answer::Large { .. }) => Err(too_large()),
+            Err(e) => Err(e.clone()),
+        };
+        gw.finish(&key, shared);
     }
 
     // stale-if-error: the backends failed, an expired entry within its grace answers.
     let failed_status = match &outcome {
-        Ok((c, _)) if c.status >= 500 => Some(c.status.to_string()),
+        Ok(Answer::Whole(c, _)) if c.status >= 500 => Some(c.status.to_string()),
+        Ok(Answer::Large { status, .. }) if *status >= 500 => Some(status.to_string()),
         Err((status, _)) => Some(status.as_u16().to_string()),
         Ok(_) => None,
     };
@@ -682,22 +860,46 @@ async fn proxy(
             return respond(c, status, Some(c.age(now)));
         }
     }
-    let fwd_why = if fallback.is_some() { "stale" } else { "miss" };
+    let fwd_why = if d.no_cache {
+        "request"
+    } else if fallback.is_some() {
+        "stale"
+    } else {
+        "miss"
+    };
     match outcome {
-        Ok((c, cacheable)) => {
-            let stored = store_it && cacheable;
-            if stored {
-                gw.store_entry(&key, route, (*c).clone(), budget).await;
-            }
-            let status = if d.no_cache {
-                format!("{CACHE_NAME}; fwd=request; fwd-status={}{}", c.status, if stored { "; stored" } else { "" })
+        Ok(Answer::Whole(c, policy)) => {
+            let shareable = !private || policy.shareable_with_credentials;
+            let stored = policy.storable && shareable;
+            let detail = if stored {
+                "; stored".to_string()
+            } else if !policy.storable {
+                format!("; detail={}", policy.reason)
             } else {
-                format!("{CACHE_NAME}; fwd={fwd_why}; fwd-status={}{}", c.status, if stored { "; stored" } else { "" })
+                "; detail=credentials".to_string()
             };
-            respond(&c, status, None)
+            let status = format!("{CACHE_NAME}; fwd={fwd_why}; fwd-status={}{detail}", c.status);
+            let r = respond(&c, status, None);
+            if stored {
+                gw.store_entry(&key, route, c, budget).await;
+            }
+            r
+        }
+        Ok(large @ Answer::Large { .. }) => {
+            let fs = match &large {
+                Answer::Large { status, .. } => *status,
+                Answer::Whole(c, _) => c.status,
+            };
+            large.into_response(format!("{CACHE_NAME}; fwd={fwd_why}; fwd-status={fs}"))
         }
         Err((status, msg)) => error(status, msg),
     }
+}
+
+/// Whether an entry may answer this request: shareable with its
+/// credentials, and made for the same values of the headers it varies on.
+fn servable(req: &HeaderMap, private: bool, c: &Cached) -> bool {
+    (!private || c.shared_with_credentials) && crate::rules::vary_matches(req, &c.vary)
 }
 
 const HOP_BY_HOP: &[&str] = &[
@@ -767,18 +969,47 @@ async fn send(
     Ok((resp, i))
 }
 
-/// Calls a backend and reads the whole answer (for the cache).
-async fn call_backend(gw: &Gateway, route: &Route, fwd: &Forward) -> Result<(Cached, bool), (StatusCode, String)> {
+/// Calls a backend and reads the whole answer (for the cache), unless it
+/// is larger than `max_object_bytes`: then what was read and the rest are
+/// handed back to stream.
+async fn call_backend(gw: &Gateway, route: &Route, fwd: &Forward) -> Result<Answer, (StatusCode, String)> {
     let started = Instant::now();
-    let (resp, i) = send(gw, route, fwd, true).await?;
-    let base = &route.backends[i].url;
+    let (mut resp, i) = send(gw, route, fwd, true).await?;
     let status = resp.status().as_u16();
-    let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let cc = resp.headers().get("cache-control").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-    let body = resp.bytes().await.map_err(|e| (StatusCode::BAD_GATEWAY, format!("backend {base} body: {e}")))?;
+    let headers = resp.headers().clone();
+    if resp.content_length().is_some_and(|n| n > gw.max_object_bytes as u64) {
+        return Ok(Answer::Large { status, headers, head: Bytes::new(), rest: resp });
+    }
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let chunk = resp
+            .chunk()
+            .await
+            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("backend {} body: {e}", route.backends[i].url)))?;
+        let Some(chunk) = chunk else { break };
+        buf.extend_from_slice(&chunk);
+        if buf.len() > gw.max_object_bytes {
+            return Ok(Answer::Large { status, headers, head: buf.freeze(), rest: resp });
+        }
+    }
     route.counters.backend_ms.inc_by(started.elapsed().as_millis() as u64);
-    let cacheable = (200..300).contains(&status) && !cc.contains("no-store") && !cc.contains("private");
-    Ok((Cached { status, content_type, stored_at: gw.now_s(), ttl: 0, grace: 0, body }, cacheable))
+    let policy = crate::rules::response_policy(status, &headers);
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let kept = crate::rules::stored_headers(&headers).into_iter().filter(|(k, _)| k != "content-type").collect();
+    let vary = crate::rules::vary_values(&fwd.headers, &policy.vary, &route.key_headers);
+    let entry = Cached {
+        status,
+        content_type,
+        stored_at: gw.now_s(),
+        headers: kept,
+        vary,
+        shared_with_credentials: policy.shareable_with_credentials,
+        max_age: policy.max_age,
+        // Exactly its size: an entry never pins a larger read buffer.
+        body: Bytes::copy_from_slice(&buf),
+        ..Default::default()
+    };
+    Ok(Answer::Whole(entry, policy))
 }
 
 /// Calls a backend and streams its answer to the client as it comes (for

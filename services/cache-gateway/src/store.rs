@@ -9,8 +9,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+/// What an entry costs beyond its key, body and headers (the struct, the
+/// `Arc`, moka's node and its indexes), counted in the byte budget.
+pub const ENTRY_OVERHEAD: usize = 256;
+
 /// A stored response.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Cached {
     pub status: u16,
     pub content_type: String,
@@ -22,6 +26,20 @@ pub struct Cached {
     /// refreshed, while backends fail, or while the budget says so).
     #[serde(default)]
     pub grace: u64,
+    /// Response headers a client needs besides `Content-Type`
+    /// ([`crate::rules::STORED_HEADERS`]).
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// Request headers the response varies on (beyond the key), with the
+    /// values of the request it answered.
+    #[serde(default)]
+    pub vary: Vec<(String, String)>,
+    /// May be served to requests with credentials (RFC 9111 §3.5).
+    #[serde(default)]
+    pub shared_with_credentials: bool,
+    /// `s-maxage`/`max-age` of the response, which caps the route's TTL.
+    #[serde(default)]
+    pub max_age: Option<u64>,
     #[serde(skip)]
     pub body: Bytes,
 }
@@ -44,6 +62,17 @@ impl Cached {
         flate2::read::DeflateDecoder::new(raw.get(4 + n..)?).read_to_end(&mut body).ok()?;
         c.body = Bytes::from(body);
         Some(c)
+    }
+
+    /// The stored `ETag`, if any.
+    pub fn etag(&self) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == "etag").map(|(_, v)| v.as_str())
+    }
+
+    /// Bytes it holds in the in-process tier (what the byte budget counts).
+    pub fn weight(&self, key: &str) -> u32 {
+        let headers: usize = self.headers.iter().chain(&self.vary).map(|(k, v)| k.len() + v.len() + 48).sum();
+        (key.len() + self.body.len() + self.content_type.len() + headers + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32
     }
 
     /// Seconds since it was stored.
@@ -99,10 +128,12 @@ impl Store {
     /// `redis_url` None: in-process tier only. A Redis that is down at start
     /// is not fatal: the manager keeps trying.
     /// With `rediss://`, `tls` names the CA and the client certificate.
+    /// The in-process tier holds at most `l1_max_bytes`, weighed by
+    /// [`Cached::weight`].
     pub async fn new(
         redis_url: Option<&str>,
         tls: &costmesh_runtime::config::RedisTls,
-        l1_entries: u64,
+        l1_max_bytes: u64,
         l1_ttl: Duration,
     ) -> Result<Self, String> {
         let redis = match redis_url {
@@ -136,7 +167,8 @@ impl Store {
             }
         };
         let l1 = moka::future::Cache::builder()
-            .max_capacity(l1_entries)
+            .max_capacity(l1_max_bytes)
+            .weigher(|k: &String, v: &Arc<Cached>| v.weight(k))
             .time_to_live(l1_ttl)
             .support_invalidation_closures()
             .build();
@@ -253,7 +285,9 @@ mod tests {
             stored_at: 10,
             ttl: 60,
             grace: 30,
+            headers: vec![("etag".into(), "\"v1\"".into())],
             body: Bytes::from("x".repeat(10_000)),
+            ..Default::default()
         };
         let raw = c.encode();
         assert!(raw.len() < 500, "{} bytes", raw.len());

@@ -39,8 +39,15 @@ async fn budget_states_switch_the_degradation() {
                 backends: vec![backend.clone().into()],
                 ttl: None,
                 priority: Priority::Normal,
+                ..Default::default()
             },
-            RouteConfig { name: "batch".into(), backends: vec![backend.into()], ttl: None, priority: Priority::Low },
+            RouteConfig {
+                name: "batch".into(),
+                backends: vec![backend.into()],
+                ttl: None,
+                priority: Priority::Low,
+                ..Default::default()
+            },
         ],
         ..Default::default()
     };
@@ -116,6 +123,7 @@ async fn serve_stale_degradation_answers_expired_entries_without_backends() {
             backends: vec![backend.into()],
             ttl: None,
             priority: Priority::Normal,
+            ..Default::default()
         }],
         stats_interval: Duration::from_secs(24 * 3600),
         ..Default::default()
@@ -178,6 +186,7 @@ async fn a_restarted_gateway_still_sheds_for_an_exceeded_budget() {
             backends: vec![backend.clone().into()],
             ttl: None,
             priority: Priority::Low,
+            ..Default::default()
         }],
         ..Default::default()
     };

@@ -52,6 +52,7 @@ async fn preemption_drains_the_spot_backend_without_failing_a_request() {
             ],
             ttl: None,
             priority: Default::default(),
+            ..Default::default()
         }],
         health_interval: Duration::from_millis(100),
         ..Default::default()
@@ -135,6 +136,7 @@ async fn a_backend_that_dies_without_notice_leaves_rotation_and_comes_back() {
             backends: vec![a_url.clone().into(), b_url.into()],
             ttl: None,
             priority: Default::default(),
+            ..Default::default()
         }],
         ..Default::default()
     };

@@ -45,6 +45,15 @@ async fn backend(open: bool) -> Backend {
     Backend { calls, gate, fail, url }
 }
 
+/// A file holding the admin token `ADMIN_TOKEN`.
+fn admin_token_file() -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("costmesh-gw-admin-{}", std::process::id()));
+    std::fs::write(&p, format!("{ADMIN_TOKEN}\n")).unwrap();
+    p
+}
+
+const ADMIN_TOKEN: &str = "admin-token-for-tests";
+
 async fn gateway(b: &Backend, redis: Option<&RedisServer>, stats: Stats) -> String {
     gateway_on(b, redis, stats, costmesh_runtime::Clock::system()).await
 }
@@ -67,8 +76,18 @@ async fn gateway_with(
             backends: backends.iter().map(|b| b.url.clone().into()).collect(),
             ttl: None,
             priority: Default::default(),
+            ..Default::default()
         }],
         max_body_bytes: 4096,
+        // Tenants by API key (`key-<name>`); the admin token for purges.
+        tenants: ["acme", "globex", "initech"]
+            .iter()
+            .map(|t| costmesh_cache_gateway::TenantConfig {
+                name: t.to_string(),
+                key_sha256: costmesh_cache_gateway::tenants::hash_key(&format!("key-{t}")),
+            })
+            .collect(),
+        admin_token_file: Some(admin_token_file()),
         ..Default::default()
     };
     tune(&mut cfg);
@@ -92,7 +111,7 @@ async fn ask(gw: &str, tenant: &str, body: &str, extra: &[(&str, &str)]) -> Repl
     let mut req = reqwest::Client::new()
         .post(format!("{gw}/llm/v1/generate"))
         .header("content-type", "application/json")
-        .header("x-tenant", tenant)
+        .header("x-api-key", format!("key-{tenant}"))
         .header("x-model", "llama")
         .body(body.to_string());
     for (k, v) in extra {
@@ -235,7 +254,7 @@ async fn purge_by_model_version_or_everything() {
             let r = reqwest::Client::new()
                 .post(format!("{gw}/llm/v1/generate"))
                 .header("content-type", "application/json")
-                .header("x-tenant", "acme")
+                .header("x-api-key", "key-acme")
                 .header("x-model-version", v)
                 .body(r#"{"p":1}"#)
                 .send()
@@ -249,7 +268,15 @@ async fn purge_by_model_version_or_everything() {
     assert!(ask_v("v1").await.contains("hit"));
     let purge = |body: &'static str| {
         let gw = gw.clone();
-        async move { reqwest::Client::new().post(format!("{gw}/_costmesh/purge")).body(body).send().await.unwrap() }
+        async move {
+            reqwest::Client::new()
+                .post(format!("{gw}/_costmesh/purge"))
+                .bearer_auth(ADMIN_TOKEN)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
     };
     let r = purge(r#"{"model_version":"v1"}"#).await;
     assert_eq!(r.status().as_u16(), 200);
@@ -357,7 +384,7 @@ async fn http2_clients_are_served_and_hit_the_cache() {
         let r = client
             .post(format!("{addr}/llm/v1/generate"))
             .header("content-type", "application/json")
-            .header("x-tenant", "acme")
+            .header("x-api-key", "key-acme")
             .body(r#"{"q":"h2"}"#)
             .send()
             .await
