@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// What an entry costs beyond its key, body and headers (the struct, the
 /// `Arc`, moka's node and its indexes), counted in the byte budget.
-pub const ENTRY_OVERHEAD: usize = 256;
+pub const ENTRY_OVERHEAD: usize = 1024;
 
 /// A stored response.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
