@@ -8,6 +8,7 @@
 //!   headers, conditional requests).
 //! - [`paths`]: the route's remainder and method, checked before forwarding.
 //! - [`tenants`]: tenants from API keys, trusted proxies, the admin token.
+//! - [`serve`]: the client-facing server (header-read timeout, connection cap).
 //!
 //! The proxy has a two-tier cache (moka in front of Redis, fail-open),
 //! RFC 9111 request directives, RFC 9211 `Cache-Status`, coalesced misses,
@@ -22,6 +23,7 @@ pub mod key;
 pub mod paths;
 pub mod proxy;
 pub mod rules;
+pub mod serve;
 pub mod store;
 pub mod tenants;
 
@@ -207,6 +209,15 @@ pub struct Config {
     pub outlier: OutlierConfig,
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
+    /// A connection that has not sent a whole request head within this
+    /// (new, or idle between keep-alive requests) is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A request body must have arrived whole within this (else 408).
+    #[serde(with = "humantime_serde")]
+    pub request_body_timeout: Duration,
+    /// Open client connections past this get a 503 and are closed.
+    pub max_connections: usize,
     #[serde(with = "humantime_serde")]
     pub backend_timeout: Duration,
     /// Bytes the in-process tier may hold (bodies, headers, keys and a
@@ -246,6 +257,9 @@ impl Default for Config {
             stale_if_error: Duration::from_secs(600),
             outlier: OutlierConfig::default(),
             max_body_bytes: 1 << 20,
+            header_read_timeout: Duration::from_secs(10),
+            request_body_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
             backend_timeout: Duration::from_secs(30),
             l1_max_bytes: 64 << 20,
             max_object_bytes: 1 << 20,
@@ -271,6 +285,9 @@ impl Validate for Config {
         check_duration(key(p, "stale_while_revalidate"), self.stale_while_revalidate, s(0), s(30 * DAY))?;
         check_duration(key(p, "stale_if_error"), self.stale_if_error, s(0), s(30 * DAY))?;
         check_duration(key(p, "backend_timeout"), self.backend_timeout, ms(10), s(3600))?;
+        check_duration(key(p, "header_read_timeout"), self.header_read_timeout, ms(100), s(3600))?;
+        check_duration(key(p, "request_body_timeout"), self.request_body_timeout, ms(100), s(3600))?;
+        check_size(key(p, "max_connections"), self.max_connections as u64, 1, 1 << 20)?;
         check_duration(key(p, "health_interval"), self.health_interval, ms(100), s(3600))?;
         check_duration(key(p, "stats_interval"), self.stats_interval, ms(100), s(3600))?;
         check_duration(key(p, "budget.retry_after"), self.budget.retry_after, s(1), s(DAY))?;
@@ -417,6 +434,7 @@ pub async fn gateway_with_tls(
     Ok(proxy::Gateway::new(routes, store, cfg.backend_timeout, stats)
         .with_tenants(tenants)
         .with_limits(cfg.max_body_bytes, cfg.max_object_bytes)
+        .with_body_timeout(cfg.request_body_timeout)
         .with_budget(cfg.budget.clone())
         .with_grace(cfg.stale_while_revalidate, cfg.stale_if_error)
         .with_outlier(cfg.outlier.clone()))
@@ -461,11 +479,9 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, routes = cfg.routes.len(), redis = redis_url.is_some(), "cache-gateway serving");
     let app = proxy::router(gw, cfg.max_body_bytes);
     let shutdown = ctx.shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-    });
+    let limits =
+        serve::ServeLimits { header_read_timeout: cfg.header_read_timeout, max_connections: cfg.max_connections };
+    let server = tokio::spawn(serve::serve(listener, app, limits, shutdown));
 
     // Cumulative counters for the cost-watcher (a lost report loses nothing).
     {

@@ -345,6 +345,8 @@ pub struct Gateway {
     pub max_body_bytes: usize,
     /// Answers above this are streamed and not stored.
     pub max_object_bytes: usize,
+    /// A request body must arrive whole within this.
+    pub body_timeout: Duration,
     inflight: Arc<Mutex<HashMap<String, Flight>>>,
 }
 
@@ -373,12 +375,18 @@ impl Gateway {
             tenants: Default::default(),
             max_body_bytes: 1 << 20,
             max_object_bytes: 1 << 20,
+            body_timeout: Duration::from_secs(30),
             inflight: Default::default(),
         }
     }
 
     pub fn with_tenants(mut self, t: crate::tenants::Tenants) -> Self {
         self.tenants = t;
+        self
+    }
+
+    pub fn with_body_timeout(mut self, t: Duration) -> Self {
+        self.body_timeout = t;
         self
     }
 
@@ -629,9 +637,15 @@ async fn entry(State(gw): State<Gateway>, req: axum::extract::Request) -> Respon
         Ok(r) => r.to_string(),
         Err(why) => return error(StatusCode::BAD_REQUEST, format!("bad path: {why}")),
     };
-    let body = match axum::body::to_bytes(body, gw.max_body_bytes).await {
-        Ok(b) => b,
+    let body = match tokio::time::timeout(gw.body_timeout, axum::body::to_bytes(body, gw.max_body_bytes)).await {
+        Ok(Ok(b)) => b,
         Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within request_body_timeout ({:?})", gw.body_timeout),
+            )
+        }
+        Ok(Err(_)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body larger than max_body_bytes ({})", gw.max_body_bytes),
