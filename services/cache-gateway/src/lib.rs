@@ -445,6 +445,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     let stats = proxy::Stats::default();
     ctx.register("costmesh_cache_requests", "Requests by route", stats.requests.clone());
     ctx.register("costmesh_cache_hits", "Cache hits by route", stats.hits.clone());
+    ctx.register(
+        "costmesh_cache_tenant_requests",
+        "Requests by route and tenant (from API keys; empty: anonymous)",
+        stats.tenant_requests.clone(),
+    );
     ctx.register("costmesh_cache_misses", "Cache misses by route", stats.misses.clone());
     ctx.register("costmesh_cache_coalesced", "Requests that waited for an identical miss", stats.coalesced.clone());
     ctx.register("costmesh_cache_backend_ms", "Time spent in backends (ms)", stats.backend_ms.clone());

@@ -74,6 +74,8 @@ pub struct RouteCounters {
     coalesced: Counter,
     backend_ms: Counter,
     bytes: Counter,
+    /// `tenant_requests` for the anonymous tenant, looked up once.
+    anonymous: Counter,
 }
 
 impl Stats {
@@ -87,6 +89,10 @@ impl Stats {
             coalesced: self.coalesced.get_or_create(&l).clone(),
             backend_ms: self.backend_ms.get_or_create(&l).clone(),
             bytes: self.bytes.get_or_create(&l).clone(),
+            anonymous: self
+                .tenant_requests
+                .get_or_create(&TenantLabels { route: route.to_string(), tenant: String::new() })
+                .clone(),
         }
     }
 
@@ -733,7 +739,14 @@ async fn proxy(
     }
     let m = &route.counters;
     m.requests.inc();
-    gw.stats.tenant_requests.get_or_create(&TenantLabels { route: route_name.clone(), tenant: tenant.clone() }).inc();
+    if tenant.is_empty() {
+        m.anonymous.inc();
+    } else {
+        gw.stats
+            .tenant_requests
+            .get_or_create(&TenantLabels { route: route_name.clone(), tenant: tenant.clone() })
+            .inc();
+    }
     let budget = gw.budget_state.worst();
     if budget == costmesh_contracts::v1::BudgetState::Exceeded
         && gw.budget.on_exceeded == crate::OnExceeded::ShedLowPriority

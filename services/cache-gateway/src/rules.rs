@@ -24,7 +24,16 @@ pub const STORED_HEADERS: &[&str] =
 pub const DEFAULT_KEY_HEADERS: &[&str] = &["accept", "accept-language", "accept-encoding", "content-type"];
 
 fn value(h: &HeaderMap, name: &str) -> String {
-    let mut vals: Vec<&str> = h.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+    let mut all = h.get_all(name).iter();
+    // The hot path: absent or one value, no sorting.
+    let Some(first) = all.next() else { return String::new() };
+    let first = first.to_str().unwrap_or("");
+    let rest: Vec<&str> = all.filter_map(|v| v.to_str().ok()).collect();
+    if rest.is_empty() {
+        return first.trim().to_string();
+    }
+    let mut vals = rest;
+    vals.push(first);
     vals.sort_unstable();
     vals.join(",").trim().to_string()
 }
