@@ -129,9 +129,13 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    // Written aside and renamed over: several `costmesh up`s may start at once.
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     f.write_all(text.as_bytes())?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 

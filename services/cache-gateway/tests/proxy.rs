@@ -45,11 +45,16 @@ async fn backend(open: bool) -> Backend {
     Backend { calls, gate, fail, url }
 }
 
-/// A file holding the admin token `ADMIN_TOKEN`.
+/// A file holding the admin token `ADMIN_TOKEN`, written once (tests run
+/// in parallel: rewriting it would let one read it half-written).
 fn admin_token_file() -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("costmesh-gw-admin-{}", std::process::id()));
-    std::fs::write(&p, format!("{ADMIN_TOKEN}\n")).unwrap();
-    p
+    static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("costmesh-gw-admin-{}", std::process::id()));
+        std::fs::write(&p, format!("{ADMIN_TOKEN}\n")).unwrap();
+        p
+    })
+    .clone()
 }
 
 const ADMIN_TOKEN: &str = "admin-token-for-tests";
