@@ -300,9 +300,7 @@ impl Validate for Config {
             costmesh_runtime::config::read_secret_file(f)
                 .map_err(|why| ConfigError::new(key(p, "admin_token_file"), f.display(), why))?;
         }
-        let pairs: Vec<(String, String)> =
-            self.tenants.iter().map(|t| (t.name.clone(), t.key_sha256.clone())).collect();
-        tenants::Tenants::new(&pairs, &[], None).map_err(|why| ConfigError::new(key(p, "tenants"), "[..]", why))?;
+        self.tenants(None).map_err(|why| ConfigError::new(key(p, "tenants"), "[..]", why))?;
         for (i, t) in self.tenants.iter().enumerate() {
             costmesh_contracts::subjects::validate_name(&t.name)
                 .map_err(|why| ConfigError::new(key(p, &format!("tenants[{i}].name")), &t.name, why))?;
@@ -385,6 +383,15 @@ impl Validate for Config {
     }
 }
 
+impl Config {
+    /// The tenants, trusted proxies and admin token as the proxy checks them.
+    pub fn tenants(&self, admin_token: Option<&str>) -> Result<tenants::Tenants, String> {
+        let pairs: Vec<(String, String)> =
+            self.tenants.iter().map(|t| (t.name.clone(), t.key_sha256.clone())).collect();
+        tenants::Tenants::new(&pairs, &self.trusted_proxies, admin_token)
+    }
+}
+
 impl ServiceConfig for Config {
     fn admin(&self) -> &AdminConfig {
         &self.admin
@@ -428,9 +435,7 @@ pub async fn gateway_with_tls(
         Some(f) => Some(costmesh_runtime::config::read_secret_file(f).map_err(anyhow::Error::msg)?),
         None => None,
     };
-    let pairs: Vec<(String, String)> = cfg.tenants.iter().map(|t| (t.name.clone(), t.key_sha256.clone())).collect();
-    let tenants =
-        tenants::Tenants::new(&pairs, &cfg.trusted_proxies, admin_token.as_deref()).map_err(anyhow::Error::msg)?;
+    let tenants = cfg.tenants(admin_token.as_deref()).map_err(anyhow::Error::msg)?;
     Ok(proxy::Gateway::new(routes, store, cfg.backend_timeout, stats)
         .with_tenants(tenants)
         .with_limits(cfg.max_body_bytes, cfg.max_object_bytes)

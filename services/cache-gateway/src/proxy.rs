@@ -681,6 +681,13 @@ enum Answer {
 }
 
 impl Answer {
+    fn status(&self) -> u16 {
+        match self {
+            Answer::Whole(c, _) => c.status,
+            Answer::Large { status, .. } => *status,
+        }
+    }
+
     fn into_response(self, cache_status: String) -> Response {
         match self {
             Answer::Whole(c, _) => respond(&c, cache_status, None),
@@ -880,8 +887,7 @@ async fn proxy(
 
     // stale-if-error: the backends failed, an expired entry within its grace answers.
     let failed_status = match &outcome {
-        Ok(Answer::Whole(c, _)) if c.status >= 500 => Some(c.status.to_string()),
-        Ok(Answer::Large { status, .. }) if *status >= 500 => Some(status.to_string()),
+        Ok(a) if a.status() >= 500 => Some(a.status().to_string()),
         Err((status, _)) => Some(status.as_u16().to_string()),
         Ok(_) => None,
     };
@@ -919,11 +925,8 @@ async fn proxy(
             }
             r
         }
-        Ok(large @ Answer::Large { .. }) => {
-            let fs = match &large {
-                Answer::Large { status, .. } => *status,
-                Answer::Whole(c, _) => c.status,
-            };
+        Ok(large) => {
+            let fs = large.status();
             large.into_response(format!("{CACHE_NAME}; fwd={fwd_why}; fwd-status={fs}"))
         }
         Err((status, msg)) => error(status, msg),

@@ -63,28 +63,25 @@ pub struct ResponsePolicy {
     pub reason: &'static str,
 }
 
-/// Reads `Cache-Control`, `Set-Cookie` and `Vary` of a backend answer.
-pub fn response_policy(status: u16, h: &HeaderMap) -> ResponsePolicy {
-    let cc: Vec<String> = h
-        .get_all("cache-control")
+/// The comma-separated items of every `name` header, trimmed, lower case.
+fn list(h: &HeaderMap, name: &str) -> Vec<String> {
+    h.get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|d| d.trim().to_ascii_lowercase())
         .filter(|d| !d.is_empty())
-        .collect();
+        .collect()
+}
+
+/// Reads `Cache-Control`, `Set-Cookie` and `Vary` of a backend answer.
+pub fn response_policy(status: u16, h: &HeaderMap) -> ResponsePolicy {
+    let cc = list(h, "cache-control");
     let has = |d: &str| cc.iter().any(|x| x == d || x.starts_with(&format!("{d}=")));
     let num = |d: &str| {
         cc.iter().find_map(|x| x.strip_prefix(&format!("{d}=")).and_then(|n| n.trim_matches('"').parse().ok()))
     };
-    let vary: Vec<String> = h
-        .get_all("vary")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|v| v.trim().to_ascii_lowercase())
-        .filter(|v| !v.is_empty())
-        .collect();
+    let vary = list(h, "vary");
     let mut p = ResponsePolicy {
         storable: true,
         shareable_with_credentials: has("public") || has("s-maxage") || has("must-revalidate"),
