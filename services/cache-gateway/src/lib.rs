@@ -599,7 +599,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
             }
         })
         .await?;
-    ctx.health.set("bus", true);
+    ctx.bus_ready().await?;
     ctx.shutdown.cancelled().await;
     let _ = task.await;
     let _ = server.await;

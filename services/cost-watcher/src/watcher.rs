@@ -558,7 +558,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     if !cfg.billing.subscription.is_empty() {
         tokio::spawn(consume_billing(cfg.billing.clone(), ctx.clone(), store.clone(), currency.clone(), tz));
     }
-    ctx.health.set("bus", true);
+    ctx.bus_ready().await?;
 
     let mut ticker = ctx.clock.ticker(cfg.evaluate_interval);
     loop {

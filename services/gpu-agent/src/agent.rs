@@ -523,7 +523,7 @@ pub async fn run_with_backend(
     .await?;
     // Armed before anyone learns the agent is up, so no tick is missed.
     let mut ticker = ctx.clock.ticker(cfg.sample_interval);
-    ctx.health.set("bus", true);
+    ctx.bus_ready().await?;
     if let Some(h) = handle {
         let _ = h.send(AgentHandle(agent.clone()));
     }

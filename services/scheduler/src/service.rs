@@ -225,8 +225,7 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
         });
     }
     // Subscriptions reach the server before anyone is told we are ready.
-    ctx.bus().flush().await?;
-    ctx.health.set("bus", true);
+    ctx.bus_ready().await?;
     tracing::info!(bucket, jobs = s.jobs.len(), "scheduler ready");
 
     let mut ticker = ctx.clock.ticker(cfg.decide_interval);

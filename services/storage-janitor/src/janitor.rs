@@ -320,7 +320,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         }
     })
     .await?;
-    ctx.health.set("bus", true);
+    ctx.bus_ready().await?;
 
     // The schedule continues from the last pass, wherever it ran: a janitor
     // restarted more often than `interval` still runs its passes.

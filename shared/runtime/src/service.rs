@@ -105,6 +105,15 @@ impl ServiceContext {
         &self.events.bus
     }
 
+    /// Marks the service ready on the bus once the server has processed
+    /// its subscriptions: a request sent the moment readiness shows must
+    /// find its responder, not "no responders".
+    pub async fn bus_ready(&self) -> Result<(), costmesh_bus::BusError> {
+        self.bus().flush().await?;
+        self.health.set("bus", true);
+        Ok(())
+    }
+
     pub fn subjects(&self) -> &Subjects {
         &self.events.subjects
     }
