@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
-# cache-gateway benchmark, side by side in one run with wrk:
+# cache-gateway benchmark, side by side in one run with wrk, every contender
+# at its shipped defaults:
 #   hit path:  the gateway (release build, Redis behind its in-process tier)
-#              vs Varnish (Debian package) caching the same backend;
+#              vs Varnish (Debian) and nginx `proxy_cache` (Debian) caching
+#              the same backend, for GET answers of ~80 B, ~2 KB and ~16 KB
+#              and for a POST with a JSON body (gateway vs nginx with
+#              `proxy_cache_methods POST` and the body in its key: Varnish
+#              does not cache POST without a vmod);
 #   miss path: every request through the gateway to the backend
 #              (`Cache-Control: no-store`) vs calling the backend directly,
-#              and vs Varnish passing the same requests through (`return (pass)`).
-# The backend is the demo model (`costmesh cache demo-model`, 0 ms latency).
-# Contenders alternate, ROUNDS rounds of DURATION seconds each; the table
-# gives medians of requests/s and p99 latency.
+#              vs Varnish's `pass` and nginx's `proxy_cache_bypass`.
+# The backend is the demo model (`costmesh cache demo-model`, 0 ms latency;
+# `tokens=N` sets the answer's size). Contenders alternate, ROUNDS rounds of
+# DURATION seconds each per connection count; the table gives medians of
+# requests/s, p50 and p99 latency.
 #
-#   scripts/bench-gateway.sh [ROUNDS] [DURATION_S] [CONNECTIONS]
+#   scripts/bench-gateway.sh [ROUNDS] [DURATION_S] [CONNECTIONS...]
+#
+# GATEWAY_WORKERS=N overrides `cache_gateway.workers` (default 0: one
+# serving thread per core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
-duration=${2:-10}
-conns=${3:-64}
+duration=${2:-6}
+conn_list=(16 64)
+if [ $# -gt 2 ]; then conn_list=("${@:3}"); fi
 
 need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v varnishd >/dev/null || need+=(varnish)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 scripts/install-test-deps.sh >/dev/null
 cargo build --release -q -p costmesh -p costmesh-cache-gateway
 target=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d /var/tmp/gateway-bench.XXXX)
+chmod 755 "$work"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
@@ -33,12 +46,15 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
-nats_port=$(port); redis_port=$(port); model_port=$(port); gw_port=$(port); admin_port=$(port); varnish_port=$(port)
+nats_port=$(port); redis_port=$(port); model_port=$(port); gw_port=$(port); admin_port=$(port)
+varnish_port=$(port); nginx_port=$(port)
 .tools/bin/nats-server -a 127.0.0.1 -p "$nats_port" -js -sd "$work/js" >"$work/nats.log" 2>&1 & pids+=($!)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" 2>&1 & pids+=($!)
 "$target/costmesh" cache demo-model --listen "127.0.0.1:$model_port" --latency-ms 0 >"$work/model.log" 2>&1 & pids+=($!)
 wait_port "$nats_port"; wait_port "$redis_port"; wait_port "$model_port"
 
+workers_line=""
+[ -n "${GATEWAY_WORKERS:-}" ] && workers_line="workers = $GATEWAY_WORKERS"
 cat >"$work/gateway.toml" <<EOF
 [nats]
 url = "nats://127.0.0.1:$nats_port"
@@ -48,19 +64,13 @@ url = "redis://127.0.0.1:$redis_port"
 level = "warn"
 [cache_gateway]
 listen = "127.0.0.1:$gw_port"
+$workers_line
 admin = { listen = "127.0.0.1:$admin_port" }
 [[cache_gateway.routes]]
 name = "bench"
 backends = ["http://127.0.0.1:$model_port"]
 EOF
-# One tokio worker by default: wrk takes one of this machine's two cores, and
-# on the other a single worker answers with a far lower tail than two
-# threads contending for it (measured: p99 0.7-1.2 ms vs 3.2-3.5 ms at 16
-# connections). Set GATEWAY_WORKERS=0 for tokio's default (one per core).
-workers=${GATEWAY_WORKERS:-1}
-if [ "$workers" = 0 ]; then unset TOKIO_WORKER_THREADS; else export TOKIO_WORKER_THREADS=$workers; fi
-"$target/cache-gateway" --config "$work/gateway.toml" >"$work/gateway.log" 2>&1 & pids+=($!)
-unset TOKIO_WORKER_THREADS
+env -u TOKIO_WORKER_THREADS "$target/cache-gateway" --config "$work/gateway.toml" >"$work/gateway.log" 2>&1 & pids+=($!)
 
 cat >"$work/bench.vcl" <<EOF
 vcl 4.1;
@@ -73,50 +83,127 @@ sub vcl_backend_response { set beresp.ttl = 1h; }
 EOF
 varnishd -j none -n "$work/varnish" -a "127.0.0.1:$varnish_port" -f "$work/bench.vcl" -s malloc,256m \
   -F >"$work/varnish.log" 2>&1 & pids+=($!)
-wait_port "$gw_port"; wait_port "$varnish_port"
 
-path="/bench/v1/generate?prompt=hello"
-# Warm both caches (and check they answer).
-curl -fsS "http://127.0.0.1:$gw_port$path" >/dev/null
-curl -fsS "http://127.0.0.1:$varnish_port$path" >/dev/null
-curl -fsS "http://127.0.0.1:$gw_port$path" -D - -o /dev/null | grep -i '^cache-status: costmesh; hit' >/dev/null \
-  || { echo "gateway did not hit" >&2; exit 1; }
+mkdir -p "$work/nginx/cache" "$work/nginx/tmp"
+chmod -R 777 "$work/nginx"
+cat >"$work/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes auto;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/tmp/body;
+  proxy_temp_path $work/nginx/tmp/proxy;
+  fastcgi_temp_path $work/nginx/tmp/fastcgi;
+  uwsgi_temp_path $work/nginx/tmp/uwsgi;
+  scgi_temp_path $work/nginx/tmp/scgi;
+  proxy_cache_path $work/nginx/cache levels=1:2 keys_zone=bench:10m max_size=256m inactive=1h use_temp_path=off;
+  upstream model { server 127.0.0.1:$model_port; keepalive 64; }
+  map \$http_cache_control \$no_store { default 0; ~no-store 1; }
+  server {
+    listen 127.0.0.1:$nginx_port;
+    location /bench/ {
+      proxy_pass http://model/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache bench;
+      proxy_cache_methods GET HEAD POST;
+      # The body in the key, as the gateway keys it (kept in memory for that).
+      client_body_buffer_size 64k;
+      proxy_cache_key "\$request_method\$request_uri\$request_body";
+      proxy_cache_valid 200 1h;
+      proxy_cache_bypass \$no_store;
+      proxy_no_cache \$no_store;
+    }
+  }
+}
+EOF
+"$nginx_bin" -p "$work/nginx" -c "$work/nginx/nginx.conf" >"$work/nginx/stdout.log" 2>&1 & pids+=($!)
+wait_port "$gw_port"; wait_port "$varnish_port"; wait_port "$nginx_port"
 
-run() { # name url [header]
-  local name=$1 url=$2; shift 2
+declare -A path=(
+  [80b]="/bench/v1/generate?prompt=hello"
+  [2kb]="/bench/v1/generate?prompt=hello&tokens=330"
+  [16kb]="/bench/v1/generate?prompt=hello&tokens=2700"
+)
+post_body='{"prompt":"hello","max_tokens":8,"temperature":0}'
+cat >"$work/post.lua" <<EOF
+wrk.method = "POST"
+wrk.body = '$post_body'
+wrk.headers["Content-Type"] = "application/json"
+EOF
+gw="http://127.0.0.1:$gw_port"; va="http://127.0.0.1:$varnish_port"; ng="http://127.0.0.1:$nginx_port"
+hit() { # url [curl args]: warm, then check the next answer is a hit
+  local url=$1; shift
+  curl -fsS "$@" "$url" -o /dev/null
+  curl -fsS "$@" "$url" -D "$work/h" -o "$work/b"
+}
+sizes=""
+for s in 80b 2kb 16kb; do
+  hit "$gw${path[$s]}"; grep -qi '^cache-status: costmesh; hit' "$work/h" || { echo "gateway did not hit $s" >&2; exit 1; }
+  sizes+="$s=$(stat -c %s "$work/b")B "
+  hit "$va${path[$s]}"; grep -qi '^x-varnish: [0-9]* [0-9]' "$work/h" || { echo "varnish did not hit $s" >&2; exit 1; }
+  hit "$ng${path[$s]}"
+done
+post=(-X POST -H 'content-type: application/json' --data "$post_body")
+hit "$gw${path[80b]%%\?*}" "${post[@]}"; grep -qi '^cache-status: costmesh; hit' "$work/h" || { echo "gateway did not hit POST" >&2; exit 1; }
+hit "$ng${path[80b]%%\?*}" "${post[@]}"
+sleep 1 # nginx writes its cache file after the first answer
+
+run() { # name conns url [wrk args]
+  local name=$1 conns=$2 url=$3; shift 3
   wrk -t1 -c"$conns" -d"${duration}s" --latency "$@" "$url" >"$work/wrk.out"
-  python3 - "$name" "$work/wrk.out" >>"$work/results.tsv" <<'PY'
+  python3 - "$name" "$conns" "$work/wrk.out" >>"$work/results.tsv" <<'PY'
 import re, sys
-name, text = sys.argv[1], open(sys.argv[2]).read()
+name, conns, text = sys.argv[1], sys.argv[2], open(sys.argv[3]).read()
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-m = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", text)
-p99_ms = float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)]
+def pct(p):
+    m = re.search(p + r"%\s+([\d.]+)(us|ms|s)\b", text)
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)]
 errs = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-print(f"{name}\t{rps}\t{p99_ms}\t{errs.group(1) if errs else 0}")
+print(f"{name}\t{conns}\t{rps}\t{pct('50')}\t{pct('99')}\t{errs.group(1) if errs else 0}")
 PY
 }
-for r in $(seq "$rounds"); do
-  run gateway-hit "http://127.0.0.1:$gw_port$path"
-  run varnish-hit "http://127.0.0.1:$varnish_port$path"
-  run gateway-miss "http://127.0.0.1:$gw_port$path" -H "Cache-Control: no-store"
-  run varnish-pass "http://127.0.0.1:$varnish_port$path" -H "Cache-Control: no-store"
-  run direct "http://127.0.0.1:$model_port/v1/generate?prompt=hello"
+for conns in "${conn_list[@]}"; do
+  for r in $(seq "$rounds"); do
+    for s in 80b 2kb 16kb; do
+      run "GET $s gateway" "$conns" "$gw${path[$s]}"
+      run "GET $s varnish" "$conns" "$va${path[$s]}"
+      run "GET $s nginx" "$conns" "$ng${path[$s]}"
+    done
+    run "POST gateway" "$conns" "$gw${path[80b]%%\?*}" -s "$work/post.lua"
+    run "POST nginx" "$conns" "$ng${path[80b]%%\?*}" -s "$work/post.lua"
+    run "miss gateway" "$conns" "$gw${path[80b]}" -H "Cache-Control: no-store"
+    run "miss varnish-pass" "$conns" "$va${path[80b]}" -H "Cache-Control: no-store"
+    run "miss nginx-bypass" "$conns" "$ng${path[80b]}" -H "Cache-Control: no-store"
+    run "miss direct" "$conns" "http://127.0.0.1:$model_port/v1/generate?prompt=hello"
+  done
 done
 
-python3 - "$work/results.tsv" "$rounds" "$duration" "$conns" "$workers" <<'PY'
+python3 - "$work/results.tsv" "$rounds" "$duration" "${GATEWAY_WORKERS:-default}" "$sizes" <<'PY'
 import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n") if l]
 by = {}
-for name, rps, p99, errs in rows:
-    by.setdefault(name, []).append((float(rps), float(p99), int(errs)))
-med = {n: (statistics.median(r for r, _, _ in v), statistics.median(p for _, p, _ in v), sum(e for _, _, e in v)) for n, v in by.items()}
-print(f"rounds={sys.argv[2]} duration={sys.argv[3]}s connections={sys.argv[4]} (wrk -t1) gateway workers={sys.argv[5]}")
-print(f"{'contender':<14}{'req/s (median)':>16}{'p99 ms (median)':>17}{'non-2xx':>9}")
-for n in ["gateway-hit", "varnish-hit", "gateway-miss", "varnish-pass", "direct"]:
-    r, p, e = med[n]
-    print(f"{n:<14}{r:>16.0f}{p:>17.2f}{e:>9}")
-gh, vh, gm, vp, d = (med[n] for n in ["gateway-hit", "varnish-hit", "gateway-miss", "varnish-pass", "direct"])
-print(f"hit throughput gateway/varnish = {gh[0] / vh[0]:.2f}x; p99 gateway/varnish = {gh[1] / vh[1]:.2f}x")
-print(f"miss path: gateway/direct throughput = {gm[0] / d[0]:.2f}x; p99 {gm[1]:.2f} ms vs {d[1]:.2f} ms direct")
-print(f"miss path vs Varnish pass: throughput {gm[0] / vp[0]:.2f}x; p99 {gm[1]:.2f} ms vs {vp[1]:.2f} ms")
+for name, conns, rps, p50, p99, errs in rows:
+    by.setdefault((name, int(conns)), []).append((float(rps), float(p50), float(p99), int(errs)))
+med = {k: tuple(statistics.median(x[i] for x in v) for i in range(3)) + (sum(x[3] for x in v),) for k, v in by.items()}
+print(f"rounds={sys.argv[2]} duration={sys.argv[3]}s (wrk -t1) gateway workers={sys.argv[4]}; answers {sys.argv[5]}")
+print(f"{'contender':<22}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
+names = list(dict.fromkeys(n for n, _ in by))
+for c in sorted({c for _, c in by}):
+    for n in names:
+        r, p50, p99, e = med[(n, c)]
+        print(f"{n:<22}{c:>6}{r:>10.0f}{p50:>9.2f}{p99:>9.2f}{e:>9}")
+    for case in ["GET 80b", "GET 2kb", "GET 16kb", "POST"]:
+        g = med[(f"{case} gateway", c)]
+        peers = [(n.split()[-1], med[(n, c)]) for n in names if n.startswith(case + " ") and not n.endswith("gateway")]
+        best = max(peers, key=lambda p: p[1][0])
+        print(f"  {case:<9} c={c}: gateway/{best[0]} (best peer) req/s {g[0] / best[1][0]:.2f}x, p99 {g[2] / best[1][2]:.2f}x"
+              + "".join(f"; vs {n} {g[0] / m[0]:.2f}x, p99 {g[2] / m[2]:.2f}x" for n, m in peers if n != best[0]))
+    g, d = med[("miss gateway", c)], med[("miss direct", c)]
+    print(f"  miss      c={c}: p50 {g[1]:.2f} ms vs {d[1]:.2f} direct (+{g[1] - d[1]:.2f}), p99 {g[2]:.2f} vs {d[2]:.2f} (+{g[2] - d[2]:.2f});"
+          f" req/s {g[0] / d[0]:.2f}x direct, {g[0] / med[('miss varnish-pass', c)][0]:.2f}x Varnish pass,"
+          f" {g[0] / med[('miss nginx-bypass', c)][0]:.2f}x nginx bypass")
 PY

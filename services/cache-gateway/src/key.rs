@@ -20,6 +20,58 @@ pub fn canonical(v: &Value) -> Value {
     }
 }
 
+/// Feeds `canonical(v).to_string()` to `h` without building either (the
+/// POST hot path): the same bytes, so keys do not change.
+pub fn hash_canonical(v: &Value, h: &mut Sha256) {
+    struct Feed<'a>(&'a mut Sha256);
+    impl std::io::Write for Feed<'_> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.update(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    fn leaf<T: serde::Serialize + ?Sized>(h: &mut Sha256, v: &T) {
+        // Writing to a hasher cannot fail; a leaf always serialises.
+        let _ = serde_json::to_writer(Feed(h), v);
+    }
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => leaf(h, &(f as i64)),
+            Some(f) => match serde_json::Number::from_f64(f) {
+                Some(n) => leaf(h, &n),
+                None => h.update(b"null"),
+            },
+            None => leaf(h, n),
+        },
+        Value::Array(a) => {
+            h.update(b"[");
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    h.update(b",");
+                }
+                hash_canonical(x, h);
+            }
+            h.update(b"]");
+        }
+        Value::Object(o) => {
+            h.update(b"{");
+            for (i, (k, x)) in o.iter().enumerate() {
+                if i > 0 {
+                    h.update(b",");
+                }
+                leaf(h, k);
+                h.update(b":");
+                hash_canonical(x, h);
+            }
+            h.update(b"}");
+        }
+        other => leaf(h, other),
+    }
+}
+
 /// The parts a key is made of.
 pub struct KeyParts<'a> {
     pub method: &'a str,
@@ -50,19 +102,43 @@ pub fn cache_key(p: &KeyParts<'_>) -> String {
         }
     }
     match p.json {
-        Some(v) => h.update(canonical(v).to_string().as_bytes()),
+        Some(v) => hash_canonical(v, &mut h),
         None => h.update(p.body),
     }
     let digest = h.finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("costmesh:v1:{}:{}:{}:{hex}", part(p.route), part(p.model), part(p.model_version))
+    let mut key = String::with_capacity(16 + p.route.len() + p.model.len() + p.model_version.len() + 64);
+    for (i, s) in ["costmesh:v1", p.route, p.model, p.model_version].into_iter().enumerate() {
+        if i > 0 {
+            key.push(':');
+            push_part(&mut key, s);
+        } else {
+            key.push_str(s);
+        }
+    }
+    key.push(':');
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in digest {
+        key.push(HEX[usize::from(b >> 4)] as char);
+        key.push(HEX[usize::from(b & 15)] as char);
+    }
+    key
 }
 
 /// A key part that cannot break the key's shape (or a purge pattern).
 pub fn part(s: &str) -> String {
-    s.chars()
-        .map(|c| if c == ':' || c == '*' || c == '?' || c == '[' || c == ']' || c.is_whitespace() { '_' } else { c })
-        .collect()
+    let mut out = String::with_capacity(s.len());
+    push_part(&mut out, s);
+    out
+}
+
+fn push_part(out: &mut String, s: &str) {
+    out.extend(s.chars().map(|c| {
+        if c == ':' || c == '*' || c == '?' || c == '[' || c == ']' || c.is_whitespace() {
+            '_'
+        } else {
+            c
+        }
+    }));
 }
 
 /// The Redis `SCAN MATCH` pattern for a purge.
@@ -91,6 +167,21 @@ mod tests {
             body: body.as_bytes(),
             json: Some(&v),
         })
+    }
+
+    #[test]
+    fn the_streamed_hash_is_the_hash_of_the_canonical_text() {
+        for body in [
+            r#"{"b":[1,2.5,-0.0,1e300,"x\"y",null,true,{"z":{},"a":[]}],"a":"\u00e9\n","c":12345678901234567890}"#,
+            r#"[1.0, 2, 3.25e-7, "", {"k": false}]"#,
+            r#""just a string""#,
+            "42",
+        ] {
+            let v: Value = serde_json::from_str(body).unwrap();
+            let mut streamed = Sha256::new();
+            hash_canonical(&v, &mut streamed);
+            assert_eq!(streamed.finalize(), Sha256::digest(canonical(&v).to_string().as_bytes()), "{body}");
+        }
     }
 
     #[test]

@@ -218,6 +218,9 @@ pub struct Config {
     pub request_body_timeout: Duration,
     /// Open client connections past this get a 503 and are closed.
     pub max_connections: usize,
+    /// Threads serving client connections, each on its own
+    /// single-threaded runtime; 0 = one per core the process may use.
+    pub workers: usize,
     #[serde(with = "humantime_serde")]
     pub backend_timeout: Duration,
     /// Bytes the in-process tier may hold (bodies, headers, keys and a
@@ -260,6 +263,7 @@ impl Default for Config {
             header_read_timeout: Duration::from_secs(10),
             request_body_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            workers: 0,
             backend_timeout: Duration::from_secs(30),
             l1_max_bytes: 64 << 20,
             max_object_bytes: 1 << 20,
@@ -288,6 +292,7 @@ impl Validate for Config {
         check_duration(key(p, "header_read_timeout"), self.header_read_timeout, ms(100), s(3600))?;
         check_duration(key(p, "request_body_timeout"), self.request_body_timeout, ms(100), s(3600))?;
         check_size(key(p, "max_connections"), self.max_connections as u64, 1, 1 << 20)?;
+        check_size(key(p, "workers"), self.workers as u64, 0, 1024)?;
         check_duration(key(p, "health_interval"), self.health_interval, ms(100), s(3600))?;
         check_duration(key(p, "stats_interval"), self.stats_interval, ms(100), s(3600))?;
         check_duration(key(p, "budget.retry_after"), self.budget.retry_after, s(1), s(DAY))?;
@@ -489,9 +494,16 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, routes = cfg.routes.len(), redis = redis_url.is_some(), "cache-gateway serving");
     let app = proxy::router(gw, cfg.max_body_bytes);
     let shutdown = ctx.shutdown.clone();
-    let limits =
-        serve::ServeLimits { header_read_timeout: cfg.header_read_timeout, max_connections: cfg.max_connections };
-    let server = tokio::spawn(serve::serve(listener, app, limits, shutdown));
+    let workers = match cfg.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let limits = serve::ServeLimits {
+        header_read_timeout: cfg.header_read_timeout,
+        max_connections: cfg.max_connections,
+        workers,
+    };
+    let mut server = tokio::spawn(serve::serve(listener, app, limits, shutdown));
 
     // Cumulative counters for the cost-watcher (a lost report loses nothing).
     {
@@ -600,7 +612,14 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         })
         .await?;
     ctx.bus_ready().await?;
-    ctx.shutdown.cancelled().await;
+    tokio::select! {
+        _ = ctx.shutdown.cancelled() => {}
+        r = &mut server => {
+            r.map_err(|e| anyhow::anyhow!("the client server failed: {e}"))?
+                .map_err(|e| anyhow::anyhow!("starting the client server's threads: {e}"))?;
+            anyhow::bail!("the client server stopped");
+        }
+    }
     let _ = task.await;
     let _ = server.await;
     Ok(())

@@ -481,7 +481,7 @@ struct Forward {
 }
 
 /// Refreshes a stale entry in the background (one refresh per key).
-fn revalidate(gw: &Gateway, key: &str, fwd: Forward, budget: BudgetLevel) {
+fn revalidate(gw: &Arc<Gateway>, key: &str, fwd: Forward, budget: BudgetLevel) {
     if !gw.lead(key) {
         return;
     }
@@ -519,7 +519,8 @@ fn too_large() -> (StatusCode, String) {
 /// The gateway's HTTP router. `max_body_bytes` bounds request bodies.
 pub fn router(mut gw: Gateway, max_body_bytes: usize) -> Router {
     gw.max_body_bytes = max_body_bytes;
-    Router::new().route("/_costmesh/purge", any(purge)).fallback(entry).with_state(gw)
+    // Shared, not cloned per request (the gateway holds a few dozen handles).
+    Router::new().route("/_costmesh/purge", any(purge)).fallback(entry).with_state(Arc::new(gw))
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -533,7 +534,7 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 
 /// `POST /_costmesh/purge` with `{"route": ..}`, `{"model_version": ..}`,
 /// both, or `{"all": true}`; only with `Authorization: Bearer <admin token>`.
-async fn purge(State(gw): State<Gateway>, method: Method, headers: HeaderMap, body: Bytes) -> Response {
+async fn purge(State(gw): State<Arc<Gateway>>, method: Method, headers: HeaderMap, body: Bytes) -> Response {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Purge {
@@ -599,24 +600,20 @@ fn directives(h: &HeaderMap) -> Directives {
     d
 }
 
-fn with_stored_headers(mut r: axum::http::response::Builder, c: &Cached) -> axum::http::response::Builder {
-    if !c.content_type.is_empty() {
-        r = r.header("content-type", &c.content_type);
+fn respond(c: &Cached, cache_status: String, age: Option<u64>) -> Response {
+    let mut r = Response::new(axum::body::Body::from(c.body.clone()));
+    *r.status_mut() = StatusCode::from_u16(c.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let h = r.headers_mut();
+    // Parsed once per entry, then copied (shared bytes) into each answer.
+    *h = c.response_headers().clone();
+    h.reserve(2);
+    if let Some(a) = age {
+        h.insert("age", HeaderValue::from(a));
     }
-    for (k, v) in &c.headers {
-        r = r.header(k.as_str(), v.as_str());
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(cache_status)) {
+        h.insert("cache-status", v);
     }
     r
-}
-
-fn respond(c: &Cached, cache_status: String, age: Option<u64>) -> Response {
-    let mut r = with_stored_headers(Response::builder().status(c.status), c);
-    if let Some(a) = age {
-        r = r.header("age", a.to_string());
-    }
-    r.header("cache-status", cache_status)
-        .body(axum::body::Body::from(c.body.clone()))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 /// 304 for a conditional request that matches a fresh entry's `ETag`.
@@ -633,7 +630,7 @@ fn not_modified(c: &Cached, cache_status: String, age: u64) -> Response {
 
 /// Every request but purge: `/<route>/<rest>`. The remainder is taken from
 /// the raw path, so percent-escapes are checked before anything decodes them.
-async fn entry(State(gw): State<Gateway>, req: axum::extract::Request) -> Response {
+async fn entry(State(gw): State<Arc<Gateway>>, req: axum::extract::Request) -> Response {
     let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
     let (parts, body) = req.into_parts();
     let raw = parts.uri.path().strip_prefix('/').unwrap_or(parts.uri.path());
@@ -710,7 +707,7 @@ impl Answer {
 
 #[allow(clippy::too_many_arguments)]
 async fn proxy(
-    gw: Gateway,
+    gw: Arc<Gateway>,
     route_name: String,
     rest: String,
     method: Method,
@@ -786,7 +783,7 @@ async fn proxy(
     } else {
         None
     };
-    let hv = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let hv = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("");
     let (model, version) = (hv("x-model"), hv("x-model-version"));
     let d = directives(&headers);
     // Credentials make the answer private unless the response says otherwise.
@@ -797,8 +794,8 @@ async fn proxy(
         method: method.as_str(),
         route: &route_name,
         path: &path,
-        model: &model,
-        model_version: &version,
+        model,
+        model_version: version,
         tenant: &tenant,
         headers: &varied,
         body: &body,

@@ -13,6 +13,17 @@ use serde::{Deserialize, Serialize};
 /// `Arc`, moka's node and its indexes), counted in the byte budget.
 pub const ENTRY_OVERHEAD: usize = 1024;
 
+/// A stored response's headers, parsed once: not part of what the entry
+/// is (equal entries compare equal whether or not they were parsed).
+#[derive(Clone, Debug, Default)]
+pub struct ParsedHeaders(std::sync::OnceLock<axum::http::HeaderMap>);
+
+impl PartialEq for ParsedHeaders {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// A stored response.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Cached {
@@ -42,9 +53,29 @@ pub struct Cached {
     pub max_age: Option<u64>,
     #[serde(skip)]
     pub body: Bytes,
+    /// `content_type` and `headers` as a header map, built on first use.
+    #[serde(skip)]
+    pub parsed: ParsedHeaders,
 }
 
 impl Cached {
+    /// The stored headers ready to answer with (`Content-Type` first);
+    /// a pair that is not a valid header is left out.
+    pub fn response_headers(&self) -> &axum::http::HeaderMap {
+        self.parsed.0.get_or_init(|| {
+            let mut h = axum::http::HeaderMap::with_capacity(self.headers.len() + 3);
+            let ct = std::iter::once(("content-type", self.content_type.as_str())).filter(|(_, v)| !v.is_empty());
+            for (k, v) in ct.chain(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+                if let (Ok(k), Ok(v)) =
+                    (axum::http::HeaderName::from_bytes(k.as_bytes()), axum::http::HeaderValue::from_str(v))
+                {
+                    h.append(k, v);
+                }
+            }
+            h
+        })
+    }
+
     fn encode(&self) -> Vec<u8> {
         let meta = serde_json::to_vec(self).unwrap_or_default();
         let mut out = Vec::with_capacity(meta.len() + self.body.len() / 3 + 16);

@@ -23,8 +23,11 @@ async fn gateway(tune: impl FnOnce(&mut Config)) -> (String, CancellationToken) 
     let gw = costmesh_cache_gateway::gateway(&cfg, None, Default::default()).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let limits =
-        serve::ServeLimits { header_read_timeout: cfg.header_read_timeout, max_connections: cfg.max_connections };
+    let limits = serve::ServeLimits {
+        header_read_timeout: cfg.header_read_timeout,
+        max_connections: cfg.max_connections,
+        workers: 2,
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(serve::serve(listener, proxy::router(gw, cfg.max_body_bytes), limits, shutdown.clone()));
     (addr, shutdown)
