@@ -37,28 +37,25 @@ impl BudgetTrack {
     }
 }
 
-/// The highest threshold `spent / budget` has reached (0 when none) and the
-/// state it means. `warn` holds the warning thresholds (fractions below 1);
-/// 1.0 is always the exceeded threshold.
-pub fn state_for(spent_micros: i64, budget_micros: i64, warn: &[f64]) -> (BudgetState, f64) {
+/// The next threshold above `current` that `spent / budget` has reached:
+/// the lowest warning threshold past `current`, else 1.0 (exceeded).
+fn next_threshold(spent_micros: i64, budget_micros: i64, current: f64, warn: &[f64]) -> Option<f64> {
     let ratio = spent_micros as f64 / budget_micros.max(1) as f64;
-    if ratio >= 1.0 {
-        return (BudgetState::Exceeded, 1.0);
-    }
-    match warn
-        .iter()
+    warn.iter()
         .copied()
-        .filter(|t| *t < 1.0 && ratio >= *t)
-        .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))))
-    {
-        Some(t) => (BudgetState::Warning, t),
-        None => (BudgetState::Ok, 0.0),
-    }
+        .filter(|t| *t < 1.0)
+        .chain(std::iter::once(1.0))
+        .filter(|t| *t > current && ratio >= *t)
+        .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.min(t))))
 }
 
-/// Updates a budget for `period`; returns true when it crossed a new
-/// threshold (one event each) or a new period began (it starts at OK, and
-/// says so if the last period was not OK).
+/// Updates a budget for `period`; returns true when it has a change to
+/// publish (`pending`). A budget moves up one threshold per change, so a
+/// jump from OK past 100 % is a warning and then an exceeded event, in that
+/// order: the caller publishes the pending change, marks it published and
+/// evaluates again for the next one. A change still pending is kept as it
+/// is (it goes out before anything newer). A new period starts at OK, and
+/// says so if the last period was not OK.
 pub fn evaluate(
     track: &mut Option<BudgetTrack>,
     period: &str,
@@ -66,51 +63,46 @@ pub fn evaluate(
     budget_micros: i64,
     warn: &[f64],
 ) -> bool {
-    let (state, threshold) = state_for(spent_micros, budget_micros, warn);
-    match track {
-        Some(t) if t.period == period => {
-            t.spent_micros = spent_micros;
-            t.budget_micros = budget_micros;
-            // Spend only grows within a month: never step back down.
-            if threshold > t.threshold {
-                t.previous = t.state;
-                t.state = state as i32;
-                t.threshold = threshold;
-                t.pending = true;
-                return true;
-            }
-            false
-        }
+    let t = match track {
+        Some(t) if t.period == period => t,
         Some(t) => {
             let was = t.state;
             *t = BudgetTrack {
                 period: period.into(),
-                state: state as i32,
+                state: BudgetState::Ok as i32,
                 previous: was,
                 spent_micros,
                 budget_micros,
-                threshold,
-                pending: false,
+                threshold: 0.0,
+                pending: was != BudgetState::Ok as i32,
             };
-            if state as i32 != was || threshold > 0.0 {
-                t.pending = true;
-                return true;
-            }
-            false
+            t
         }
-        None => {
-            let changed = threshold > 0.0;
-            *track = Some(BudgetTrack {
-                period: period.into(),
-                state: state as i32,
-                previous: BudgetState::Ok as i32,
-                spent_micros,
-                budget_micros,
-                threshold,
-                pending: changed,
-            });
-            changed
+        None => track.insert(BudgetTrack {
+            period: period.into(),
+            state: BudgetState::Ok as i32,
+            previous: BudgetState::Ok as i32,
+            spent_micros,
+            budget_micros,
+            threshold: 0.0,
+            pending: false,
+        }),
+    };
+    if t.pending {
+        return true;
+    }
+    t.spent_micros = spent_micros;
+    t.budget_micros = budget_micros;
+    // Spend only grows within a month: never step back down.
+    match next_threshold(spent_micros, budget_micros, t.threshold, warn) {
+        Some(next) => {
+            t.previous = t.state;
+            t.state = if next >= 1.0 { BudgetState::Exceeded } else { BudgetState::Warning } as i32;
+            t.threshold = next;
+            t.pending = true;
+            true
         }
+        None => false,
     }
 }
 
@@ -125,9 +117,13 @@ mod tests {
         assert!(!evaluate(&mut t, "2026-07", 100, 1000, &w));
         assert!(evaluate(&mut t, "2026-07", 800, 1000, &w));
         assert_eq!(t.as_ref().unwrap().state(), BudgetState::Warning);
+        assert!(evaluate(&mut t, "2026-07", 900, 1000, &w), "unpublished: still pending");
+        t.as_mut().unwrap().pending = false;
         assert!(!evaluate(&mut t, "2026-07", 900, 1000, &w), "still warning: no new event");
+        t.as_mut().unwrap().pending = false;
         assert!(evaluate(&mut t, "2026-07", 1000, 1000, &w));
         assert_eq!(t.as_ref().unwrap().event_id("monthly"), "budget-monthly-2026-07-exceeded");
+        t.as_mut().unwrap().pending = false;
         assert!(!evaluate(&mut t, "2026-07", 5000, 1000, &w));
         assert!(evaluate(&mut t, "2026-08", 0, 1000, &w), "a new month resets to OK");
         let t = t.unwrap();
@@ -141,14 +137,45 @@ mod tests {
         let w = [0.5, 0.8, 0.9];
         let mut events = Vec::new();
         for spent in [400, 500, 600, 850, 870, 950, 1200] {
-            if evaluate(&mut t, "2026-07", spent, 1000, &w) {
-                let tr = t.as_ref().unwrap();
+            // As the watcher does: publish, mark published, evaluate again.
+            while evaluate(&mut t, "2026-07", spent, 1000, &w) {
+                let tr = t.as_mut().unwrap();
                 events.push((tr.state(), tr.threshold, tr.event_id("m")));
+                tr.pending = false;
             }
         }
         let thresholds: Vec<f64> = events.iter().map(|e| e.1).collect();
         assert_eq!(thresholds, vec![0.5, 0.8, 0.9, 1.0]);
         assert_eq!(events[1].2, "budget-m-2026-07-warning-0.8");
         assert_eq!(events[3].0, BudgetState::Exceeded);
+    }
+
+    #[test]
+    fn a_jump_past_every_threshold_is_each_warning_then_exceeded_in_order() {
+        let mut t = None;
+        let w = [0.5, 0.8];
+        let mut events = Vec::new();
+        for spent in [0, 1500] {
+            while evaluate(&mut t, "2026-07", spent, 1000, &w) {
+                let tr = t.as_mut().unwrap();
+                events.push((tr.state(), tr.previous, tr.threshold));
+                tr.pending = false;
+            }
+        }
+        let ok = BudgetState::Ok as i32;
+        let warning = BudgetState::Warning as i32;
+        assert_eq!(
+            events,
+            vec![
+                (BudgetState::Warning, ok, 0.5),
+                (BudgetState::Warning, warning, 0.8),
+                (BudgetState::Exceeded, warning, 1.0)
+            ]
+        );
+        // The next month: back to OK, announced once.
+        assert!(evaluate(&mut t, "2026-08", 0, 1000, &w));
+        assert_eq!(t.as_ref().unwrap().state(), BudgetState::Ok);
+        t.as_mut().unwrap().pending = false;
+        assert!(!evaluate(&mut t, "2026-08", 0, 1000, &w));
     }
 }

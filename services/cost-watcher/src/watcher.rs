@@ -36,6 +36,7 @@ struct Metrics {
     month_cost: Family<ScopeLabels, FloatGauge>,
     budget_state: Family<BudgetLabels, Gauge>,
     budget_ratio: Family<BudgetLabels, FloatGauge>,
+    period_elapsed: Family<BudgetLabels, FloatGauge>,
     forecast: FloatGauge,
     forecast_over_budget: FloatGauge,
     forecast_error: FloatGauge,
@@ -172,6 +173,10 @@ fn money(micros: i64, currency: &str) -> Option<Money> {
     Some(Money { currency_code: currency.to_string(), micros })
 }
 
+/// Budget changes published in one tick at most (each warning threshold and
+/// the exceeded one, for every budget, fit well within it).
+const MAX_STEPS_PER_TICK: usize = 32;
+
 /// One evaluation: rollover, forecast, budgets. Returns the budget events
 /// to publish (with their ids).
 fn evaluate(
@@ -232,6 +237,7 @@ fn evaluate(
     let labels = BudgetLabels { budget: MONTHLY.into() };
     m.budget_state.get_or_create(&labels).set(t.state as i64 - 1);
     m.budget_ratio.get_or_create(&labels).set(spent as f64 / budget_micros.max(1) as f64);
+    set_elapsed(m, &labels, &period, now, tz);
     let mut out = Vec::new();
     if t.pending {
         out.push((t.event_id(MONTHLY), budget_event("total", MONTHLY, &t, now, currency)));
@@ -248,12 +254,21 @@ fn evaluate(
         let labels = BudgetLabels { budget: b.name.clone() };
         m.budget_state.get_or_create(&labels).set(t.state as i64 - 1);
         m.budget_ratio.get_or_create(&labels).set(b.spent_micros as f64 / b.budget_micros.max(1) as f64);
+        set_elapsed(m, &labels, &b.period, now, tz);
         if t.pending {
             out.push((t.event_id(&key.replace(':', "-")), budget_event("cloud", &b.name, &t, now, currency)));
         }
         s.budgets.insert(key, t);
     }
     out
+}
+
+/// The share of `period` elapsed at `now` (0 to 1, to the second).
+fn set_elapsed(m: &Metrics, labels: &BudgetLabels, period: &str, now: DateTime<Utc>, tz: chrono_tz::Tz) {
+    if let Some((start, end)) = ledger::period_bounds(period, tz) {
+        let share = (now - start).num_seconds() as f64 / (end - start).num_seconds().max(1) as f64;
+        m.period_elapsed.get_or_create(labels).set(share.clamp(0.0, 1.0));
+    }
 }
 
 fn budget_event(scope: &str, name: &str, t: &budget::BudgetTrack, now: DateTime<Utc>, currency: &str) -> BudgetEvent {
@@ -338,6 +353,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     ctx.register("costmesh_month_cost", "Cost this month by scope, ledger currency", m.month_cost.clone());
     ctx.register("costmesh_budget_state", "Budget state: 0 ok, 1 warning, 2 exceeded", m.budget_state.clone());
     ctx.register("costmesh_budget_spent_ratio", "Spend over budget this month", m.budget_ratio.clone());
+    ctx.register(
+        "costmesh_budget_period_elapsed_ratio",
+        "Share of the budget's period elapsed, in the ledger's time zone, to the second (the burn-rate alert divides by it)",
+        m.period_elapsed.clone(),
+    );
     ctx.register("costmesh_forecast_month_end", "Forecast of this month's total spend", m.forecast.clone());
     ctx.register(
         "costmesh_forecast_over_budget_ratio",
@@ -572,45 +592,63 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let pending = {
-            let mut sh = shared.lock().expect("state lock");
-            let before = serde_json::to_vec(&sh.state.budgets).unwrap_or_default();
-            let (mid_before, err_before, period_before) =
-                (sh.state.mid_month_forecast.len(), sh.state.forecast_error.len(), sh.state.current_period.clone());
-            let pending = evaluate(&cfg, &mut sh.state, now, tz, &currency, &m);
-            let changed = serde_json::to_vec(&sh.state.budgets).unwrap_or_default() != before
-                || sh.state.mid_month_forecast.len() != mid_before
-                || sh.state.forecast_error.len() != err_before
-                || sh.state.current_period != period_before;
-            if changed {
-                sh.touch();
-            }
-            pending
-        };
-        // Save the change as pending before publishing it: a crash between
-        // the two re-publishes the same id, which JetStream drops.
-        if let Err(e) = store.save().await {
-            tracing::error!(error = format!("{e:#}"), "saving the ledger state failed; budget events wait for a save");
-            continue;
-        }
-        for (id, ev) in pending {
-            let subject = ctx.subjects().budget(&ev.scope, ev.state());
-            match ctx.events.publish_durable_with_id(&subject, &ev, &id).await {
-                Ok(ack) => {
-                    tracing::warn!(budget = %ev.budget_name, state = ev.state().as_str_name(), duplicate = ack.duplicate, reason = %ev.reason, "budget state changed");
-                    let mut sh = shared.lock().expect("state lock");
-                    for t in sh.state.budgets.values_mut() {
-                        if t.pending
-                            && t.period == ev.period
-                            && t.state == ev.state
-                            && t.spent_micros == ev.spent.as_ref().map_or(0, |m| m.micros)
-                        {
-                            t.pending = false;
-                        }
-                    }
+        // A budget moves one threshold per change: after publishing, the
+        // next evaluation finds the next one (a jump past 100 % is the
+        // warning, then the exceeded event).
+        for _ in 0..MAX_STEPS_PER_TICK {
+            let pending = {
+                let mut sh = shared.lock().expect("state lock");
+                let before = serde_json::to_vec(&sh.state.budgets).unwrap_or_default();
+                let (mid_before, err_before, period_before) =
+                    (sh.state.mid_month_forecast.len(), sh.state.forecast_error.len(), sh.state.current_period.clone());
+                let pending = evaluate(&cfg, &mut sh.state, now, tz, &currency, &m);
+                let changed = serde_json::to_vec(&sh.state.budgets).unwrap_or_default() != before
+                    || sh.state.mid_month_forecast.len() != mid_before
+                    || sh.state.forecast_error.len() != err_before
+                    || sh.state.current_period != period_before;
+                if changed {
                     sh.touch();
                 }
-                Err(e) => tracing::error!(error = %e, "budget event publish failed; retried at the next evaluation"),
+                pending
+            };
+            // Save the change as pending before publishing it: a crash between
+            // the two re-publishes the same id, which JetStream drops.
+            if let Err(e) = store.save().await {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "saving the ledger state failed; budget events wait for a save"
+                );
+                break;
+            }
+            if pending.is_empty() {
+                break;
+            }
+            let mut published = 0;
+            for (id, ev) in pending {
+                let subject = ctx.subjects().budget(&ev.scope, ev.state());
+                match ctx.events.publish_durable_with_id(&subject, &ev, &id).await {
+                    Ok(ack) => {
+                        tracing::warn!(budget = %ev.budget_name, state = ev.state().as_str_name(), duplicate = ack.duplicate, reason = %ev.reason, "budget state changed");
+                        let mut sh = shared.lock().expect("state lock");
+                        for t in sh.state.budgets.values_mut() {
+                            if t.pending
+                                && t.period == ev.period
+                                && t.state == ev.state
+                                && t.spent_micros == ev.spent.as_ref().map_or(0, |m| m.micros)
+                            {
+                                t.pending = false;
+                            }
+                        }
+                        sh.touch();
+                        published += 1;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "budget event publish failed; retried at the next evaluation")
+                    }
+                }
+            }
+            if published == 0 {
+                break;
             }
         }
         if let Err(e) = store.save().await {

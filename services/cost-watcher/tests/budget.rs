@@ -271,6 +271,27 @@ async fn budget_events_are_published_once_across_restarts_and_reset_with_the_mon
 }
 
 #[tokio::test]
+async fn a_jump_past_the_budget_publishes_the_warning_then_the_exceeded_event() {
+    let mut rig = Rig::new("jump", "2026-07-10T04:00:00Z").await;
+    let w = rig.start_watcher().await;
+    let t = rig.clock.now();
+    rig.sample(&w, "b", 0, t).await;
+    // 5 kWh = 13.00 of a 10.00 budget in one step: past 80 % and 100 %.
+    rig.sample(&w, "b", 5 * KWH_MJ, t).await;
+    rig.handle.advance(Duration::from_secs(3600)).await;
+    let (first, second) = (rig.next_budget().await, rig.next_budget().await);
+    assert_eq!((first.state(), first.previous_state(), first.threshold), (BudgetState::Warning, BudgetState::Ok, 0.8));
+    assert_eq!((second.state(), second.previous_state()), (BudgetState::Exceeded, BudgetState::Warning));
+    rig.no_budget_event().await;
+    // The share of the month elapsed, in the ledger's zone (Asia/Taipei), to
+    // the second: 2026-07-10T05:00Z is 13:00 on July 10th there.
+    let elapsed = gauge(&w.registry, "costmesh_budget_period_elapsed_ratio{budget=\"monthly\"}");
+    let want = (9.0 * 86400.0 + 13.0 * 3600.0) / (31.0 * 86400.0);
+    assert!((elapsed - want).abs() < 1e-6, "elapsed {elapsed}, want {want}");
+    w.stop().await;
+}
+
+#[tokio::test]
 async fn storage_reports_and_cache_stats_reach_the_ledger_and_kpis() {
     let rig = Rig::new("sources", "2026-07-10T04:00:00Z").await;
     let w = rig.start_watcher().await;
@@ -353,12 +374,15 @@ async fn after_a_nats_restart_the_ledger_is_saved_again_and_the_budget_event_goe
     rig.sample(&w, "b", 4 * KWH_MJ, t).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let e = loop {
-        assert!(tokio::time::Instant::now() < deadline, "no EXCEEDED event after the NATS restart");
+        assert!(tokio::time::Instant::now() < deadline, "no budget event after the NATS restart");
         rig.handle.advance(hour).await;
         if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), rig.budgets.next()).await {
             break costmesh_contracts::decode::<v1::BudgetEvent>(&m.headers, &m.payload).unwrap().1;
         }
     };
+    // From OK past 100 % at once: the warning first, then the exceeded event.
+    assert_eq!(e.state(), BudgetState::Warning);
+    let e = rig.next_budget().await;
     assert_eq!(e.state(), BudgetState::Exceeded);
     assert_eq!(gauge(&w.registry, "costmesh_cost_watcher_ledger_conflicts_total"), 0.0);
     // What was saved is what was booked: a restarted watcher reads 10.40.

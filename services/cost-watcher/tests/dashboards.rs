@@ -3,6 +3,7 @@
 const EXPORTED: &[&str] = &[
     "costmesh_month_cost",
     "costmesh_budget_spent_ratio",
+    "costmesh_budget_period_elapsed_ratio",
     "costmesh_budget_state",
     "costmesh_forecast_over_budget_ratio",
     "costmesh_forecast_month_end",
