@@ -164,11 +164,17 @@ impl Client {
     }
 
     async fn ask(&self, subject: &str, body: Value) -> anyhow::Result<Value> {
-        let reply = self
-            .bus
-            .request(subject, Default::default(), bytes::Bytes::from(body.to_string()), Duration::from_secs(5))
-            .await
-            .map_err(|e| anyhow::anyhow!("no answer on {subject}: {e}"))?;
+        use tracing::Instrument;
+        // A traced request: `costmesh jobs submit` starts the job's trace.
+        let span = costmesh_runtime::telemetry::client_span(&self.subjects, crate::CLI_SERVICE, subject);
+        let reply = async {
+            let mut headers = costmesh_bus::Headers::new();
+            costmesh_runtime::telemetry::inject(&mut headers);
+            self.bus.request(subject, headers, bytes::Bytes::from(body.to_string()), Duration::from_secs(5)).await
+        }
+        .instrument(span)
+        .await
+        .map_err(|e| anyhow::anyhow!("no answer on {subject}: {e}"))?;
         let v: Value = serde_json::from_slice(&reply.payload)?;
         if let Some(e) = v["error"].as_str() {
             anyhow::bail!("{e}");

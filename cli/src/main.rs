@@ -194,6 +194,9 @@ fn roi(path: Option<std::path::PathBuf>, json: bool) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `service.name` of the CLI's own spans (a traced `jobs submit`).
+pub const CLI_SERVICE: &str = "costmesh-cli";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -203,6 +206,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `jobs` requests are traced (exported only when OTEL_EXPORTER_OTLP_*
+    // asks; warnings only on stderr). The guard is dropped after the
+    // command, outside the runtime's tasks, so its last spans are flushed
+    // while the runtime still runs the exporter's connection.
+    let telemetry = matches!(cli.command, Command::Jobs { .. }).then(|| {
+        let log = costmesh_runtime::config::LogConfig { level: "warn".into(), ..Default::default() };
+        let env = costmesh_runtime::config::process_env();
+        rt.block_on(async { costmesh_runtime::telemetry::init(CLI_SERVICE, &log, &env) })
+    });
     let result = rt.block_on(async move {
         match cli.command {
             Command::Up(args) => mesh::up(args).await,
@@ -226,6 +238,7 @@ fn main() -> ExitCode {
             }
         }
     });
+    drop(telemetry);
     match result {
         Ok(code) => code,
         Err(e) => {

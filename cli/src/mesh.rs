@@ -157,7 +157,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         print!("{}", config::render(&cfg));
         return Ok(ExitCode::SUCCESS);
     }
-    let _telemetry = costmesh_runtime::telemetry::init("costmesh", &cfg.common.log, &env);
+    // Five services in one process, each under its own `service.name`.
+    let identities = {
+        use costmesh_runtime::host::ServiceConfig;
+        use costmesh_runtime::telemetry::Identity;
+        [
+            Identity::new("costmesh", None),
+            Identity::new("gpu-agent", cfg.gpu_agent.instance()),
+            Identity::new("scheduler", None),
+            Identity::new("storage-janitor", None),
+            Identity::new("cost-watcher", None),
+            Identity::new("cache-gateway", None),
+        ]
+    };
+    let _telemetry = costmesh_runtime::telemetry::init_for(&identities, &cfg.common.log, &env);
     // A demo model behind the gateway when no route is configured, so a
     // request can be sent right away and a miss seen turning into a hit.
     let mut demo = None;

@@ -479,6 +479,26 @@ async fn the_python_integration_example_runs_against_the_mesh() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("BUDGET_STATE_EXCEEDED"), "{stdout}");
+    // docs/integration.md shows this run's output: the same lines, in the
+    // same order (`...` stands for the rest of a line), on the test's prefix.
+    let doc = std::fs::read_to_string(root.join("docs/integration.md")).unwrap();
+    let shown: Vec<String> = doc
+        .split("```")
+        .find(|block| block.trim_start().starts_with("published"))
+        .expect("docs/integration.md shows the example's output")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.replace("costmesh.", &format!("{prefix}.")))
+        .collect();
+    let printed: Vec<&str> = stdout.lines().collect();
+    assert_eq!(printed.len(), shown.len(), "docs show {shown:#?}\nthe example printed {printed:#?}");
+    for (doc_line, line) in shown.iter().zip(&printed) {
+        let ok = match doc_line.split_once("...") {
+            Some((head, _)) => line.starts_with(head.trim_end()),
+            None => line == doc_line,
+        };
+        assert!(ok, "docs show {doc_line:?}, the example printed {line:?}");
+    }
 }
 
 /// `costmesh up --quiet` over a real nats-server on its own prefix, every

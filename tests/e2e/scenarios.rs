@@ -149,8 +149,8 @@ async fn budget_notifications_gate_cloud_work_degrade_the_gateway_and_trace_acro
     let publish = || {
         m.otlp.spans().into_iter().find(|s| {
             s.service == "cost-watcher"
-                && s.name == "publish"
-                && s.attributes.iter().any(|(k, v)| k == "subject" && v.ends_with("budget.cloud.exceeded"))
+                && s.name.starts_with("publish ")
+                && s.attr("messaging.destination.name").is_some_and(|v| v.ends_with("budget.cloud.exceeded"))
         })
     };
     costmesh_testkit::eventually(WAIT, "the exceeded event's publish span", || async { publish().is_some() }).await;
@@ -268,4 +268,98 @@ async fn a_day_in_the_life_on_a_simulated_clock() {
     })
     .await;
     assert!(!m.seen("storage.report").is_empty());
+}
+
+/// `costmesh jobs submit` starts a trace that holds the whole job: the
+/// scheduler's answer, the assignment it publishes from a later planning
+/// pass, the agent's handling of it, the start and the exit its watcher
+/// tasks report, and the scheduler's handling of those; every span follows
+/// the messaging conventions; each process exports under its own
+/// `service.name`.
+#[tokio::test]
+async fn a_job_is_one_trace_from_cli_submit_to_exit_across_five_named_services() {
+    let hosts = [host("local-1", false, false)];
+    let m = Mesh::start("e2etrace", &hosts, &[]).await;
+    let ckpt = m.work.path().join("ckpt").join("traced").display().to_string();
+    let script = super::workspace_root().join("examples/jobs/train.sh").display().to_string();
+    let out = tokio::process::Command::new(super::bin_dir().join("costmesh"))
+        .args(["jobs", "submit", "--nats", &m.nats.url(), "--prefix", m.subjects.prefix()])
+        .args(["--name", "traced", "--duration", "30m", "--checkpoint-dir", &ckpt, "--env", "STEPS=10", "--", &script])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", m.otlp.endpoint())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{printed}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    m.wait_job(&id, "the traced job succeeds", |j| j["state"] == "succeeded").await;
+
+    let p = m.subjects.prefix().to_string();
+    let submit = || {
+        m.otlp
+            .spans()
+            .into_iter()
+            .find(|s| s.service == "costmesh-cli" && s.name == format!("send {p}.api.scheduler.{{verb}}"))
+    };
+    if tokio::time::timeout(WAIT, async {
+        while submit().is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .is_err()
+    {
+        let seen: std::collections::BTreeSet<(String, String)> =
+            m.otlp.spans().into_iter().map(|s| (s.service, s.name)).collect();
+        panic!("no submit span from the CLI; spans seen: {seen:#?}");
+    }
+    let trace = submit().unwrap().trace_id;
+    let job = |s: &costmesh_testkit::otlp::ReceivedSpan, service: &str, name: &str, subject: &str| {
+        s.service == service && s.name == name && s.attr("messaging.destination.name") == Some(subject)
+    };
+    let wanted = [
+        ("scheduler", format!("process {p}.api.scheduler.{{verb}}"), format!("{p}.api.scheduler.submit")),
+        ("scheduler", format!("publish {p}.node.{{node}}.assign"), format!("{p}.node.local-1.assign")),
+        ("gpu-agent", format!("process {p}.node.{{node}}.assign"), format!("{p}.node.local-1.assign")),
+        ("gpu-agent", format!("publish {p}.jobs.{{job}}.{{event}}"), format!("{p}.jobs.{id}.started")),
+        ("gpu-agent", format!("publish {p}.jobs.{{job}}.{{event}}"), format!("{p}.jobs.{id}.exited")),
+        ("scheduler", format!("process {p}.jobs.{{job}}.{{event}}"), format!("{p}.jobs.{id}.exited")),
+    ];
+    costmesh_testkit::eventually(WAIT, "submit, assignment, start and exit in one trace", || async {
+        let spans: Vec<_> = m.otlp.spans().into_iter().filter(|s| s.trace_id == trace).collect();
+        wanted.iter().all(|(svc, name, subject)| spans.iter().any(|s| job(s, svc, name, subject)))
+    })
+    .await;
+    let spans: Vec<_> = m.otlp.spans().into_iter().filter(|s| s.trace_id == trace).collect();
+    for s in &spans {
+        for key in ["messaging.system", "messaging.destination.name", "messaging.operation.type"] {
+            assert!(s.attr(key).is_some(), "span {:?} of {} has no {key}: {:?}", s.name, s.service, s.attributes);
+        }
+        assert_eq!(s.attr("messaging.system"), Some("nats"));
+        if s.name.starts_with("publish ") || s.name.starts_with("process ") && s.attr("event_id").is_some() {
+            assert!(s.attr("messaging.message.id").is_some(), "span {:?} has no message id", s.name);
+        }
+    }
+    // The assignment the agent handled is the one the scheduler published:
+    // parent and child, across processes.
+    let published = spans.iter().find(|s| job(s, wanted[1].0, &wanted[1].1, &wanted[1].2)).unwrap();
+    let handled = spans.iter().find(|s| job(s, wanted[2].0, &wanted[2].1, &wanted[2].2)).unwrap();
+    assert_eq!(handled.parent_span_id, published.span_id);
+
+    // Five services under five names (and the CLI under its own), each with
+    // an instance id; the agent's resource names its node.
+    costmesh_testkit::eventually(WAIT, "spans from all five services", || async {
+        let names: std::collections::BTreeSet<String> = m.otlp.spans().into_iter().map(|s| s.service).collect();
+        ["gpu-agent", "scheduler", "storage-janitor", "cost-watcher", "cache-gateway"]
+            .iter()
+            .all(|n| names.contains(*n))
+    })
+    .await;
+    let all = m.otlp.spans();
+    for s in &all {
+        assert!(s.resource.iter().any(|(k, _)| k == "service.instance.id"), "{} has no instance id", s.service);
+    }
+    let agent = all.iter().find(|s| s.service == "gpu-agent").unwrap();
+    assert!(agent.resource.iter().any(|(k, v)| k == "costmesh.node" && v == "local-1"), "{:?}", agent.resource);
 }

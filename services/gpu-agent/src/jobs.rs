@@ -133,14 +133,41 @@ pub struct Runner {
 /// Job events waiting to be published, and how many are not yet out.
 #[derive(Clone)]
 struct Outbox {
-    tx: mpsc::UnboundedSender<JobEvent>,
+    tx: mpsc::UnboundedSender<(JobEvent, Option<String>)>,
     pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// The trace of each attempt's assignment (`traceparent`), so the
+    /// events its process reports later (from other tasks) join it.
+    traces: Arc<Mutex<HashMap<(String, u32), String>>>,
 }
 
 impl Outbox {
+    /// Keeps the current span's trace for the attempt's later events.
+    fn remember(&self, job: &str, attempt: u32) {
+        if let Some(tp) = costmesh_runtime::telemetry::current_traceparent() {
+            self.traces.lock().expect("traces lock").insert((job.to_string(), attempt), tp);
+        }
+    }
+
     fn send(&self, e: JobEvent) {
+        let key = (e.job_id.clone(), e.attempt);
+        let trace = {
+            let mut t = self.traces.lock().expect("traces lock");
+            let last = matches!(
+                e.kind(),
+                JobEventKind::Exited
+                    | JobEventKind::Failed
+                    | JobEventKind::Cancelled
+                    | JobEventKind::Interrupted
+                    | JobEventKind::Lost
+            );
+            if last {
+                t.remove(&key)
+            } else {
+                t.get(&key).cloned()
+            }
+        };
         self.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if self.tx.send(e).is_err() {
+        if self.tx.send((e, trace)).is_err() {
             // The publisher is gone (the agent is exiting): it will never go out.
             self.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
@@ -172,7 +199,7 @@ impl Runner {
             policy,
             seen: Default::default(),
             running: Default::default(),
-            outbox: Outbox { tx, pending },
+            outbox: Outbox { tx, pending, traces: Default::default() },
             agent,
             ctx: ctx.clone(),
             stopping: Default::default(),
@@ -245,6 +272,8 @@ impl Runner {
         if let Err(why) = costmesh_contracts::subjects::validate_name(&a.job_id) {
             return Err(HandlerError::Reject(format!("assignment's job id refused: {why}")));
         }
+        // Handled under the assignment's span: what the attempt reports later joins its trace.
+        self.outbox.remember(&a.job_id, a.attempt);
         {
             let mut seen = self.seen.lock().expect("jobs lock");
             let newest = seen.entry(a.job_id.clone()).or_insert(0);
@@ -576,17 +605,22 @@ impl Runner {
 /// Publishes job events in order, retrying each until NATS takes it.
 async fn publish_outbox(
     ctx: ServiceContext,
-    mut rx: mpsc::UnboundedReceiver<JobEvent>,
+    mut rx: mpsc::UnboundedReceiver<(JobEvent, Option<String>)>,
     pending: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let (mut seq, run) = (0u64, uuid::Uuid::new_v4().simple().to_string());
-    while let Some(ev) = rx.recv().await {
+    while let Some((ev, trace)) = rx.recv().await {
         seq += 1;
         let subject = ctx.subjects().job(&ev.job_id, ev.kind());
         let id = format!("job-{}-{}-{}-{}-{seq}", ev.job_id, ev.attempt, ev.kind().as_str_name(), run);
         let mut backoff = Duration::from_millis(100);
         loop {
-            match ctx.events.publish_durable_with_id(&subject, &ev, &id).await {
+            match costmesh_runtime::telemetry::resume(
+                trace.clone(),
+                ctx.events.publish_durable_with_id(&subject, &ev, &id),
+            )
+            .await
+            {
                 Ok(_) => {
                     pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     break;

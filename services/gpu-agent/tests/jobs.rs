@@ -262,7 +262,8 @@ async fn the_logs_api_reads_nothing_outside_the_logs_root() {
     n.assign("../escape", 1, "/bin/sh", &["-c", "touch /tmp/costmesh-should-not-exist"]).await;
     let d = tokio::time::timeout(WAIT, dlq.next()).await.expect("a dead letter").unwrap();
     let reason = d.headers.get(costmesh_contracts::headers::names::DLQ_REASON).unwrap_or_default().to_string();
-    assert!(reason.contains("job id refused"), "{reason}");
+    // `<kind>: <detail>`, as docs/subjects.md says.
+    assert!(reason.starts_with("rejected: ") && reason.contains("job id refused"), "{reason}");
     assert!(!std::path::Path::new("/tmp/costmesh-should-not-exist").exists());
 }
 

@@ -66,6 +66,10 @@ pub struct Job {
     /// back, it is told to stop them before it gets new work.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost: Vec<LostAttempt>,
+    /// W3C `traceparent` of the request that submitted it: what is done for
+    /// the job later (placement, signals, events) joins that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// An attempt left behind on a node that went silent.
@@ -97,6 +101,7 @@ impl Job {
             retries: 0,
             lost: Vec::new(),
             reason: "submitted".into(),
+            trace: None,
         }
     }
 

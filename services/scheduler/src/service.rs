@@ -27,6 +27,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::actuator::{Actuator, DryRun};
 use crate::model::{validate, Job, LostAttempt, State};
@@ -72,8 +73,19 @@ impl Metrics {
 }
 
 enum Msg {
-    Api { verb: String, body: Bytes, reply: oneshot::Sender<Value> },
-    Event { event: Box<AnyEvent>, done: oneshot::Sender<()> },
+    /// Each with the span it arrived under, so the main loop's work is part
+    /// of the request's or the event's trace.
+    Api {
+        verb: String,
+        body: Bytes,
+        reply: oneshot::Sender<Value>,
+        span: tracing::Span,
+    },
+    Event {
+        event: Box<AnyEvent>,
+        done: oneshot::Sender<()>,
+        span: tracing::Span,
+    },
     Sample(Box<GpuSample>),
 }
 
@@ -172,7 +184,7 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
                         }
                     }
                     let (done, wait) = oneshot::channel();
-                    etx.send(Msg::Event { event: Box::new(event), done })
+                    etx.send(Msg::Event { event: Box::new(event), done, span: tracing::Span::current() })
                         .await
                         .map_err(|_| HandlerError::Retry("scheduler stopping".into()))?;
                     wait.await.map_err(|_| HandlerError::Retry("scheduler stopping".into()))
@@ -194,7 +206,7 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
                     Ok((_, s)) => {
                         let _ = tx.try_send(Msg::Sample(Box::new(s)));
                     }
-                    Err(e) => events.dead_letter(&msg, e.kind.as_str(), &e.to_string()).await,
+                    Err(e) => events.dead_letter(&msg, e.kind.as_str(), &e.detail).await,
                 }
             }
         });
@@ -203,6 +215,7 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
     for verb in VERBS {
         let mut sub = ctx.bus().subscribe(&ctx.subjects().api("scheduler", verb)).await?;
         let (tx, bus, shutdown, verb) = (tx.clone(), ctx.bus().clone(), ctx.shutdown.clone(), verb.to_string());
+        let subjects = ctx.subjects().clone();
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
@@ -210,7 +223,8 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
                     m = sub.next() => match m { Some(m) => m, None => return },
                 };
                 let (reply, answer) = oneshot::channel();
-                if tx.send(Msg::Api { verb: verb.clone(), body: msg.payload.clone(), reply }).await.is_err() {
+                let span = costmesh_runtime::telemetry::server_span(&subjects, "scheduler", &msg.subject, &msg.headers);
+                if tx.send(Msg::Api { verb: verb.clone(), body: msg.payload.clone(), reply, span }).await.is_err() {
                     return;
                 }
                 let body = answer.await.unwrap_or_else(|_| json!({"error": "scheduler stopping"}));
@@ -246,8 +260,8 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
                     }
                     s.fence_returned(&node).await;
                 }
-                Some(Msg::Api { verb, body, reply }) => { let v = s.api(&verb, &body).await; let _ = reply.send(v); }
-                Some(Msg::Event { event, done }) => { s.on_event(*event).await; let _ = done.send(()); }
+                Some(Msg::Api { verb, body, reply, span }) => { let v = s.api(&verb, &body).instrument(span).await; let _ = reply.send(v); }
+                Some(Msg::Event { event, done, span }) => { s.on_event(*event).instrument(span).await; let _ = done.send(()); }
             },
         }
         s.decide().await;
@@ -381,7 +395,7 @@ impl Sched {
         };
         tracing::info!(job = %job.id, name = %job.spec.name, kind = kind.as_str_name(), %reason, "job decision");
         let subject = self.ctx.subjects().job(&job.id, kind);
-        if let Err(e) = self.ctx.events.publish_durable(&subject, &ev).await {
+        if let Err(e) = in_job_trace(job, self.ctx.events.publish_durable(&subject, &ev)).await {
             tracing::warn!(error = %e, %subject, "job event not published");
         }
     }
@@ -390,7 +404,7 @@ impl Sched {
         let Some(node) = &job.node else { return };
         let sig = JobSignal { job_id: job.id.clone(), attempt: job.attempt, kind: kind as i32, reason: reason.into() };
         let subject = self.ctx.subjects().node_signal(node);
-        if let Err(e) = self.ctx.events.publish_durable(&subject, &sig).await {
+        if let Err(e) = in_job_trace(job, self.ctx.events.publish_durable(&subject, &sig)).await {
             tracing::warn!(error = %e, %subject, "job signal not published");
         }
     }
@@ -662,8 +676,8 @@ impl Sched {
             resume_from: job.last_checkpoint.clone().unwrap_or_default(),
         };
         let id = format!("assign-{}-{}", job.id, job.attempt);
-        if let Err(e) = self.ctx.events.publish_durable_with_id(&self.ctx.subjects().node_assign(&node), &a, &id).await
-        {
+        let subject = self.ctx.subjects().node_assign(&node);
+        if let Err(e) = in_job_trace(job, self.ctx.events.publish_durable_with_id(&subject, &a, &id)).await {
             tracing::warn!(job = %job.id, error = %e, "assignment not published; retried on the next pass");
             self.unsent.insert(job.id.clone());
         }
@@ -960,6 +974,7 @@ impl Sched {
                 }
                 let id = format!("j-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
                 let mut job = Job::new(id.clone(), spec, now);
+                job.trace = costmesh_runtime::telemetry::current_traceparent();
                 job.seq = self.jobs.values().map(|(j, _)| j.seq).max().unwrap_or(0) + 1;
                 if !self.save(job.clone()).await {
                     return json!({"error": "job could not be stored; try again"});
@@ -1067,4 +1082,11 @@ impl Sched {
             other => json!({"error": format!("unknown verb {other:?}")}),
         }
     }
+}
+
+/// Publishes for `job` in the current span (a request, an event being
+/// handled), else in the job's own trace (a planning pass places it long
+/// after it was submitted).
+async fn in_job_trace<F: std::future::Future>(job: &Job, fut: F) -> F::Output {
+    costmesh_runtime::telemetry::resume(job.trace.clone(), fut).await
 }

@@ -166,6 +166,15 @@ async fn a_restarted_janitor_keeps_running_jobs_models_and_its_schedule_and_dead
     observer.publish_durable(&subjects.budget("cloud", BudgetState::Warning), h, p).await.unwrap();
     let d = tokio::time::timeout(Duration::from_secs(10), dlq.next()).await.expect("a dead letter").unwrap();
     let reason = d.headers.get(costmesh_contracts::headers::names::DLQ_REASON).unwrap_or_default().to_string();
-    assert!(reason.contains("GpuSample"), "{reason}");
+    assert!(reason.starts_with("wrong_subject: ") && reason.contains("GpuSample"), "{reason}");
+    // Nor is a job assignment (a type it does handle, on its own subject):
+    // on a budget subject it is dead-lettered, not acked as an assignment.
+    let a = v1::JobAssignment { job_id: "misplaced".into(), node: "n1".into(), ..Default::default() };
+    let (h, p) =
+        costmesh_contracts::encode(&a, &EventMeta::new::<v1::JobAssignment>("x", clock.now(), ContentType::Protobuf));
+    observer.publish_durable(&subjects.budget("cloud", BudgetState::Warning), h, p).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), dlq.next()).await.expect("a dead letter").unwrap();
+    let reason = d.headers.get(costmesh_contracts::headers::names::DLQ_REASON).unwrap_or_default().to_string();
+    assert!(reason.starts_with("wrong_subject: costmesh.v1.JobAssignment does not belong on"), "{reason}");
     shutdown.cancel();
 }

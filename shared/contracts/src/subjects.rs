@@ -137,6 +137,13 @@ pub const SUBJECTS: &[SubjectSpec] = &[
     },
 ];
 
+/// Whether `subject` (without the prefix) is of `pattern`'s family:
+/// `<placeholders>` stand for one token each.
+fn pattern_matches(pattern: &str, subject: &str) -> bool {
+    let (p, s): (Vec<&str>, Vec<&str>) = (pattern.split('.').collect(), subject.split('.').collect());
+    p.len() == s.len() && p.iter().zip(&s).all(|(p, t)| p.starts_with('<') || p == t)
+}
+
 /// Makes a data value safe to use as one subject token.
 pub fn token(value: &str) -> String {
     if value.is_empty() {
@@ -315,6 +322,33 @@ impl Subjects {
 
     /// Name of the JetStream stream that holds this prefix's durable events
     /// (stream names may not contain dots).
+    /// The subject table's row for `subject` (`None` for a subject of
+    /// another prefix or one not in the table).
+    pub fn spec_of(&self, subject: &str) -> Option<&'static SubjectSpec> {
+        let rest = subject.strip_prefix(self.prefix())?.strip_prefix('.')?;
+        SUBJECTS.iter().find(|s| pattern_matches(s.pattern, rest))
+    }
+
+    /// The payload type the subject table gives `subject` (a full proto
+    /// name); `None` for a subject of another prefix, one not in the table,
+    /// or one that carries anything (dead letters).
+    pub fn expected_message(&self, subject: &str) -> Option<&'static str> {
+        self.spec_of(subject).map(|s| s.message).filter(|m| *m != "*")
+    }
+
+    /// The low-cardinality name of `subject`'s family, for span names and
+    /// `messaging.destination.template`: `costmesh.jobs.{job}.{event}`.
+    /// Request subjects too (`costmesh.api.scheduler.{verb}`).
+    pub fn template(&self, subject: &str) -> Option<String> {
+        let rest = subject.strip_prefix(self.prefix())?.strip_prefix('.')?;
+        let pattern = SUBJECTS
+            .iter()
+            .map(|s| s.pattern)
+            .chain(REQUESTS.iter().map(|r| r.pattern))
+            .find(|p| pattern_matches(p, rest))?;
+        Some(format!("{}.{}", self.prefix(), pattern.replace('<', "{").replace('>', "}")))
+    }
+
     pub fn stream_name(&self) -> String {
         format!("{}_EVENTS", self.prefix.replace(['.', '-'], "_").to_ascii_uppercase())
     }
@@ -323,6 +357,21 @@ impl Subjects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_subject_expects_its_payload_type() {
+        let s = Subjects::new("cm").unwrap();
+        assert_eq!(s.expected_message(&s.budget("cloud", BudgetState::Warning)), Some("costmesh.v1.BudgetEvent"));
+        assert_eq!(s.expected_message(&s.node_assign("n1")), Some("costmesh.v1.JobAssignment"));
+        assert_eq!(s.expected_message(&s.gpu_telemetry("n1", 3)), Some("costmesh.v1.GpuSample"));
+        assert_eq!(s.expected_message(&s.job("j", JobEventKind::Started)), Some("costmesh.v1.JobEvent"));
+        assert_eq!(s.expected_message(&s.dlq("scheduler")), None, "dead letters carry anything");
+        assert_eq!(s.expected_message("other.budget.cloud.warning"), None, "another prefix");
+        assert_eq!(s.expected_message("cm.budget.cloud"), None, "not a subject of the table");
+        assert_eq!(s.template(&s.job("j-123", JobEventKind::Started)).as_deref(), Some("cm.jobs.{job}.{event}"));
+        assert_eq!(s.template(&s.api("scheduler", "submit")).as_deref(), Some("cm.api.scheduler.{verb}"));
+        assert_eq!(s.template("cm.nothing.here"), None);
+    }
 
     #[test]
     fn names_that_become_paths_are_strict() {

@@ -156,10 +156,10 @@ impl EventBus {
 
     /// Publishes on core NATS (at most once).
     pub async fn publish<E: Event>(&self, subject: &str, event: &E) -> Result<EventMeta, BusError> {
-        let span =
-            tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
+        let span = self.producer_span(subject, &E::full_name());
         async {
             let (meta, mut headers, payload) = self.stamp(event);
+            tracing::Span::current().record("messaging.message.id", meta.id.as_str());
             if let Some(s) = &self.signer {
                 s.sign(subject, &mut headers, &payload);
             }
@@ -193,8 +193,7 @@ impl EventBus {
         event: &E,
         id: Option<&str>,
     ) -> Result<(EventMeta, PubAck), BusError> {
-        let span =
-            tracing::info_span!("publish", otel.kind = "producer", subject = %subject, event_type = %E::full_name());
+        let span = self.producer_span(subject, &E::full_name());
         async {
             let (mut meta, mut headers, payload) = self.stamp(event);
             if let Some(id) = id {
@@ -202,6 +201,7 @@ impl EventBus {
                 headers.insert(names::EVENT_ID, id);
                 headers.insert(names::NATS_MSG_ID, id);
             }
+            tracing::Span::current().record("messaging.message.id", meta.id.as_str());
             if let Some(s) = &self.signer {
                 s.sign(subject, &mut headers, &payload);
             }
@@ -222,7 +222,9 @@ impl EventBus {
             .get_or_create(&DeadLetterLabels { service: self.service.clone(), reason: reason_kind.to_string() })
             .inc();
         let mut headers = message.headers.clone();
-        headers.insert(names::DLQ_REASON, reason);
+        // `<kind>: <detail>`, as docs/subjects.md says.
+        let reason = format!("{reason_kind}: {reason}");
+        headers.insert(names::DLQ_REASON, reason.clone());
         headers.insert(names::DLQ_SUBJECT, message.subject.clone());
         headers.insert(names::DLQ_SERVICE, self.service.clone());
         // A fresh id: the DLQ entry is its own event, and the original id may
@@ -270,10 +272,14 @@ impl EventBus {
             let (meta, event) = match T::decode_message(&msg.headers, &msg.payload) {
                 Ok(x) => x,
                 Err(e) => {
-                    self.dead_letter(&msg, e.kind.as_str(), &e.to_string()).await;
+                    self.dead_letter(&msg, e.kind.as_str(), &e.detail).await;
                     continue;
                 }
             };
+            if let Some(why) = self.misplaced(&msg, &meta) {
+                self.dead_letter(&msg, "wrong_subject", &why).await;
+                continue;
+            }
             if !seen.insert(&meta.id) {
                 self.count(&self.metrics.duplicates, &meta);
                 continue;
@@ -350,11 +356,16 @@ impl EventBus {
             let (meta, event) = match T::decode_message(&msg.headers, &msg.payload) {
                 Ok(x) => x,
                 Err(e) => {
-                    self.dead_letter(msg, e.kind.as_str(), &e.to_string()).await;
+                    self.dead_letter(msg, e.kind.as_str(), &e.detail).await;
                     let _ = dm.term().await;
                     continue;
                 }
             };
+            if let Some(why) = self.misplaced(msg, &meta) {
+                self.dead_letter(msg, "wrong_subject", &why).await;
+                let _ = dm.term().await;
+                continue;
+            }
             if !seen.insert(&meta.id) {
                 self.count(&self.metrics.duplicates, &meta);
                 let _ = dm.ack().await;
@@ -383,16 +394,62 @@ impl EventBus {
         }
     }
 
-    fn handle_span(&self, msg: &Message, meta: &EventMeta) -> tracing::Span {
+    /// Why an event is not handled where it arrived: a payload type other
+    /// than the one the subject table gives its subject (a `JobAssignment`
+    /// on a budget subject, say). `None` when it belongs.
+    fn misplaced(&self, msg: &Message, meta: &EventMeta) -> Option<String> {
+        let expected = self.subjects.expected_message(&msg.subject)?;
+        (meta.event_type != expected)
+            .then(|| format!("{} does not belong on {} (it carries {expected})", meta.event_type, msg.subject))
+    }
+
+    /// The family name of `subject` for span names (low cardinality).
+    fn destination(&self, subject: &str) -> String {
+        self.subjects.template(subject).unwrap_or_else(|| subject.to_string())
+    }
+
+    /// A producer span after the OpenTelemetry messaging conventions
+    /// ([`telemetry::SEMCONV_VERSION`]): `publish <destination template>`.
+    fn producer_span(&self, subject: &str, event_type: &str) -> tracing::Span {
+        let dest = self.destination(subject);
         let span = tracing::info_span!(
-            "handle",
-            otel.kind = "consumer",
+            "publish",
+            otel.name = %format!("publish {dest}"),
+            otel.kind = "producer",
+            "messaging.system" = "nats",
+            "messaging.operation.type" = "send",
+            "messaging.operation.name" = "publish",
+            "messaging.destination.name" = %subject,
+            "messaging.destination.template" = %dest,
+            "messaging.message.id" = tracing::field::Empty,
             service = %self.service,
-            subject = %msg.subject,
+            event_type = %event_type,
+        );
+        telemetry::adopt_resumed(&span);
+        span
+    }
+
+    /// A consumer span (`process <destination template>`), the producer's
+    /// span its parent, or only linked when the message was handled long
+    /// after it was sent (see [`telemetry::adopt`]).
+    fn handle_span(&self, msg: &Message, meta: &EventMeta) -> tracing::Span {
+        let dest = self.destination(&msg.subject);
+        let span = tracing::info_span!(
+            "process",
+            otel.name = %format!("process {dest}"),
+            otel.kind = "consumer",
+            "messaging.system" = "nats",
+            "messaging.operation.type" = "process",
+            "messaging.operation.name" = "process",
+            "messaging.destination.name" = %msg.subject,
+            "messaging.destination.template" = %dest,
+            "messaging.message.id" = %meta.id,
+            "messaging.message.body.size" = msg.payload.len(),
+            service = %self.service,
             event_type = %meta.event_type,
             event_id = %meta.id,
         );
-        telemetry::extract(&msg.headers, &span);
+        telemetry::adopt(&msg.headers, &span, meta.time.map(|t| self.clock.now() - t));
         span
     }
 

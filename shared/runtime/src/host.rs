@@ -106,7 +106,8 @@ where
         }
     };
     rt.block_on(async move {
-        let _telemetry = crate::telemetry::init(service, &cfg.common.log, &env);
+        let id = crate::telemetry::Identity::new(service, cfg.service.instance());
+        let _telemetry = crate::telemetry::init_for(&[id], &cfg.common.log, &env);
         match host(service, cfg, run).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

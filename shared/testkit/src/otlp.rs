@@ -18,6 +18,15 @@ pub struct ReceivedSpan {
     pub parent_span_id: Vec<u8>,
     /// String attributes of the span.
     pub attributes: Vec<(String, String)>,
+    /// String attributes of its resource (`service.instance.id`, ...).
+    pub resource: Vec<(String, String)>,
+}
+
+impl ReceivedSpan {
+    /// The string attribute `key`, if the span has it.
+    pub fn attr(&self, key: &str) -> Option<&str> {
+        self.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
 }
 
 #[derive(Clone, Default)]
@@ -41,6 +50,19 @@ impl TraceService for Sink {
                     _ => None,
                 })
                 .unwrap_or_default();
+            let resource: Vec<(String, String)> = rs
+                .resource
+                .as_ref()
+                .map(|r| {
+                    r.attributes
+                        .iter()
+                        .filter_map(|a| match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                            Some(Value::StringValue(v)) => Some((a.key.clone(), v.clone())),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             for ss in rs.scope_spans {
                 for s in ss.spans {
                     let attributes = s
@@ -58,6 +80,7 @@ impl TraceService for Sink {
                         span_id: s.span_id,
                         parent_span_id: s.parent_span_id,
                         attributes,
+                        resource: resource.clone(),
                     });
                 }
             }
