@@ -23,41 +23,13 @@ const EXPORTED: &[&str] = &[
     "costmesh_cache_hit_rate_target",
 ];
 
-fn metric_names(expr: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    for c in expr.chars().chain([' ']) {
-        if c.is_ascii_alphanumeric() || c == '_' {
-            cur.push(c);
-        } else {
-            if (cur.starts_with("costmesh_") || cur.starts_with("DCGM_")) && !out.contains(&cur) {
-                out.push(cur.clone());
-            }
-            cur.clear();
-        }
-    }
-    out
-}
-
 #[test]
 fn dashboard_and_alerts_query_exported_metrics() {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../compose");
-    let dash: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{root}/grafana/dashboards/costmesh.json")).unwrap())
-            .unwrap();
-    let panels = dash["panels"].as_array().unwrap();
-    assert!(panels.len() >= 10);
-    let mut exprs: Vec<String> = panels
-        .iter()
-        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string()))
-        .collect();
-    let rules = std::fs::read_to_string(format!("{root}/prometheus/alerts.yml")).unwrap();
-    exprs.extend(
-        rules.lines().filter(|l| l.trim_start().starts_with("expr:") || l.contains("costmesh_")).map(str::to_string),
-    );
-    for e in exprs {
-        for m in metric_names(&e) {
-            assert!(EXPORTED.contains(&m.as_str()), "{m} (in {e:?}) is not exported by any service");
+    let shipped = costmesh_testkit::shipped_promql();
+    assert!(shipped.iter().filter(|(from, _)| from.starts_with("panel")).count() >= 10);
+    for (from, e) in shipped {
+        for m in costmesh_testkit::promql_metric_names(&e) {
+            assert!(EXPORTED.contains(&m.as_str()), "{m} (in {from}: {e:?}) is not exported by any service");
         }
     }
 }

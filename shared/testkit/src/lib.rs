@@ -367,3 +367,43 @@ pub async fn http_post_json(
         .collect();
     Ok((status, headers, body.to_string()))
 }
+
+/// The costmesh (and DCGM) metric names a PromQL expression uses.
+pub fn promql_metric_names(expr: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for c in expr.chars().chain([' ']) {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            cur.push(c);
+            continue;
+        }
+        if (cur.starts_with("costmesh_") || cur.starts_with("DCGM_")) && !out.contains(&cur) {
+            out.push(cur.clone());
+        }
+        cur.clear();
+    }
+    out
+}
+
+/// Every PromQL expression of the shipped Grafana dashboard and alert
+/// rules (`compose/`), with where it is from.
+pub fn shipped_promql() -> Vec<(String, String)> {
+    let root = workspace_root().join("compose");
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana/dashboards/costmesh.json")).expect("the Grafana dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let mut out = Vec::new();
+    for p in dash["panels"].as_array().into_iter().flatten() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = t["expr"].as_str() {
+                out.push((format!("panel {:?}", p["title"].as_str().unwrap_or("?")), e.to_string()));
+            }
+        }
+    }
+    let rules = std::fs::read_to_string(root.join("prometheus/alerts.yml")).expect("the alert rules");
+    for l in rules.lines().filter(|l| l.trim_start().starts_with("expr:") || l.contains("costmesh_")) {
+        out.push(("alerts.yml".into(), l.to_string()));
+    }
+    out
+}
