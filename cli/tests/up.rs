@@ -202,33 +202,60 @@ async fn cost_asks_the_running_cost_watcher() {
 #[tokio::test]
 async fn up_exports_traces_over_otlp_when_asked() {
     let receiver = costmesh_testkit::otlp::OtlpReceiver::start().await;
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
-    cmd.args(["up", "--quiet"])
-        .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "200ms")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    for s in ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"] {
-        cmd.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), "127.0.0.1:0");
-    }
-    let mut child = cmd.spawn().unwrap();
-    // A consumer span whose parent is a producer span of the same trace.
-    costmesh_testkit::eventually(Duration::from_secs(20), "a linked publish/handle pair over OTLP", || {
-        let spans = receiver.spans();
+    let nats = costmesh_testkit::NatsServer::start_new();
+    let prefix = costmesh_testkit::unique_prefix("otlp");
+    let endpoint = receiver.endpoint();
+    let otel = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let mut child = spawn_up(&nats.url(), &prefix, &otel);
+    // A traced request to the scheduler, as an operator's CLI makes it.
+    costmesh_testkit::eventually(Duration::from_secs(20), "the scheduler answers a traced CLI", || async {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+            .args(["jobs", "ls", "--nats", &nats.url(), "--prefix", &prefix])
+            .envs(otel)
+            .output()
+            .await
+            .is_ok_and(|o| o.status.success())
+    })
+    .await;
+    // A consumer span whose parent is a producer span of the same trace,
+    // named after the messaging conventions.
+    costmesh_testkit::eventually(Duration::from_secs(20), "a linked publish/process pair over OTLP", || {
+        let (spans, process, publish) = (receiver.spans(), format!("process {prefix}."), format!("publish {prefix}."));
         async move {
             spans.iter().any(|h| {
-                h.name == "handle"
-                    && spans
-                        .iter()
-                        .any(|p| p.name == "publish" && p.span_id == h.parent_span_id && p.trace_id == h.trace_id)
+                h.name.starts_with(&process)
+                    && spans.iter().any(|p| {
+                        p.name.starts_with(&publish) && p.span_id == h.parent_span_id && p.trace_id == h.trace_id
+                    })
             })
         }
     })
     .await;
-    assert!(receiver.spans().iter().all(|s| s.service == "costmesh"), "service.name is the resource");
+    // Five services in one process, each under its own service.name.
+    costmesh_testkit::wait_for(Duration::from_secs(30), "five service names", || {
+        let names: std::collections::BTreeSet<String> = receiver.spans().into_iter().map(|s| s.service).collect();
+        async move {
+            let all = ["gpu-agent", "scheduler", "storage-janitor", "cost-watcher", "cache-gateway"];
+            if all.iter().all(|n| names.contains(*n)) {
+                Ok(())
+            } else {
+                Err(format!("{names:?}"))
+            }
+        }
+    })
+    .await;
+    for s in receiver.spans() {
+        assert_ne!(s.service, "costmesh", "span {:?} has no service of its own", s.name);
+        assert_eq!(s.attr("messaging.system"), Some("nats"), "{:?}", s.name);
+    }
+    // The CLI's request and the scheduler's answer: one trace, parent and child.
+    let spans = receiver.spans();
+    let answered = spans.iter().filter(|s| s.service == "costmesh-cli").find_map(|asked| {
+        spans
+            .iter()
+            .find(|s| s.service == "scheduler" && s.parent_span_id == asked.span_id && s.trace_id == asked.trace_id)
+    });
+    assert!(answered.is_some_and(|a| a.name == format!("process {prefix}.api.scheduler.{{verb}}")), "{answered:?}");
     child.start_kill().unwrap();
 }
 

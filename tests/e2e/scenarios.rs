@@ -161,6 +161,12 @@ async fn budget_notifications_gate_cloud_work_degrade_the_gateway_and_trace_acro
         ["cost-watcher", "scheduler", "storage-janitor", "cache-gateway"].iter().all(|k| s.contains_key(*k))
     })
     .await;
+    // It starts at the handling of the Pub/Sub notification behind it.
+    let root =
+        m.otlp.spans().into_iter().find(|s| s.trace_id == trace && s.attr("messaging.system") == Some("gcp_pubsub"));
+    let root = root.expect("the Pub/Sub notification's span in the exceeded event's trace");
+    assert_eq!(root.service, "cost-watcher");
+    assert!(root.parent_span_id.is_empty(), "the notification's handling is the trace's root");
 }
 
 /// nats-server killed and restarted mid-scenario, then Redis: no durable

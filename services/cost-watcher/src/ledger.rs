@@ -129,6 +129,10 @@ pub struct GcpBudget {
     pub period: String,
     pub spent_micros: i64,
     pub budget_micros: i64,
+    /// `traceparent` of the handling of that notification: the budget event
+    /// it leads to joins its trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// Linear month-end forecast: spend so far over the elapsed share of the month.

@@ -186,7 +186,7 @@ fn evaluate(
     tz: chrono_tz::Tz,
     currency: &str,
     m: &Metrics,
-) -> Vec<(String, BudgetEvent)> {
+) -> Vec<(String, BudgetEvent, Option<String>)> {
     let period = ledger::period_of(now, tz);
     let price = cfg.electricity_price_per_kwh;
     // Month rollover: score the mid-month forecast against what was spent.
@@ -240,7 +240,7 @@ fn evaluate(
     set_elapsed(m, &labels, &period, now, tz);
     let mut out = Vec::new();
     if t.pending {
-        out.push((t.event_id(MONTHLY), budget_event("total", MONTHLY, &t, now, currency)));
+        out.push((t.event_id(MONTHLY), budget_event("total", MONTHLY, &t, now, currency), None));
     }
     s.budgets.insert(MONTHLY.into(), t);
     // GCP budgets: their own amounts, their own running totals.
@@ -256,7 +256,8 @@ fn evaluate(
         m.budget_ratio.get_or_create(&labels).set(b.spent_micros as f64 / b.budget_micros.max(1) as f64);
         set_elapsed(m, &labels, &b.period, now, tz);
         if t.pending {
-            out.push((t.event_id(&key.replace(':', "-")), budget_event("cloud", &b.name, &t, now, currency)));
+            let ev = budget_event("cloud", &b.name, &t, now, currency);
+            out.push((t.event_id(&key.replace(':', "-")), ev, b.trace.clone()));
         }
         s.budgets.insert(key, t);
     }
@@ -624,9 +625,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                 break;
             }
             let mut published = 0;
-            for (id, ev) in pending {
+            for (id, ev, trace) in pending {
                 let subject = ctx.subjects().budget(&ev.scope, ev.state());
-                match ctx.events.publish_durable_with_id(&subject, &ev, &id).await {
+                // A GCP budget's event joins the trace of the notification behind it.
+                let publish = ctx.events.publish_durable_with_id(&subject, &ev, &id);
+                match costmesh_runtime::telemetry::resume(trace, publish).await {
                     Ok(ack) => {
                         tracing::warn!(budget = %ev.budget_name, state = ev.state().as_str_name(), duplicate = ack.duplicate, reason = %ev.reason, "budget state changed");
                         let mut sh = shared.lock().expect("state lock");
@@ -711,6 +714,16 @@ async fn consume_billing(
                 None => break,
             };
             backoff = std::time::Duration::from_secs(1);
+            // The notification's handling starts a trace (or continues the
+            // sender's, when its attributes carry a `traceparent`).
+            let span = costmesh_runtime::telemetry::pubsub_span(
+                "cost-watcher",
+                &cfg.subscription,
+                &msg.message_id,
+                msg.data.len(),
+                &msg.attributes,
+            );
+            let trace = costmesh_runtime::telemetry::traceparent_of(&span);
             match crate::billing::parse(&msg.data, &msg.attributes, &msg.message_id) {
                 Err(why) => {
                     let headers = msg.attributes.iter().map(|(k, v)| (format!("pubsub-{k}"), v.clone())).collect();
@@ -758,6 +771,7 @@ async fn consume_billing(
                                 period: period.clone(),
                                 spent_micros: spent,
                                 budget_micros: budget,
+                                trace: trace.clone(),
                             };
                         }
                         sh.touch();
@@ -772,9 +786,9 @@ async fn consume_billing(
                         continue;
                     }
                     let subject = ctx.subjects().billing_gcp(&n.budget_id);
-                    if let Err(e) =
-                        ctx.events.publish_durable_with_id(&subject, &n, &format!("gcp-{}", n.message_id)).await
-                    {
+                    let id = format!("gcp-{}", n.message_id);
+                    let relay = ctx.events.publish_durable_with_id(&subject, &n, &id);
+                    if let Err(e) = costmesh_runtime::telemetry::resume(trace.clone(), relay).await {
                         tracing::warn!(error = %e, "relaying the budget notification failed");
                     }
                     handler.ack();

@@ -351,6 +351,44 @@ pub fn server_span(
     span
 }
 
+/// `span`'s W3C `traceparent` (`None` when it is not traced).
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let mut h = Headers::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(&mut h));
+    h.get(names::TRACEPARENT).map(str::to_string)
+}
+
+/// The consumer span of a Google Cloud Pub/Sub message (`process
+/// <subscription>`, `messaging.system = "gcp_pubsub"`), a child of the
+/// sender's span when the message's attributes carry a `traceparent`.
+pub fn pubsub_span(
+    service: &str,
+    subscription: &str,
+    message_id: &str,
+    body_size: usize,
+    attributes: &std::collections::HashMap<String, String>,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format!("process {subscription}"),
+        otel.kind = "consumer",
+        "messaging.system" = "gcp_pubsub",
+        "messaging.operation.type" = "process",
+        "messaging.operation.name" = "process",
+        "messaging.destination.name" = %subscription,
+        "messaging.destination.subscription.name" = %subscription,
+        "messaging.message.id" = %message_id,
+        "messaging.message.body.size" = body_size,
+        service = %service,
+    );
+    if let Some(tp) = attributes.get(names::TRACEPARENT) {
+        let mut h = Headers::new();
+        h.insert(names::TRACEPARENT, tp.as_str());
+        let _ = span.set_parent(TraceContextPropagator::new().extract(&HeaderExtractor(&h)));
+    }
+    span
+}
+
 /// Makes `span` a child of the producer whose context is in `headers`.
 pub fn extract(headers: &Headers, span: &tracing::Span) {
     if headers.get(names::TRACEPARENT).is_none() {
