@@ -91,12 +91,18 @@ if ! .tools/py/bin/python -c "import nats" >/dev/null 2>&1; then
   if python3 -m venv .tools/py >/dev/null 2>&1; then
     .tools/py/bin/python -m pip install -q "nats-py==$NATS_PY_VERSION"
   else
-    # No venv module (Debian without python3-venv): a plain target directory
-    # and a wrapper that puts it on the path.
+    # No venv module (Debian without python3-venv), or a venv cut short: a
+    # plain target directory and a wrapper that puts it on the path. A
+    # half-made venv leaves bin/python linked to the system's interpreter,
+    # so everything it made goes first: the wrapper must never be written
+    # through that link (it once replaced the interpreter itself).
+    rm -rf .tools/py
     mkdir -p .tools/py/bin
     python3 -m pip install -q --target .tools/py/lib "nats-py==$NATS_PY_VERSION"
-    printf '#!/bin/sh\nPYTHONPATH="%s${PYTHONPATH:+:$PYTHONPATH}" exec python3 "$@"\n' "$PWD/.tools/py/lib" > .tools/py/bin/python
-    chmod +x .tools/py/bin/python
+    wrapper=$(mktemp .tools/py/bin/python.XXXX)
+    printf '#!/bin/sh\nPYTHONPATH="%s${PYTHONPATH:+:$PYTHONPATH}" exec python3 "$@"\n' "$PWD/.tools/py/lib" > "$wrapper"
+    chmod +x "$wrapper"
+    mv -f "$wrapper" .tools/py/bin/python
   fi
 fi
 say "nats-py: $(.tools/py/bin/python -c 'import importlib.metadata as m; print(m.version("nats-py"))')"

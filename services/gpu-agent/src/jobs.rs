@@ -152,15 +152,7 @@ impl Outbox {
         let key = (e.job_id.clone(), e.attempt);
         let trace = {
             let mut t = self.traces.lock().expect("traces lock");
-            let last = matches!(
-                e.kind(),
-                JobEventKind::Exited
-                    | JobEventKind::Failed
-                    | JobEventKind::Cancelled
-                    | JobEventKind::Interrupted
-                    | JobEventKind::Lost
-            );
-            if last {
+            if e.kind().ends_attempt() {
                 t.remove(&key)
             } else {
                 t.get(&key).cloned()

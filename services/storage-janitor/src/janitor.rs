@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use costmesh_contracts::v1::{
-    self, BudgetState, JobEventKind, StorageActionTaken, StorageReport, StorageTier, StorageUsage,
-};
+use costmesh_contracts::v1::{self, BudgetState, StorageActionTaken, StorageReport, StorageTier, StorageUsage};
 use costmesh_contracts::AnyEvent;
 use costmesh_runtime::events::HandlerError;
 use costmesh_runtime::ServiceContext;
@@ -285,16 +283,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                     jobs.lock().expect("jobs lock").insert(a.job_id.clone(), job_paths(&a));
                     true
                 }
-                AnyEvent::JobEvent(e)
-                    if matches!(
-                        e.kind(),
-                        JobEventKind::Exited
-                            | JobEventKind::Failed
-                            | JobEventKind::Cancelled
-                            | JobEventKind::Interrupted
-                            | JobEventKind::Lost
-                    ) =>
-                {
+                AnyEvent::JobEvent(e) if e.kind().ends_attempt() => {
                     jobs.lock().expect("jobs lock").remove(&e.job_id).is_some()
                 }
                 AnyEvent::JobEvent(_) => false,

@@ -22,6 +22,14 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/costmesh.v1.serde.rs"));
 }
 
+impl v1::JobEventKind {
+    /// Whether an event of this kind ends its attempt on the node (the
+    /// process is gone: exited, failed, cancelled, interrupted or lost).
+    pub fn ends_attempt(self) -> bool {
+        matches!(self, Self::Exited | Self::Failed | Self::Cancelled | Self::Interrupted | Self::Lost)
+    }
+}
+
 pub use codec::{
     decode, decode_any, encode, AnyEvent, ContentType, Decodable, DecodeError, DecodeErrorKind, Event, EventMeta,
 };

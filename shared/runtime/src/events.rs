@@ -412,17 +412,9 @@ impl EventBus {
     /// ([`telemetry::SEMCONV_VERSION`]): `publish <destination template>`.
     fn producer_span(&self, subject: &str, event_type: &str) -> tracing::Span {
         let dest = self.destination(subject);
-        let span = tracing::info_span!(
-            "publish",
-            otel.name = %format!("publish {dest}"),
-            otel.kind = "producer",
-            "messaging.system" = "nats",
-            "messaging.operation.type" = "send",
-            "messaging.operation.name" = "publish",
-            "messaging.destination.name" = %subject,
-            "messaging.destination.template" = %dest,
+        let span = crate::messaging_span!(verb: "publish", kind: "producer", system: "nats", op: "send" / "publish",
+            subject: subject, dest: dest, service: self.service,
             "messaging.message.id" = tracing::field::Empty,
-            service = %self.service,
             event_type = %event_type,
         );
         telemetry::adopt_resumed(&span);
@@ -434,18 +426,10 @@ impl EventBus {
     /// after it was sent (see [`telemetry::adopt`]).
     fn handle_span(&self, msg: &Message, meta: &EventMeta) -> tracing::Span {
         let dest = self.destination(&msg.subject);
-        let span = tracing::info_span!(
-            "process",
-            otel.name = %format!("process {dest}"),
-            otel.kind = "consumer",
-            "messaging.system" = "nats",
-            "messaging.operation.type" = "process",
-            "messaging.operation.name" = "process",
-            "messaging.destination.name" = %msg.subject,
-            "messaging.destination.template" = %dest,
+        let span = crate::messaging_span!(verb: "process", kind: "consumer", system: "nats", op: "process" / "process",
+            subject: msg.subject, dest: dest, service: self.service,
             "messaging.message.id" = %meta.id,
             "messaging.message.body.size" = msg.payload.len(),
-            service = %self.service,
             event_type = %meta.event_type,
             event_id = %meta.id,
         );

@@ -310,21 +310,35 @@ pub fn adopt_resumed(span: &tracing::Span) {
     });
 }
 
+/// A messaging span after the conventions ([`SEMCONV_VERSION`]): named
+/// `<verb> <destination>`, with its kind, `messaging.system`, operation
+/// type and name, destination (subject and family), and the service it
+/// belongs to; more fields may follow.
+#[macro_export]
+macro_rules! messaging_span {
+    (verb: $verb:literal, kind: $kind:literal, system: $system:literal, op: $op_type:literal / $op_name:literal,
+     subject: $subject:expr, dest: $dest:expr, service: $service:expr $(, $($rest:tt)*)?) => {
+        tracing::info_span!(
+            $verb,
+            otel.name = %format!("{} {}", $verb, $dest),
+            otel.kind = $kind,
+            "messaging.system" = $system,
+            "messaging.operation.type" = $op_type,
+            "messaging.operation.name" = $op_name,
+            "messaging.destination.name" = %$subject,
+            "messaging.destination.template" = %$dest,
+            service = %$service
+            $(, $($rest)*)?
+        )
+    };
+}
+
 /// The client span of a request-reply call (`send <destination
 /// template>`); [`inject`] its context into the request's headers.
 pub fn client_span(subjects: &costmesh_contracts::Subjects, service: &str, subject: &str) -> tracing::Span {
     let dest = subjects.template(subject).unwrap_or_else(|| subject.to_string());
-    tracing::info_span!(
-        "request",
-        otel.name = %format!("send {dest}"),
-        otel.kind = "client",
-        "messaging.system" = "nats",
-        "messaging.operation.type" = "send",
-        "messaging.operation.name" = "request",
-        "messaging.destination.name" = %subject,
-        "messaging.destination.template" = %dest,
-        service = %service,
-    )
+    crate::messaging_span!(verb: "send", kind: "client", system: "nats", op: "send" / "request",
+        subject: subject, dest: dest, service: service)
 }
 
 /// The server span answering a request (`process <destination
@@ -336,17 +350,8 @@ pub fn server_span(
     headers: &Headers,
 ) -> tracing::Span {
     let dest = subjects.template(subject).unwrap_or_else(|| subject.to_string());
-    let span = tracing::info_span!(
-        "respond",
-        otel.name = %format!("process {dest}"),
-        otel.kind = "server",
-        "messaging.system" = "nats",
-        "messaging.operation.type" = "process",
-        "messaging.operation.name" = "respond",
-        "messaging.destination.name" = %subject,
-        "messaging.destination.template" = %dest,
-        service = %service,
-    );
+    let span = crate::messaging_span!(verb: "process", kind: "server", system: "nats", op: "process" / "respond",
+        subject: subject, dest: dest, service: service);
     extract(headers, &span);
     span
 }
@@ -368,18 +373,11 @@ pub fn pubsub_span(
     body_size: usize,
     attributes: &std::collections::HashMap<String, String>,
 ) -> tracing::Span {
-    let span = tracing::info_span!(
-        "process",
-        otel.name = %format!("process {subscription}"),
-        otel.kind = "consumer",
-        "messaging.system" = "gcp_pubsub",
-        "messaging.operation.type" = "process",
-        "messaging.operation.name" = "process",
-        "messaging.destination.name" = %subscription,
+    let span = crate::messaging_span!(verb: "process", kind: "consumer", system: "gcp_pubsub", op: "process" / "process",
+        subject: subscription, dest: subscription, service: service,
         "messaging.destination.subscription.name" = %subscription,
         "messaging.message.id" = %message_id,
         "messaging.message.body.size" = body_size,
-        service = %service,
     );
     if let Some(tp) = attributes.get(names::TRACEPARENT) {
         let mut h = Headers::new();
