@@ -4,6 +4,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use costmesh_runtime::config::EXIT_BAD_CONFIG;
 
+// The cache-gateway binary's allocator (its memory figure in BENCHMARKS.md
+// is measured with it), so the gateway in `costmesh up` behaves as alone.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod janitor;
 mod jobs;
 mod mesh;

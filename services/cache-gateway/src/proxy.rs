@@ -447,6 +447,9 @@ impl Gateway {
             0
         };
         entry.grace = swr.max(sie).max(by_budget);
+        // Parsed again on its first hit: an entry never served from the
+        // cache keeps no header map.
+        entry.parsed = Default::default();
         self.store.put(key, entry).await;
     }
 

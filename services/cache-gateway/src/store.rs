@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 /// `Arc`, moka's node and its indexes), counted in the byte budget.
 pub const ENTRY_OVERHEAD: usize = 1024;
 
+/// What the parsed header map of a served entry costs per header slot
+/// (`Content-Type` and the stored headers, plus room for `Age` and
+/// `Cache-Status`): counted whether or not it has been parsed yet.
+pub const PARSED_HEADER_SLOT: usize = 128;
+
 /// A stored response's headers, parsed once: not part of what the entry
 /// is (equal entries compare equal whether or not they were parsed).
 #[derive(Clone, Debug, Default)]
@@ -103,7 +108,9 @@ impl Cached {
     /// Bytes it holds in the in-process tier (what the byte budget counts).
     pub fn weight(&self, key: &str) -> u32 {
         let headers: usize = self.headers.iter().chain(&self.vary).map(|(k, v)| k.len() + v.len() + 48).sum();
-        (key.len() + self.body.len() + self.content_type.len() + headers + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32
+        let parsed = PARSED_HEADER_SLOT * (self.headers.len() + 3) + self.content_type.len();
+        (key.len() + self.body.len() + self.content_type.len() + headers + parsed + ENTRY_OVERHEAD)
+            .min(u32::MAX as usize) as u32
     }
 
     /// Seconds since it was stored.

@@ -15,6 +15,11 @@ const BUDGET: u64 = 16 << 20;
 const OVERHEAD: u64 = 32 << 20;
 const KEYS: usize = 100_000;
 
+// The allocator the cache-gateway binary runs with (src/main.rs), so the
+// figure is the deployed one's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let kb: u64 =
