@@ -87,6 +87,32 @@ async fn preemption_moves_the_job_and_drains_the_backend_without_a_failed_reques
     assert_eq!(failed.load(Ordering::SeqCst), 0, "client requests failed during the preemption");
     assert!(m.spot.calls.load(Ordering::SeqCst) <= spot_calls + 1, "the drained backend still got traffic");
     assert_eq!(m.seen("preemption.spot-1").len(), 1);
+    // Both attempts' assignments, and the resumed attempt's start, are in
+    // the job's one trace (the scheduler kept its context across the move).
+    let by_id = |id: String| {
+        move |s: &costmesh_testkit::otlp::ReceivedSpan| {
+            s.name.starts_with("publish ") && s.attr("messaging.message.id") == Some(id.as_str())
+        }
+    };
+    costmesh_testkit::eventually(WAIT, "both assignments exported", || async {
+        let spans = m.otlp.spans();
+        spans.iter().any(by_id(format!("assign-{spotty}-1"))) && spans.iter().any(by_id(format!("assign-{spotty}-2")))
+    })
+    .await;
+    let spans = m.otlp.spans();
+    let first = spans.iter().find(|s| by_id(format!("assign-{spotty}-1"))(s)).unwrap();
+    let second = spans.iter().find(|s| by_id(format!("assign-{spotty}-2"))(s)).unwrap();
+    assert_eq!(first.trace_id, second.trace_id, "the resumed attempt left the job's trace");
+    let started_on_spot_2 = format!("{}.jobs.{spotty}.started", m.subjects.prefix());
+    costmesh_testkit::eventually(WAIT, "the resumed start in the job's trace", || async {
+        m.otlp.spans().iter().any(|s| {
+            s.trace_id == first.trace_id
+                && s.service == "gpu-agent"
+                && s.attr("messaging.destination.name") == Some(started_on_spot_2.as_str())
+                && s.resource.iter().any(|(k, v)| k == "costmesh.node" && v == "spot-2")
+        })
+    })
+    .await;
 }
 
 fn notification(cost_usd: f64) -> Vec<u8> {
