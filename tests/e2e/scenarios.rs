@@ -334,19 +334,14 @@ async fn a_job_is_one_trace_from_cli_submit_to_exit_across_five_named_services()
             .into_iter()
             .find(|s| s.service == "costmesh-cli" && s.name == format!("send {p}.api.scheduler.{{verb}}"))
     };
-    if tokio::time::timeout(WAIT, async {
-        while submit().is_none() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let trace = costmesh_testkit::wait_for(WAIT, "the CLI's submit span", || async {
+        submit().map(|s| s.trace_id).ok_or_else(|| {
+            let seen: std::collections::BTreeSet<(String, String)> =
+                m.otlp.spans().into_iter().map(|s| (s.service, s.name)).collect();
+            format!("spans seen: {seen:?}")
+        })
     })
-    .await
-    .is_err()
-    {
-        let seen: std::collections::BTreeSet<(String, String)> =
-            m.otlp.spans().into_iter().map(|s| (s.service, s.name)).collect();
-        panic!("no submit span from the CLI; spans seen: {seen:#?}");
-    }
-    let trace = submit().unwrap().trace_id;
+    .await;
     let job = |s: &costmesh_testkit::otlp::ReceivedSpan, service: &str, name: &str, subject: &str| {
         s.service == service && s.name == name && s.attr("messaging.destination.name") == Some(subject)
     };
