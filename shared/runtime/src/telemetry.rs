@@ -278,9 +278,14 @@ pub fn adopt(headers: &Headers, span: &tracing::Span, age: Option<chrono::Durati
 /// The current span's W3C `traceparent`, to keep with work that outlives
 /// the span (a queued job, a running process); `None` when not traced.
 pub fn current_traceparent() -> Option<String> {
+    traceparent_of(&tracing::Span::current())
+}
+
+/// Makes `span` a child of the span a stored `traceparent` names.
+fn set_parent_from(span: &tracing::Span, traceparent: &str) {
     let mut h = Headers::new();
-    inject(&mut h);
-    h.get(names::TRACEPARENT).map(str::to_string)
+    h.insert(names::TRACEPARENT, traceparent);
+    let _ = span.set_parent(TraceContextPropagator::new().extract(&HeaderExtractor(&h)));
 }
 
 tokio::task_local! {
@@ -303,9 +308,7 @@ pub fn adopt_resumed(span: &tracing::Span) {
     }
     let _ = RESUMED.try_with(|tp| {
         if let Some(tp) = tp {
-            let mut h = Headers::new();
-            h.insert(names::TRACEPARENT, tp.as_str());
-            let _ = span.set_parent(TraceContextPropagator::new().extract(&HeaderExtractor(&h)));
+            set_parent_from(span, tp);
         }
     });
 }
@@ -380,9 +383,7 @@ pub fn pubsub_span(
         "messaging.message.body.size" = body_size,
     );
     if let Some(tp) = attributes.get(names::TRACEPARENT) {
-        let mut h = Headers::new();
-        h.insert(names::TRACEPARENT, tp.as_str());
-        let _ = span.set_parent(TraceContextPropagator::new().extract(&HeaderExtractor(&h)));
+        set_parent_from(&span, tp);
     }
     span
 }
