@@ -77,6 +77,12 @@ pub enum JobsCommand {
         /// KEY=VALUE, repeatable.
         #[arg(long = "env")]
         env: Vec<String>,
+        /// The team the job's cost is booked to (`costmesh cost --by team`).
+        #[arg(long, default_value = "")]
+        team: String,
+        /// KEY=VALUE, repeatable: free-form labels carried into cost reports.
+        #[arg(long = "label")]
+        label: Vec<String>,
         /// The command and its arguments.
         #[arg(last = true)]
         command: Vec<String>,
@@ -225,6 +231,8 @@ pub async fn run(cmd: JobsCommand) -> anyhow::Result<ExitCode> {
             cloud_ok,
             max_retries,
             env,
+            team,
+            label,
             command,
         } => {
             let spec = match file {
@@ -249,6 +257,12 @@ pub async fn run(cmd: JobsCommand) -> anyhow::Result<ExitCode> {
                             kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--env {kv:?}: expected KEY=VALUE"))?;
                         vars.insert(k.to_string(), v.to_string());
                     }
+                    let mut labels = BTreeMap::new();
+                    for kv in &label {
+                        let (k, v) =
+                            kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--label {kv:?}: expected KEY=VALUE"))?;
+                        labels.insert(k.to_string(), v.to_string());
+                    }
                     let mut spec = json!({
                         "name": name.unwrap_or_else(|| program.rsplit('/').next().unwrap_or(program).to_string()),
                         "command": program,
@@ -262,6 +276,8 @@ pub async fn run(cmd: JobsCommand) -> anyhow::Result<ExitCode> {
                         "preemptibleOk": preemptible_ok,
                         "cloudOk": cloud_ok,
                         "maxRetries": max_retries,
+                        "team": team,
+                        "labels": labels,
                     });
                     if let Some(d) = deadline {
                         let t = chrono::DateTime::parse_from_rfc3339(&d)

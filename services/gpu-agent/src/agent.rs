@@ -106,6 +106,17 @@ struct GpuState {
     last_power: Option<(DateTime<Utc>, u32)>,
     /// A permission error was already logged for this GPU.
     warned_permission: bool,
+    /// The job attempt holding the GPU (the job runner says), named in
+    /// every sample so its energy and time are booked to it.
+    holder: Option<Holder>,
+}
+
+/// A job attempt holding a GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub job_id: String,
+    pub attempt: u32,
+    pub team: String,
 }
 
 /// The agent's state, shared by the sampling loop and the command handler.
@@ -143,6 +154,7 @@ impl Agent {
                 integrated_mj: 0.0,
                 last_power: None,
                 warned_permission: false,
+                holder: None,
             })
             .collect();
         Self { node: cfg.node.clone(), mode: cfg.mode, cfg: cfg.clone(), boot_id: backend.boot_id(), backend, gpus }
@@ -379,6 +391,11 @@ impl Agent {
                 backend: self.backend.kind().to_string(),
                 cloud: self.cfg.cloud,
                 preemptible: self.cfg.preemptible,
+                job_id: g.holder.as_ref().map(|h| h.job_id.clone()).unwrap_or_default(),
+                job_attempt: g.holder.as_ref().map_or(0, |h| h.attempt),
+                job_team: g.holder.as_ref().map(|h| h.team.clone()).unwrap_or_default(),
+                machine_type: self.cfg.machine_type.clone(),
+                node_gpu_count: self.gpus.len() as u32,
             });
         }
     }
@@ -411,6 +428,27 @@ impl AgentHandle {
     /// Sets the load a simulated GPU runs at.
     pub fn set_load(&self, index: u32, util_pct: u32) {
         self.0.lock().expect("agent lock").set_load(index, util_pct);
+    }
+
+    /// A job attempt now holds GPU `index`: samples name it from now on.
+    pub fn hold(&self, index: u32, holder: Holder) {
+        if let Some(g) = self.0.lock().expect("agent lock").gpus.get_mut(index as usize) {
+            g.holder = Some(holder);
+        }
+    }
+
+    /// The attempt let GPU `index` go (a newer holder is left alone).
+    pub fn release(&self, index: u32, job_id: &str, attempt: u32) {
+        if let Some(g) = self.0.lock().expect("agent lock").gpus.get_mut(index as usize) {
+            if g.holder.as_ref().is_some_and(|h| h.job_id == job_id && h.attempt == attempt) {
+                g.holder = None;
+            }
+        }
+    }
+
+    /// Who holds GPU `index` now.
+    pub fn holder(&self, index: u32) -> Option<Holder> {
+        self.0.lock().expect("agent lock").gpus.get(index as usize).and_then(|g| g.holder.clone())
     }
 
     /// The limit the device reports now (reads the backend).

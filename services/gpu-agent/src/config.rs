@@ -156,6 +156,9 @@ pub struct Config {
     pub cloud: bool,
     /// This node may be preempted (spot / preemptible VM).
     pub preemptible: bool,
+    /// The node's machine type, e.g. `n1-standard-4-t4` (a cloud node's
+    /// hourly price may be keyed by it in `[cost_watcher.cloud_prices]`).
+    pub machine_type: String,
     pub jobs: JobsConfig,
     /// Public nkeys (`U...`) of the schedulers whose assignments, signals and
     /// power commands this node obeys; anything unsigned or signed by
@@ -233,6 +236,7 @@ impl Default for Config {
             sim: SimConfig::default(),
             cloud: false,
             preemptible: false,
+            machine_type: String::new(),
             jobs: JobsConfig::default(),
             trusted_scheduler_keys: Vec::new(),
             trusted_scheduler_keys_file: None,
@@ -245,6 +249,10 @@ impl Validate for Config {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
         costmesh_contracts::subjects::validate_name(&self.node)
             .map_err(|e| ConfigError::new(key(p, "node"), &self.node, e))?;
+        if !self.machine_type.is_empty() {
+            costmesh_contracts::subjects::validate_name(&self.machine_type)
+                .map_err(|why| ConfigError::new(key(p, "machine_type"), &self.machine_type, why))?;
+        }
         if self.preemptible && !self.cloud {
             return Err(ConfigError::new(
                 key(p, "preemptible"),

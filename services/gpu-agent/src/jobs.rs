@@ -372,7 +372,9 @@ impl Runner {
             .expect("jobs lock")
             .insert(a.job_id.clone(), Running { attempt: a.attempt, pid, gpus: a.gpu_indices.clone() });
         if let Some(agent) = &self.agent {
+            let team = a.spec.as_ref().map(|s| s.team.clone()).unwrap_or_default();
             for g in &a.gpu_indices {
+                agent.hold(*g, crate::agent::Holder { job_id: a.job_id.clone(), attempt: a.attempt, team: team.clone() });
                 agent.set_load(*g, 95);
             }
         }
@@ -432,6 +434,7 @@ impl Runner {
             if let Some(agent) = &r.agent {
                 for g in &gpus {
                     agent.set_load(*g, 0);
+                    agent.release(*g, &job, attempt);
                 }
             }
             let stopped_by_agent = r.stopping.load(std::sync::atomic::Ordering::SeqCst);

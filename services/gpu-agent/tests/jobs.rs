@@ -23,6 +23,7 @@ struct Node {
     events: std::sync::Arc<std::sync::Mutex<Vec<JobEvent>>>,
     logs: tempfile::TempDir,
     shutdown: CancellationToken,
+    clock: std::sync::Arc<costmesh_runtime::clock::VirtualClock>,
 }
 
 async fn node(test: &str) -> Node {
@@ -43,7 +44,7 @@ async fn node_with(test: &str, tweak: impl FnOnce(&mut Config)) -> Node {
     cfg.jobs.run_as_user = costmesh_testkit::current_user();
     tweak(&mut cfg);
     cfg.jobs.stop_grace = Duration::from_millis(300);
-    let (clock, _time) = Clock::manual("2026-07-01T06:00:00Z".parse().unwrap());
+    let (clock, time) = Clock::manual("2026-07-01T06:00:00Z".parse().unwrap());
     let shutdown = CancellationToken::new();
     let connect = || async { Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap()) };
     let ctx = ServiceContext::new("gpu-agent", Some("n1"), connect().await, &mesh, clock, shutdown.clone());
@@ -75,7 +76,7 @@ async fn node_with(test: &str, tweak: impl FnOnce(&mut Config)) -> Node {
         async move { h.is_ready() }
     })
     .await;
-    Node { nats, bus, subjects, events, logs, shutdown }
+    Node { nats, bus, subjects, events, logs, shutdown, clock: time }
 }
 
 impl Node {
@@ -172,6 +173,47 @@ async fn a_job_runs_with_its_env_logs_checkpoints_and_exit_code_and_is_fenced() 
     assert_eq!(starts, 1, "a repeated assignment started the job again");
     let log = n.log("j1", 1);
     assert!(log.contains("to stderr") && log.contains("COSTMESH_CHECKPOINT /ckpt/"), "{log}");
+}
+
+/// Samples name the attempt that holds each GPU, from the agent's own job
+/// table: the cost-watcher books energy to it without joining streams.
+#[tokio::test]
+async fn samples_name_the_job_attempt_and_team_holding_each_gpu() {
+    use costmesh_contracts::v1::GpuSample;
+    let n = node("jobsample").await;
+    let mut sub = n.bus.subscribe(&n.subjects.gpu_telemetry_all()).await.unwrap();
+    n.bus.flush().await.unwrap();
+    let mut a = n.assignment("j7", 2, "bash", &["-c", "sleep 30"]);
+    a.spec.as_mut().unwrap().team = "vision".into();
+    n.send(&n.subjects.node_assign("n1"), &a).await;
+    n.wait("started", |e| e.job_id == "j7" && e.kind() == JobEventKind::Started).await;
+    // Next sampling pass: GPU 1 is held by j7's attempt 2, GPU 0 by nobody.
+    let mut seen = std::collections::BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.len() < 2 && tokio::time::Instant::now() < deadline {
+        n.clock.advance(Duration::from_secs(5)).await;
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            let (_, s) = costmesh_contracts::decode::<GpuSample>(&m.headers, &m.payload).unwrap();
+            seen.insert(s.gpu_index, s);
+        }
+    }
+    let held = &seen[&1];
+    assert_eq!((held.job_id.as_str(), held.job_attempt, held.job_team.as_str()), ("j7", 2, "vision"), "{held:?}");
+    assert_eq!(held.node_gpu_count, 2);
+    assert_eq!(seen[&0].job_id, "", "GPU 0 runs nothing: {:?}", seen[&0]);
+    // Once the attempt is stopped, the GPU is nobody's again.
+    n.signal("j7", 2, JobSignalKind::Stop).await;
+    n.wait("exited", |e| e.job_id == "j7" && e.kind() == JobEventKind::Exited).await;
+    let mut released = false;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !released && tokio::time::Instant::now() < deadline {
+        n.clock.advance(Duration::from_secs(5)).await;
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            let (_, s) = costmesh_contracts::decode::<GpuSample>(&m.headers, &m.payload).unwrap();
+            released |= s.gpu_index == 1 && s.job_id.is_empty();
+        }
+    }
+    assert!(released, "GPU 1 still named j7 after the attempt ended");
 }
 
 #[tokio::test]

@@ -178,6 +178,48 @@ pub fn validate(spec: &JobSpec, now: DateTime<Utc>) -> Result<(), SpecError> {
     if spec.max_retries > 100 {
         return Err(bad("max_retries", "must be at most 100"));
     }
+    if !spec.team.is_empty() {
+        costmesh_contracts::subjects::validate_name(&spec.team).map_err(|why| bad("team", why))?;
+        if spec.team.len() > MAX_TEAM_LEN {
+            return Err(bad("team", format!("must be at most {MAX_TEAM_LEN} characters")));
+        }
+    }
+    validate_labels(&spec.labels)
+}
+
+/// Team names become Prometheus label values and report rows.
+pub const MAX_TEAM_LEN: usize = 63;
+/// Labels a job may carry, and their sizes (they travel in every job event).
+pub const MAX_LABELS: usize = 16;
+pub const MAX_LABEL_KEY_LEN: usize = 63;
+pub const MAX_LABEL_VALUE_LEN: usize = 128;
+
+/// Labels: at most [`MAX_LABELS`]; keys of letters, digits, `_ - . /`
+/// (Kubernetes-style), values of printable characters; both bounded.
+pub fn validate_labels(labels: &std::collections::HashMap<String, String>) -> Result<(), SpecError> {
+    if labels.len() > MAX_LABELS {
+        return Err(bad("labels", format!("at most {MAX_LABELS} labels (got {})", labels.len())));
+    }
+    let mut keys: Vec<&String> = labels.keys().collect();
+    keys.sort();
+    for k in keys {
+        let v = &labels[k];
+        if k.is_empty() || k.len() > MAX_LABEL_KEY_LEN {
+            return Err(bad("labels", format!("key {k:?} must be 1 to {MAX_LABEL_KEY_LEN} characters")));
+        }
+        if let Some(c) = k.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))) {
+            return Err(bad("labels", format!("key {k:?} may hold only letters, digits, '_', '-', '.' and '/' (found {c:?})")));
+        }
+        if v.len() > MAX_LABEL_VALUE_LEN {
+            return Err(bad(
+                "labels",
+                format!("value of {k:?} is {} bytes long; at most {MAX_LABEL_VALUE_LEN}", v.len()),
+            ));
+        }
+        if v.chars().any(|c| c.is_control()) {
+            return Err(bad("labels", format!("value of {k:?} may not hold control characters")));
+        }
+    }
     Ok(())
 }
 
@@ -213,6 +255,18 @@ mod tests {
                 "deadline",
             ),
             (|s| drop(s.env.insert("A=B".into(), "x".into())), "env"),
+            (|s| s.team = "ml.research".into(), "team"),
+            (|s| s.team = "t".repeat(64), "team"),
+            (|s| drop(s.labels.insert("model".into(), "x".repeat(129))), "labels"),
+            (|s| drop(s.labels.insert("bad key".into(), "x".into())), "labels"),
+            (
+                |s| {
+                    for i in 0..17 {
+                        s.labels.insert(format!("k{i}"), "v".into());
+                    }
+                },
+                "labels",
+            ),
         ];
         for (break_it, field) in cases {
             let mut s = spec();

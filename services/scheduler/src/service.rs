@@ -391,6 +391,8 @@ impl Sched {
             reason: reason.to_string(),
             checkpoint_path: job.last_checkpoint.clone().unwrap_or_default(),
             time: Some(costmesh_contracts::timestamp(self.now())),
+            team: job.spec.team.clone(),
+            labels: job.spec.labels.clone(),
             ..Default::default()
         };
         tracing::info!(job = %job.id, name = %job.spec.name, kind = kind.as_str_name(), %reason, "job decision");

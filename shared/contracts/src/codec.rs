@@ -262,6 +262,7 @@ any_event!(
     CacheStats,
     Action,
     CloudBudgetNotification,
+    JobCost,
 );
 
 /// Something a consumer can decode from headers and payload: one event type,

@@ -129,6 +129,13 @@ pub const SUBJECTS: &[SubjectSpec] = &[
         subscribers: "",
     },
     SubjectSpec {
+        pattern: "cost.job.<job>",
+        message: "costmesh.v1.JobCost",
+        durability: Durability::JetStream,
+        publisher: "cost-watcher",
+        subscribers: "",
+    },
+    SubjectSpec {
         pattern: "dlq.<service>",
         message: "*",
         durability: Durability::JetStream,
@@ -248,6 +255,10 @@ impl Subjects {
     }
     pub fn job(&self, job: &str, kind: JobEventKind) -> String {
         self.join(&["jobs", &token(job), &enum_token(kind.as_str_name(), "JOB_EVENT_KIND_")])
+    }
+    /// What a job cost, published once when it ends.
+    pub fn job_cost(&self, job: &str) -> String {
+        self.join(&["cost", "job", &token(job)])
     }
     pub fn jobs_all(&self) -> String {
         self.join(&["jobs", ">"])

@@ -50,6 +50,7 @@ pub const SERVICES: [Role; 4] = [Role::Scheduler, Role::CostWatcher, Role::Stora
 pub const CONSUMERS: &[(&str, &str, &[&str])] = &[
     ("scheduler", "inputs", &["jobs.>", "preemption.*", "budget.>"]),
     ("cost-watcher", "reports", &["storage.report"]),
+    ("cost-watcher", "jobs", &["jobs.>"]),
     ("storage-janitor", "events", &["budget.>", "jobs.>", "node.*.assign"]),
     ("cache-gateway", "world", &["preemption.*", "budget.>"]),
     ("gpu-agent", "node-<node>", &["node.<node>.*"]),
