@@ -463,6 +463,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     ctx.register("costmesh_cache_misses", "Cache misses by route", stats.misses.clone());
     ctx.register("costmesh_cache_coalesced", "Requests that waited for an identical miss", stats.coalesced.clone());
     ctx.register("costmesh_cache_backend_ms", "Time spent in backends (ms)", stats.backend_ms.clone());
+    ctx.register(
+        "costmesh_cache_backend_calls",
+        "Calls that reached a backend (misses, refreshes, pass-through)",
+        stats.backend_calls.clone(),
+    );
     ctx.register("costmesh_cache_hit_bytes", "Bytes served from cache", stats.bytes.clone());
     ctx.register(
         "costmesh_cache_stale",
@@ -523,9 +528,11 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                     instance: instance.clone(),
                     started_at: Some(started),
                     time: Some(costmesh_contracts::timestamp(now)),
-                    routes: routes.iter().map(|r| stats.route_stats(r)).collect(),
+                    // One entry per route and tenant; they sum to the route's totals.
+                    routes: routes.iter().flat_map(|r| stats.tenant_stats(r)).collect(),
                 };
-                for r in &report.routes {
+                for route in &routes {
+                    let r = stats.route_stats(route);
                     if r.requests > 0 {
                         let rate = (r.hits + r.stale) as f64 / r.requests as f64;
                         hit_rate.get_or_create(&proxy::RouteLabels { route: r.route.clone() }).set(rate);

@@ -62,6 +62,28 @@ pub struct Stats {
     pub budget_changes: Family<StateLabels, Counter>,
     /// Requests by route and tenant (as resolved from API keys).
     pub tenant_requests: Family<TenantLabels, Counter>,
+    /// Calls made to backends, by route.
+    pub backend_calls: Family<RouteLabels, Counter>,
+    /// Every counter per route and tenant, for the cost-watcher's report
+    /// (tenants are the configured set, so this stays small).
+    tallies: Arc<Mutex<std::collections::BTreeMap<(String, String), Arc<Tally>>>>,
+}
+
+/// One route's counters for one tenant (cumulative since start).
+#[derive(Debug, Default)]
+pub struct Tally {
+    requests: std::sync::atomic::AtomicU64,
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
+    stale: std::sync::atomic::AtomicU64,
+    coalesced: std::sync::atomic::AtomicU64,
+    backend_calls: std::sync::atomic::AtomicU64,
+    backend_ms: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
 }
 
 /// One route's counters, looked up once (the hot path only increments).
@@ -76,6 +98,9 @@ pub struct RouteCounters {
     bytes: Counter,
     /// `tenant_requests` for the anonymous tenant, looked up once.
     anonymous: Counter,
+    backend_calls: Counter,
+    /// The anonymous tenant's tally, looked up once.
+    anonymous_tally: Arc<Tally>,
 }
 
 impl Stats {
@@ -93,7 +118,37 @@ impl Stats {
                 .tenant_requests
                 .get_or_create(&TenantLabels { route: route.to_string(), tenant: String::new() })
                 .clone(),
+            backend_calls: self.backend_calls.get_or_create(&l).clone(),
+            anonymous_tally: self.tally(route, ""),
         }
+    }
+
+    /// The tally of `route` for `tenant` ("" for anonymous clients).
+    pub fn tally(&self, route: &str, tenant: &str) -> Arc<Tally> {
+        let mut t = self.tallies.lock().expect("tallies lock");
+        t.entry((route.to_string(), tenant.to_string())).or_default().clone()
+    }
+
+    /// `route`'s counters per tenant, as reported on NATS: one entry per
+    /// tenant seen (the anonymous one always), summing to the route's totals.
+    pub fn tenant_stats(&self, route: &str) -> Vec<costmesh_contracts::v1::RouteStats> {
+        let t = self.tallies.lock().expect("tallies lock");
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        t.range((route.to_string(), String::new())..)
+            .take_while(|((r, _), _)| r == route)
+            .map(|((_, tenant), x)| costmesh_contracts::v1::RouteStats {
+                route: route.to_string(),
+                tenant: tenant.clone(),
+                requests: get(&x.requests),
+                hits: get(&x.hits),
+                misses: get(&x.misses),
+                stale: get(&x.stale),
+                coalesced: get(&x.coalesced),
+                backend_calls: get(&x.backend_calls),
+                backend_time_ms: get(&x.backend_ms),
+                bytes: get(&x.bytes),
+            })
+            .collect()
     }
 
     /// One route's cumulative counters, as reported on NATS.
@@ -108,6 +163,8 @@ impl Stats {
             coalesced: self.coalesced.get_or_create(&l).get(),
             backend_time_ms: self.backend_ms.get_or_create(&l).get(),
             bytes: self.bytes.get_or_create(&l).get(),
+            backend_calls: self.backend_calls.get_or_create(&l).get(),
+            tenant: String::new(),
         }
     }
 }
@@ -481,6 +538,8 @@ struct Forward {
     path: String,
     headers: HeaderMap,
     body: Bytes,
+    /// The requesting tenant's counters (backend calls are booked to it).
+    tally: Arc<Tally>,
 }
 
 /// Refreshes a stale entry in the background (one refresh per key).
@@ -753,14 +812,18 @@ async fn proxy(
     }
     let m = &route.counters;
     m.requests.inc();
-    if tenant.is_empty() {
+    let tally = if tenant.is_empty() {
         m.anonymous.inc();
+        m.anonymous_tally.clone()
     } else {
         gw.stats
             .tenant_requests
             .get_or_create(&TenantLabels { route: route_name.clone(), tenant: tenant.clone() })
             .inc();
-    }
+        gw.stats.tally(&route_name, &tenant)
+    };
+    bump(&tally.requests, 1);
+    let t = tally.clone();
     let budget = gw.budget_state.worst();
     if budget == costmesh_contracts::v1::BudgetState::Exceeded
         && gw.budget.on_exceeded == crate::OnExceeded::ShedLowPriority
@@ -805,7 +868,7 @@ async fn proxy(
         json: json.as_ref(),
     });
     let now = gw.now_s();
-    let fwd = Forward { route: route_name.clone(), method: method.clone(), path, headers, body };
+    let fwd = Forward { route: route_name.clone(), method: method.clone(), path, headers, body, tally };
     let (swr, sie) = gw.graces(budget);
 
     // An expired entry kept for stale-if-error when it is not served at once.
@@ -815,11 +878,13 @@ async fn proxy(
             Lookup::Fresh(c) if servable(&fwd.headers, private, &c) && d.max_age.is_none_or(|m| c.age(now) <= m) => {
                 let age = c.age(now);
                 m.hits.inc();
+                bump(&t.hits, 1);
                 let status = format!("{CACHE_NAME}; hit; ttl={}", c.ttl.saturating_sub(age));
                 if crate::rules::not_modified(&fwd.headers, c.etag()) {
                     return not_modified(&c, status, age);
                 }
                 m.bytes.inc_by(c.body.len() as u64);
+                bump(&t.bytes, c.body.len() as u64);
                 return respond(&c, status, Some(age));
             }
             Lookup::Stale(c) if servable(&fwd.headers, private, &c) => {
@@ -830,6 +895,8 @@ async fn proxy(
                 if by_budget || (d.max_age.is_none() && late < swr) {
                     m.stale.inc();
                     m.bytes.inc_by(c.body.len() as u64);
+                    bump(&t.stale, 1);
+                    bump(&t.bytes, c.body.len() as u64);
                     let detail = if by_budget {
                         "budget-exceeded"
                     } else {
@@ -844,6 +911,7 @@ async fn proxy(
         }
     }
     m.misses.inc();
+    bump(&t.misses, 1);
     let store_it = cacheable_method && !d.no_store;
     if !store_it {
         // Nothing will be kept: stream the answer through.
@@ -861,6 +929,7 @@ async fn proxy(
     };
     if let Some(mut rx) = follow {
         m.coalesced.inc();
+        bump(&t.coalesced, 1);
         match rx.recv().await {
             Ok(Ok(c)) if servable(&fwd.headers, private, &c) => {
                 return respond(&c, format!("{CACHE_NAME}; fwd=miss; collapsed"), None)
@@ -896,6 +965,8 @@ async fn proxy(
         if late < sie {
             m.stale.inc();
             m.bytes.inc_by(c.body.len() as u64);
+            bump(&t.stale, 1);
+            bump(&t.bytes, c.body.len() as u64);
             let status = format!("{CACHE_NAME}; fwd=stale; fwd-status={fs}; ttl=-{late}; detail=stale-if-error");
             return respond(c, status, Some(c.age(now)));
         }
@@ -978,7 +1049,13 @@ async fn send(
                 req = req.header(k, v);
             }
         }
-        match req.send().await {
+        let sent = req.send().await;
+        // A call that reached a backend costs what the route says it costs.
+        if sent.as_ref().is_ok() || sent.as_ref().is_err_and(|e| e.is_timeout()) {
+            route.counters.backend_calls.inc();
+            bump(&fwd.tally.backend_calls, 1);
+        }
+        match sent {
             Ok(r) => break (r, i),
             // Nothing reached the backend: safe to try another one.
             Err(e) if e.is_connect() && avoid.is_none() => {
@@ -1029,7 +1106,9 @@ async fn call_backend(gw: &Gateway, route: &Route, fwd: &Forward) -> Result<Answ
             return Ok(Answer::Large { status, headers, head: buf.freeze(), rest: resp });
         }
     }
-    route.counters.backend_ms.inc_by(started.elapsed().as_millis() as u64);
+    let ms = started.elapsed().as_millis() as u64;
+    route.counters.backend_ms.inc_by(ms);
+    bump(&fwd.tally.backend_ms, ms);
     let policy = crate::rules::response_policy(status, &headers);
     let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let kept = crate::rules::stored_headers(&headers).into_iter().filter(|(k, _)| k != "content-type").collect();
@@ -1058,7 +1137,9 @@ async fn stream_backend(gw: &Gateway, route: &Route, fwd: &Forward, why: &str, d
         Ok((r, _)) => r,
         Err((status, msg)) => return error(status, msg),
     };
-    route.counters.backend_ms.inc_by(started.elapsed().as_millis() as u64);
+    let ms = started.elapsed().as_millis() as u64;
+    route.counters.backend_ms.inc_by(ms);
+    bump(&fwd.tally.backend_ms, ms);
     let status = resp.status();
     let mut out = Response::builder().status(status.as_u16());
     for (k, v) in resp.headers() {

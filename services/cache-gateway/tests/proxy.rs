@@ -132,7 +132,8 @@ async fn ask(gw: &str, tenant: &str, body: &str, extra: &[(&str, &str)]) -> Repl
 async fn repeats_hit_tenants_never_share_and_no_store_bypasses() {
     let redis = RedisServer::start_new();
     let b = backend(true).await;
-    let gw = gateway(&b, Some(&redis), Stats::default()).await;
+    let stats = Stats::default();
+    let gw = gateway(&b, Some(&redis), stats.clone()).await;
 
     let first = ask(&gw, "acme", r#"{"prompt":"hi","temperature":1}"#, &[]).await;
     assert_eq!(first.status, 200);
@@ -157,6 +158,19 @@ async fn repeats_hit_tenants_never_share_and_no_store_bypasses() {
     let ns2 = ask(&gw, "initech", r#"{"prompt":"x"}"#, &[]).await;
     assert!(ns2.cache_status.contains("fwd=miss"), "{}", ns2.cache_status);
     assert_eq!(b.calls.load(Ordering::SeqCst), 4);
+
+    // The report the cost-watcher gets: one entry per tenant, backend calls
+    // booked to the tenant that caused them, summing to the route's totals.
+    let by_tenant: std::collections::BTreeMap<String, costmesh_contracts::v1::RouteStats> =
+        stats.tenant_stats("llm").into_iter().map(|r| (r.tenant.clone(), r)).collect();
+    let calls = |t: &str| (by_tenant[t].requests, by_tenant[t].hits, by_tenant[t].misses, by_tenant[t].backend_calls);
+    assert_eq!(calls("acme"), (2, 1, 1, 1), "{by_tenant:#?}");
+    assert_eq!(calls("globex"), (1, 0, 1, 1), "{by_tenant:#?}");
+    assert_eq!(calls("initech"), (2, 0, 2, 2), "{by_tenant:#?}");
+    let total = stats.route_stats("llm");
+    assert_eq!(by_tenant.values().map(|r| r.requests).sum::<u64>(), total.requests);
+    assert_eq!(by_tenant.values().map(|r| r.backend_calls).sum::<u64>(), total.backend_calls);
+    assert_eq!(total.backend_calls, 4);
 
     // A second gateway (empty in-process tier) shares the entry through Redis.
     let gw2 = gateway(&b, Some(&redis), Stats::default()).await;
