@@ -65,6 +65,16 @@ pub fn summary(e: &AnyEvent) -> String {
             n.budget_display_name, n.cost_amount, n.budget_amount, n.currency_code
         ),
         AnyEvent::Action(a) => format!("Action {} {} {} ({})", a.kind, a.target, a.state().as_str_name(), a.reason),
+        AnyEvent::JobCost(c) => format!(
+            "JobCost {} team={} cost={} energy={:.3}kWh gpu_hours={:.2} attempts={:?} nodes={:?}",
+            c.job_id,
+            c.team,
+            money(&c.cost),
+            c.energy_mj as f64 / 3.6e9,
+            c.gpu_ms as f64 / 3.6e6,
+            c.attempts,
+            c.nodes
+        ),
     }
 }
 
