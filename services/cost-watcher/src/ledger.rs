@@ -68,6 +68,13 @@ pub struct State {
     pub storage: Option<(u64, u64, DateTime<Utc>)>,
     /// The period the watcher last evaluated (for rollover).
     pub current_period: Option<String>,
+    /// Cost per job, team and node (with idle rows), saved with the energy
+    /// counters it was booked from.
+    #[serde(default)]
+    pub attribution: crate::attribution::Attribution,
+    /// Inference backend cost and cache savings per route and tenant.
+    #[serde(default)]
+    pub inference: crate::inference::Inference,
     /// The process that saved this copy (see the watcher's save).
     #[serde(default)]
     pub writer: Option<String>,

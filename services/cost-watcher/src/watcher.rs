@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use costmesh_bus::{BusErrorKind, Kv};
-use costmesh_contracts::v1::{BudgetEvent, GpuSample, Money};
+use costmesh_contracts::v1::{BudgetEvent, GpuSample, JobCost, JobEvent, JobEventKind, Money};
 use costmesh_runtime::events::HandlerError;
 use costmesh_runtime::ServiceContext;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -41,6 +41,32 @@ struct Metrics {
     forecast_over_budget: FloatGauge,
     forecast_error: FloatGauge,
     kpi: Family<KpiLabels, FloatGauge>,
+    team_cost: Family<TeamLabels, FloatGauge>,
+    team_energy: Family<TeamLabels, FloatGauge>,
+    team_gpu_hours: Family<TeamLabels, FloatGauge>,
+    team_carbon: Family<TeamLabels, FloatGauge>,
+    idle_cost: Family<NodeLabels, FloatGauge>,
+    route_cost: Family<RouteLabels, FloatGauge>,
+    cache_saved: Family<RouteLabels, FloatGauge>,
+    carbon_kg: FloatGauge,
+    cloud_booked: FloatGauge,
+}
+
+/// Per-team figures: teams are few; jobs are never a label (their number
+/// grows without bound).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TeamLabels {
+    team: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -201,7 +227,21 @@ fn evaluate(
             }
         }
     }
+    if let Some(prev) = s.current_period.clone().filter(|p| *p != period) {
+        s.attribution.close(&prev, cfg.attribution_months);
+        s.inference.keep_months(cfg.attribution_months);
+        s.inference.forget_seen_before(now - chrono::Duration::days(1));
+        tracing::info!(period = %prev, "month closed: its attribution is final");
+        // Last month's teams, nodes and routes are not this month's.
+        for f in [&m.team_cost, &m.team_energy, &m.team_gpu_hours, &m.team_carbon] {
+            f.clear();
+        }
+        m.idle_cost.clear();
+        m.route_cost.clear();
+        m.cache_saved.clear();
+    }
     s.current_period = Some(period.clone());
+    set_attribution_gauges(s, &period, m);
     let spent = s.period_total(&period, price);
     if let Some((start, end)) = ledger::period_bounds(&period, tz) {
         let f = ledger::forecast(spent, now, start, end);
@@ -222,6 +262,7 @@ fn evaluate(
         ("cost_per_inference_request", k.cost_per_inference_request),
         ("cache_hit_rate", k.cache_hit_rate),
         ("gpu_utilisation", k.gpu_utilisation),
+        ("gpu_mean_utilisation", k.gpu_mean_utilisation),
         ("storage_utilisation", k.storage_utilisation),
         ("network_share", k.network_share),
         ("budget_execution", k.budget_execution),
@@ -262,6 +303,136 @@ fn evaluate(
         s.budgets.insert(key, t);
     }
     out
+}
+
+/// The attributed figures of `period`: per team (idle as its own team),
+/// idle cost per node, inference cost and cache savings per route.
+fn set_attribution_gauges(s: &State, period: &str, m: &Metrics) {
+    let mut carbon = 0u64;
+    for (team, a) in s.attribution.by_team(period) {
+        let l = TeamLabels { team };
+        m.team_cost.get_or_create(&l).set(a.cost_micros() as f64 / 1e6);
+        m.team_energy.get_or_create(&l).set(a.energy_mj as f64 / 3.6e9);
+        m.team_gpu_hours.get_or_create(&l).set(a.gpu_ms as f64 / 3.6e6);
+        m.team_carbon.get_or_create(&l).set(a.carbon_mg as f64 / 1e6);
+        carbon += a.carbon_mg;
+    }
+    m.carbon_kg.set(carbon as f64 / 1e6);
+    for (node, b) in s.attribution.nodes(period) {
+        let idle = b.rows.get(crate::attribution::IDLE).map_or(0, |a| a.cost_micros());
+        m.idle_cost.get_or_create(&NodeLabels { node: node.clone() }).set(idle as f64 / 1e6);
+    }
+    m.cloud_booked.set(s.attribution.cloud_booked(period) as f64 / 1e6);
+    let mut routes: std::collections::BTreeMap<&String, (i64, i64)> = Default::default();
+    for (route, _, b) in s.inference.period(period) {
+        let e = routes.entry(route).or_default();
+        e.0 += b.cost_micros;
+        e.1 += b.saved_micros;
+    }
+    for (route, (cost, saved)) in routes {
+        let l = RouteLabels { route: route.clone() };
+        m.route_cost.get_or_create(&l).set(cost as f64 / 1e6);
+        m.cache_saved.get_or_create(&l).set(saved as f64 / 1e6);
+    }
+}
+
+/// Books one GPU sample: its energy growth into the month's ledger, and
+/// its energy, GPU time and (on a cloud node) node time to the job attempt
+/// it names or to the node's idle row. Returns whether anything changed
+/// and whether the sample started a new energy counter.
+#[allow(clippy::too_many_arguments)]
+pub fn on_sample(
+    st: &mut State,
+    cfg: &Config,
+    s: &GpuSample,
+    at: DateTime<Utc>,
+    tz: chrono_tz::Tz,
+    intensity: &crate::carbon::Intensity,
+) -> (bool, crate::energy::Observed) {
+    let price = cfg.electricity_price_per_kwh;
+    let period = ledger::period_of(at, tz);
+    let key = format!("{}/{}", s.node, s.gpu_index);
+    let prev = st.last_sample.insert(key.clone(), at);
+    let mut gpu_ms = 0u64;
+    if let Some(prev) = prev.filter(|p| *p < at) {
+        // Weigh by time since the GPU's last sample, capped so an agent
+        // outage does not count as busy (or held) time.
+        let ms = (at - prev).num_milliseconds().min(MAX_SAMPLE_GAP_MS);
+        gpu_ms = ms as u64;
+        let dt = ms as f64 / 1000.0;
+        let u = st.usage.entry(period.clone()).or_default();
+        u.gpu_seconds += dt;
+        u.util_pct_seconds += s.utilization_gpu_pct as f64 * dt;
+        if s.utilization_gpu_pct >= 10 {
+            u.busy_gpu_seconds += dt;
+        }
+    } else if prev.is_some_and(|p| p > at) {
+        st.last_sample.insert(key, prev.unwrap_or(at));
+    }
+    let observed = st.energy.record(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
+    let added = observed.added();
+    let mut changed = false;
+    let price_now = if cfg.tariff.is_flat() { price } else { cfg.tariff.price_at(at, tz, price) };
+    if added > 0 {
+        if cfg.tariff.is_flat() {
+            *st.energy_mj.entry(period.clone()).or_default() += added;
+        } else {
+            // Priced at the time the energy was reported.
+            *st.tou_cost_micros.entry(period.clone()).or_default() += added as f64 * price_now / 3_600.0;
+        }
+        changed = true;
+    }
+    let cloud = if s.cloud {
+        cfg.cloud_price_micros(&s.node, &s.machine_type, s.preemptible)
+            .map(|p| crate::attribution::CloudRate { micros_per_hour: p, gpus: s.node_gpu_count.max(1) })
+    } else {
+        None
+    };
+    let holder = (!s.job_id.is_empty()).then(|| crate::attribution::Holder {
+        job_id: &s.job_id,
+        attempt: s.job_attempt,
+        team: &s.job_team,
+    });
+    let booked = st.attribution.book(&crate::attribution::Delta {
+        period: &period,
+        node: &s.node,
+        holder,
+        energy_mj: added,
+        gpu_ms,
+        price_micros_per_kwh: (price_now * 1e6).round().max(0.0) as u64,
+        carbon_mg_per_kwh: intensity.mg_per_kwh_at(at),
+        cloud,
+        preemptible: s.preemptible,
+        machine_type: &s.machine_type,
+    });
+    (changed || !booked.is_zero() || holder.is_some(), observed)
+}
+
+/// The longest gap between two samples of a GPU that counts as time.
+const MAX_SAMPLE_GAP_MS: i64 = 300_000;
+
+/// The `JobCost` of a job as its record stands.
+fn job_cost(id: &str, j: &crate::attribution::JobRecord, now: DateTime<Utc>, currency: &str) -> JobCost {
+    JobCost {
+        job_id: id.to_string(),
+        team: j.team.clone(),
+        labels: j.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        cost: money(j.total.cost_micros(), currency),
+        electricity: money(j.total.electricity_micros, currency),
+        cloud: money(j.total.cloud_micros, currency),
+        energy_mj: j.total.energy_mj,
+        gpu_ms: j.total.gpu_ms,
+        carbon_mg: j.total.carbon_mg,
+        attempts: j.attempts.iter().copied().collect(),
+        nodes: j.nodes.iter().cloned().collect(),
+        outcome: j
+            .ended
+            .as_ref()
+            .and_then(|e| JobEventKind::from_str_name(&e.kind))
+            .unwrap_or(JobEventKind::Unspecified) as i32,
+        ended_at: j.ended.as_ref().map(|e| costmesh_contracts::timestamp(e.at)),
+        time: Some(costmesh_contracts::timestamp(now)),
+    }
 }
 
 /// The share of `period` elapsed at `now` (0 to 1, to the second).
@@ -324,6 +495,12 @@ pub fn summary(s: &State, cfg: &Config, now: DateTime<Utc>, tz: chrono_tz::Tz, c
         "budgets": budgets,
         "kpis": crate::kpi::compute(s, &period, price, budget_micros),
         "energy_kwh": s.energy.total_kwh(),
+        "attribution": {
+            "cloud_node_cost": s.attribution.cloud_booked(&period) as f64 / 1e6,
+            "idle_cost": s.attribution.by_team(&period).get(crate::attribution::IDLE).map_or(0, |a| a.cost_micros()) as f64 / 1e6,
+            "carbon_kg": s.attribution.by_team(&period).values().map(|a| a.carbon_mg).sum::<u64>() as f64 / 1e6,
+            "saved_by_cache": s.inference.period(&period).map(|(_, _, b)| b.saved_micros).sum::<i64>() as f64 / 1e6,
+        },
     })
 }
 
@@ -366,6 +543,23 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         m.forecast_over_budget.clone(),
     );
     ctx.register("costmesh_kpi", "The seed's KPIs this month (see docs/kpis.md); absent when undefined", m.kpi.clone());
+    ctx.register(
+        "costmesh_team_cost",
+        "Attributed cost this month by team (electricity + cloud node time; idle as team __idle__)",
+        m.team_cost.clone(),
+    );
+    ctx.register("costmesh_team_energy_kwh", "Attributed GPU energy this month by team (kWh)", m.team_energy.clone());
+    ctx.register("costmesh_team_gpu_hours", "GPU-hours held this month by team", m.team_gpu_hours.clone());
+    ctx.register("costmesh_team_carbon_kg", "Attributed emissions this month by team (kg CO2e)", m.team_carbon.clone());
+    ctx.register("costmesh_idle_cost", "Cost of GPU time no job held this month, by node", m.idle_cost.clone());
+    ctx.register("costmesh_route_cost", "Inference backend cost this month by route", m.route_cost.clone());
+    ctx.register("costmesh_cache_saved", "Backend cost the cache avoided this month by route", m.cache_saved.clone());
+    ctx.register("costmesh_carbon_kg", "Emissions of GPU energy this month (kg CO2e)", m.carbon_kg.clone());
+    ctx.register(
+        "costmesh_cloud_node_cost",
+        "Cloud node time this month at the configured hourly prices (the GCP bill stays the cloud figure)",
+        m.cloud_booked.clone(),
+    );
     ctx.register(
         "costmesh_forecast_error_ratio",
         "Error of last month's mid-month forecast: |forecast - actual| / actual",
@@ -412,17 +606,19 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     // One cost-watcher of a group accounts each sample.
     let sub = ctx.bus().queue_subscribe(&ctx.subjects().gpu_telemetry_all(), "cost-watcher").await?;
     ctx.bus().flush().await?;
+    let intensity = crate::carbon::Intensity::fixed(cfg.carbon.intensity_g_per_kwh);
+    tokio::spawn(crate::carbon::follow(cfg.carbon.clone(), intensity.clone(), ctx.shutdown.clone()));
     {
         let (events, shutdown, shared, m, price) =
             (ctx.events.clone(), ctx.shutdown.clone(), shared.clone(), m.clone(), cfg.electricity_price_per_kwh);
         let clock = ctx.clock.clone();
-        let tariff = Arc::new(cfg.tariff.clone());
+        let (cfg, intensity) = (Arc::new(cfg.clone()), intensity.clone());
         let save_soon = save_soon.clone();
         tokio::spawn(async move {
             events
                 .consume_core::<GpuSample, _, _>(sub, shutdown, move |_, meta, s| {
-                    let (shared, m, clock, tariff, save_soon) =
-                        (shared.clone(), m.clone(), clock.clone(), tariff.clone(), save_soon.clone());
+                    let (shared, m, clock, cfg, intensity, save_soon) =
+                        (shared.clone(), m.clone(), clock.clone(), cfg.clone(), intensity.clone(), save_soon.clone());
                     async move {
                         if s.boot_id.is_empty() {
                             return Err(HandlerError::Reject(
@@ -435,25 +631,8 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                             .and_then(costmesh_contracts::from_timestamp)
                             .or(meta.time)
                             .unwrap_or_else(|| clock.now());
-                        let period = ledger::period_of(at, tz);
                         let mut sh = shared.lock().expect("state lock");
-                        let key = format!("{}/{}", s.node, s.gpu_index);
-                        let prev = sh.state.last_sample.insert(key.clone(), at);
-                        if let Some(prev) = prev.filter(|p| *p < at) {
-                            // Weigh by time since the GPU's last sample, capped
-                            // so an agent outage does not count as busy time.
-                            let dt = (at - prev).num_milliseconds().min(300_000) as f64 / 1000.0;
-                            let u = sh.state.usage.entry(period.clone()).or_default();
-                            u.gpu_seconds += dt;
-                            u.util_pct_seconds += s.utilization_gpu_pct as f64 * dt;
-                            if s.utilization_gpu_pct >= 10 {
-                                u.busy_gpu_seconds += dt;
-                            }
-                        } else if prev.is_some_and(|p| p > at) {
-                            sh.state.last_sample.insert(key, prev.unwrap_or(at));
-                        }
-                        let observed = sh.state.energy.record(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
-                        let added = observed.added();
+                        let (changed, observed) = on_sample(&mut sh.state, &cfg, &s, at, tz, &intensity);
                         if observed == crate::energy::Observed::Late {
                             tracing::info!(node = %s.node, gpu = s.gpu_index, boot_id = %s.boot_id, energy_mj = s.energy_mj, "sample of a finished counter (the GPU's agent restarted since) arrived late; not booked");
                         }
@@ -465,16 +644,10 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                             sh.touch();
                             save_soon.notify_one();
                         }
-                        if added > 0 {
-                            if tariff.is_flat() {
-                                *sh.state.energy_mj.entry(period.clone()).or_default() += added;
-                            } else {
-                                // Priced at the time the energy was reported.
-                                let micros = added as f64 * tariff.price_at(at, tz, price) / 3_600.0;
-                                *sh.state.tou_cost_micros.entry(period.clone()).or_default() += micros;
-                            }
+                        if changed {
                             sh.touch();
                         }
+                        let period = ledger::period_of(at, tz);
                         m.energy_kwh.set(sh.state.energy.total_kwh());
                         m.electricity_cost.set(sh.state.electricity(&period, price) as f64 / 1e6);
                         Ok(())
@@ -482,6 +655,47 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                 })
                 .await
         });
+    }
+    // The scheduler's job events: each job's team and labels, and its end
+    // (which makes its `JobCost` due). Saved before the ack.
+    {
+        let (shared, store, clock) = (shared.clone(), store.clone(), ctx.clock.clone());
+        ctx.spawn_durable::<JobEvent, _, _>("jobs", vec![ctx.subjects().jobs_all()], move |_, meta, e| {
+            let (shared, store, clock) = (shared.clone(), store.clone(), clock.clone());
+            async move {
+                // Agents publish their own view of an attempt; only the
+                // scheduler decides that a job has ended.
+                if !meta.source.starts_with("scheduler") {
+                    return Ok(());
+                }
+                let kind = e.kind();
+                let at = e
+                    .time
+                    .as_ref()
+                    .and_then(costmesh_contracts::from_timestamp)
+                    .or(meta.time)
+                    .unwrap_or_else(|| clock.now());
+                let ended =
+                    matches!(kind, JobEventKind::Exited | JobEventKind::Failed | JobEventKind::Cancelled).then(|| {
+                        crate::attribution::Ended {
+                            kind: kind.as_str_name().to_string(),
+                            at,
+                            trace: costmesh_runtime::telemetry::current_traceparent(),
+                        }
+                    });
+                let attempt = if kind == JobEventKind::Assigned { e.attempt } else { 0 };
+                let labels = e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                shared
+                    .lock()
+                    .expect("state lock")
+                    .state
+                    .attribution
+                    .job_event(&e.job_id, &e.team, &labels, attempt, ended);
+                shared.lock().expect("state lock").touch();
+                store.save().await.map_err(|e| HandlerError::Retry(format!("ledger not saved: {e:#}")))
+            }
+        })
+        .await?;
     }
     // Storage reports book storage cost (the monthly rate, prorated to the
     // time since the previous report); cache statistics count requests.
@@ -531,16 +745,19 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         let sub = ctx.bus().queue_subscribe(&ctx.subjects().cache_stats(), "cost-watcher").await?;
         let (events, shutdown, shared, clock) =
             (ctx.events.clone(), ctx.shutdown.clone(), shared.clone(), ctx.clock.clone());
+        let prices = Arc::new(cfg.route_prices());
         tokio::spawn(async move {
             events
                 .consume_core::<costmesh_contracts::v1::CacheStats, _, _>(sub, shutdown, move |_, _, c| {
-                    let (shared, clock) = (shared.clone(), clock.clone());
+                    let (shared, clock, prices) = (shared.clone(), clock.clone(), prices.clone());
                     async move {
                         let started = c.started_at.as_ref().map(|t| t.seconds).unwrap_or(0);
                         let requests: u64 = c.routes.iter().map(|r| r.requests).sum();
                         let answers: u64 = c.routes.iter().map(|r| r.hits + r.stale).sum();
-                        let period = ledger::period_of(clock.now(), tz);
+                        let now = clock.now();
+                        let period = ledger::period_of(now, tz);
                         let mut sh = shared.lock().expect("state lock");
+                        sh.state.inference.book(&period, &c.instance, started, &c.routes, &prices, now);
                         let added = growth(&mut sh.state.cache_seen, &c.instance, started, requests);
                         let answered = growth(&mut sh.state.cache_hits_seen, &c.instance, started, answers);
                         let u = sh.state.usage.entry(period).or_default();
@@ -569,6 +786,28 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                 let body = {
                     let sh = shared.lock().expect("state lock");
                     summary(&sh.state, &cfg2, clock.now(), tz, &currency2)
+                };
+                let mut h = costmesh_bus::Headers::new();
+                h.insert("content-type", "application/json");
+                let _ = bus.respond(&msg, h, Bytes::from(body.to_string())).await;
+            }
+        });
+    }
+    // `costmesh cost --by ...` asks here.
+    {
+        let sub = ctx.bus().subscribe(&ctx.subjects().api("cost-watcher", "attribution")).await?;
+        let (bus, shared, clock, currency2) = (ctx.bus().clone(), shared.clone(), ctx.clock.clone(), currency.clone());
+        let shutdown = ctx.shutdown.clone();
+        tokio::spawn(async move {
+            let mut sub = sub;
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = sub.next() => match m { Some(m) => m, None => return },
+                };
+                let body = {
+                    let sh = shared.lock().expect("state lock");
+                    attribution_answer(&sh.state, &msg.payload, ledger::period_of(clock.now(), tz), &currency2)
                 };
                 let mut h = costmesh_bus::Headers::new();
                 h.insert("content-type", "application/json");
@@ -654,6 +893,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                 break;
             }
         }
+        publish_job_costs(&ctx, &store, &cfg, now, &currency).await;
         if let Err(e) = store.save().await {
             tracing::error!(error = format!("{e:#}"), "saving the ledger state failed");
         }
@@ -665,6 +905,77 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         Err(_) => tracing::error!("saving the ledger state at shutdown timed out"),
     }
     Ok(())
+}
+
+/// Answers an attribution request: `{"by": "team", "month": "2026-12"}`
+/// (month: the current one when absent) with a [`crate::report::Report`],
+/// or `{"error": ...}` naming what was wrong.
+fn attribution_answer(s: &State, payload: &[u8], current: String, currency: &str) -> serde_json::Value {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        by: String,
+        #[serde(default)]
+        month: Option<String>,
+    }
+    let ask: Ask = match serde_json::from_slice(payload) {
+        Ok(a) => a,
+        Err(e) => {
+            return serde_json::json!({"error": format!("request body: {e} (expected {{\"by\": ..., \"month\": \"YYYY-MM\"}})")})
+        }
+    };
+    let by = match ask.by.parse::<crate::report::By>() {
+        Ok(b) => b,
+        Err(e) => return serde_json::json!({ "error": e }),
+    };
+    let period = match ask.month.as_deref().map(crate::report::parse_month) {
+        None => current,
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return serde_json::json!({ "error": e }),
+    };
+    serde_json::to_value(crate::report::build(s, by, &period, currency)).unwrap_or_default()
+}
+
+/// Publishes the `JobCost` of every job that ended at least
+/// `job_cost_settle` ago: saved as pending first, under the id
+/// `jobcost-<job>`, so a crash between the save and the publish sends the
+/// same id again and JetStream drops the repeat; then marked sent.
+async fn publish_job_costs(ctx: &ServiceContext, store: &Store, cfg: &Config, now: DateTime<Utc>, currency: &str) {
+    let settle = chrono::Duration::from_std(cfg.job_cost_settle).unwrap_or_default();
+    let due: Vec<(String, JobCost, Option<String>)> = {
+        let mut sh = store.shared.lock().expect("state lock");
+        let ids = sh.state.attribution.due_job_costs(now, settle);
+        if ids.is_empty() {
+            return;
+        }
+        sh.touch();
+        ids.into_iter()
+            .filter_map(|id| {
+                let j = sh.state.attribution.jobs.get(&id)?;
+                Some((id.clone(), job_cost(&id, j, now, currency), j.ended.as_ref().and_then(|e| e.trace.clone())))
+            })
+            .collect()
+    };
+    if let Err(e) = store.save().await {
+        tracing::error!(error = format!("{e:#}"), "saving the ledger state failed; job costs wait for a save");
+        return;
+    }
+    for (id, ev, trace) in due {
+        let subject = ctx.subjects().job_cost(&id);
+        let event_id = format!("jobcost-{id}");
+        let publish = ctx.events.publish_durable_with_id(&subject, &ev, &event_id);
+        match costmesh_runtime::telemetry::resume(trace, publish).await {
+            Ok(ack) => {
+                tracing::info!(job = %id, team = %ev.team, cost = ev.cost.as_ref().map_or(0, |m| m.micros) as f64 / 1e6, energy_kwh = ev.energy_mj as f64 / 3.6e9, attempts = ?ev.attempts, duplicate = ack.duplicate, "job cost published");
+                let mut sh = store.shared.lock().expect("state lock");
+                if let Some(j) = sh.state.attribution.jobs.get_mut(&id) {
+                    j.cost_event = crate::attribution::CostEvent::Sent;
+                }
+                sh.touch();
+            }
+            Err(e) => tracing::warn!(job = %id, error = %e, "job cost publish failed; retried at the next evaluation"),
+        }
+    }
 }
 
 /// Reads GCP budget notifications from Pub/Sub until shutdown: books cloud

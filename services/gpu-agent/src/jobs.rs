@@ -374,7 +374,10 @@ impl Runner {
         if let Some(agent) = &self.agent {
             let team = a.spec.as_ref().map(|s| s.team.clone()).unwrap_or_default();
             for g in &a.gpu_indices {
-                agent.hold(*g, crate::agent::Holder { job_id: a.job_id.clone(), attempt: a.attempt, team: team.clone() });
+                agent.hold(
+                    *g,
+                    crate::agent::Holder { job_id: a.job_id.clone(), attempt: a.attempt, team: team.clone() },
+                );
                 agent.set_load(*g, 95);
             }
         }

@@ -208,7 +208,10 @@ pub fn validate_labels(labels: &std::collections::HashMap<String, String>) -> Re
             return Err(bad("labels", format!("key {k:?} must be 1 to {MAX_LABEL_KEY_LEN} characters")));
         }
         if let Some(c) = k.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))) {
-            return Err(bad("labels", format!("key {k:?} may hold only letters, digits, '_', '-', '.' and '/' (found {c:?})")));
+            return Err(bad(
+                "labels",
+                format!("key {k:?} may hold only letters, digits, '_', '-', '.' and '/' (found {c:?})"),
+            ));
         }
         if v.len() > MAX_LABEL_VALUE_LEN {
             return Err(bad(
