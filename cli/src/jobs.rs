@@ -40,6 +40,8 @@ pub struct Conn {
     pub json: bool,
 }
 
+// Parsed once per process: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum JobsCommand {
     /// Queue a job: `costmesh jobs submit --name train --gpus 2 --duration 6h -- python train.py`.

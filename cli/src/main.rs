@@ -22,6 +22,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run all five services in one process. Without --nats it uses the
@@ -42,10 +44,21 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
-    /// This month's cost, budgets, forecast and KPIs, asked of the cost-watcher.
+    /// This month's cost, budgets, forecast and KPIs, asked of the
+    /// cost-watcher; with --by, what each job, team, node, route or tenant
+    /// cost (idle time as its own row).
     Cost {
         #[command(flatten)]
         conn: jobs::Conn,
+        /// Break the month down by this.
+        #[arg(long, value_enum)]
+        by: Option<CostBy>,
+        /// The month, YYYY-MM (default: the current one, in the ledger's time zone).
+        #[arg(long)]
+        month: Option<String>,
+        /// How to print a breakdown.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Owning GPUs against renting cloud GPUs, from `[cost_watcher.roi]`.
     Roi {
@@ -63,6 +76,22 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum CostBy {
+    Job,
+    Team,
+    Node,
+    Route,
+    Tenant,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(Subcommand, Debug)]
@@ -185,6 +214,73 @@ async fn cost(conn: &jobs::Conn) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `costmesh cost --by ...`: asks the cost-watcher's attribution API and
+/// prints its rows as a table, JSON or CSV (one header line, the report's
+/// columns in order).
+async fn cost_by(conn: &jobs::Conn, by: CostBy, month: Option<String>, format: Format) -> anyhow::Result<ExitCode> {
+    let month = month
+        .map(|m| costmesh_cost_watcher::report::parse_month(&m).map_err(|e| anyhow::anyhow!("--{e}")))
+        .transpose()?;
+    let by = format!("{by:?}").to_ascii_lowercase();
+    let bus = costmesh_bus::Bus::Nats(conn.connect("costmesh-cost").await?);
+    let subject =
+        costmesh_contracts::Subjects::new(&conn.prefix).map_err(anyhow::Error::msg)?.api("cost-watcher", "attribution");
+    let body = serde_json::json!({ "by": by, "month": month });
+    let reply = bus
+        .request(&subject, Default::default(), bytes::Bytes::from(body.to_string()), std::time::Duration::from_secs(5))
+        .await
+        .map_err(|e| anyhow::anyhow!("no answer from the cost-watcher on {subject}: {e}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    if let Some(e) = v["error"].as_str() {
+        anyhow::bail!("{e}");
+    }
+    let columns: Vec<&str> = v["columns"].as_array().into_iter().flatten().filter_map(|c| c.as_str()).collect();
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    let cell = |row: &serde_json::Value, c: &str, table: bool| -> String {
+        match &row[c] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => String::new(),
+            serde_json::Value::Number(n) if table && n.is_f64() => format!("{:.4}", n.as_f64().unwrap_or(0.0)),
+            other => other.to_string(),
+        }
+    };
+    match (format, conn.json) {
+        (Format::Json, _) | (_, true) => println!("{}", serde_json::to_string_pretty(&v)?),
+        (Format::Csv, false) => {
+            let mut w = csv::Writer::from_writer(std::io::stdout());
+            w.write_record(&columns)?;
+            for r in &rows {
+                w.write_record(columns.iter().map(|c| cell(r, c, false)))?;
+            }
+            w.flush()?;
+        }
+        (Format::Table, false) => {
+            let closed = if v["closed"].as_bool() == Some(true) { ", closed" } else { "" };
+            println!(
+                "{} by {}  ({}{closed})",
+                v["period"].as_str().unwrap_or("?"),
+                v["by"].as_str().unwrap_or("?"),
+                v["currency"].as_str().unwrap_or("")
+            );
+            let cells: Vec<Vec<String>> =
+                rows.iter().map(|r| columns.iter().map(|c| cell(r, c, true)).collect()).collect();
+            let widths: Vec<usize> = columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| cells.iter().map(|r| r[i].len()).chain([c.len()]).max().unwrap_or(0))
+                .collect();
+            let line = |items: Vec<String>| {
+                items.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect::<Vec<_>>().join("  ")
+            };
+            println!("{}", line(columns.iter().map(|c| c.to_uppercase()).collect()));
+            for r in cells {
+                println!("{}", line(r));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn roi(path: Option<std::path::PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     let env = costmesh_runtime::config::process_env();
     let text = costmesh_runtime::config::read_file(path.as_deref(), &env)?;
@@ -227,7 +323,11 @@ fn main() -> ExitCode {
             Command::Roi { config, json } => roi(config, json),
             Command::NatsConfig(args) => natsconf::run(args),
             Command::Jobs { command } => jobs::run(command).await,
-            Command::Cost { conn } => cost(&conn).await,
+            Command::Cost { conn, by: None, month: None, .. } => cost(&conn).await,
+            Command::Cost { by: None, month: Some(m), .. } => {
+                Err(anyhow::anyhow!("--month {m:?} needs --by (the summary is always the current month)"))
+            }
+            Command::Cost { conn, by: Some(by), month, format } => cost_by(&conn, by, month, format).await,
             Command::Cache { command: CacheCommand::Purge { gateway, route, model_version, all, token_file } } => {
                 purge(&gateway, route, model_version, all, token_file).await
             }

@@ -66,8 +66,11 @@ pub struct Stats {
     pub backend_calls: Family<RouteLabels, Counter>,
     /// Every counter per route and tenant, for the cost-watcher's report
     /// (tenants are the configured set, so this stays small).
-    tallies: Arc<Mutex<std::collections::BTreeMap<(String, String), Arc<Tally>>>>,
+    tallies: Arc<Mutex<Tallies>>,
 }
+
+/// (route, tenant) -> its tally.
+type Tallies = std::collections::BTreeMap<(String, String), Arc<Tally>>;
 
 /// One route's counters for one tenant (cumulative since start).
 #[derive(Debug, Default)]

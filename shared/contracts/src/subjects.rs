@@ -327,6 +327,7 @@ impl Subjects {
             self.join(&["storage", ">"]),
             self.join(&["actions", ">"]),
             self.join(&["billing", ">"]),
+            self.join(&["cost", ">"]),
             self.join(&["dlq", ">"]),
         ]
     }
@@ -368,6 +369,37 @@ impl Subjects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NATS wildcard matching of one subject against one filter.
+    fn nats_matches(filter: &str, subject: &str) -> bool {
+        let (f, s): (Vec<&str>, Vec<&str>) = (filter.split('.').collect(), subject.split('.').collect());
+        for (i, t) in f.iter().enumerate() {
+            match *t {
+                ">" => return s.len() > i,
+                "*" if i < s.len() => {}
+                t if s.get(i) == Some(&t) => {}
+                _ => return false,
+            }
+        }
+        f.len() == s.len()
+    }
+
+    #[test]
+    fn the_events_stream_captures_every_jetstream_family_and_no_core_one() {
+        let s = Subjects::default();
+        for spec in SUBJECTS {
+            let subject = format!(
+                "costmesh.{}",
+                spec.pattern.split('.').map(|t| if t.starts_with('<') { "x" } else { t }).collect::<Vec<_>>().join(".")
+            );
+            let captured = s.durable_subjects().iter().any(|f| nats_matches(f, &subject));
+            assert_eq!(
+                captured,
+                spec.durability == Durability::JetStream,
+                "{subject}: captured by the stream = {captured}"
+            );
+        }
+    }
 
     #[test]
     fn each_subject_expects_its_payload_type() {
