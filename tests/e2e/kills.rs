@@ -433,6 +433,49 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
     .await;
     let s = summary(&m).await;
 
+    // Attribution, through every kill: the node rows hold exactly the
+    // recorded energy, and the job and idle rows add up to them.
+    let m_ref = &m;
+    let by = |by: &'static str| async move {
+        let m = m_ref;
+        let r = m
+            .bus
+            .request(
+                &m.subjects.api("cost-watcher", "attribution"),
+                Default::default(),
+                bytes::Bytes::from(json!({ "by": by }).to_string()),
+                WAIT,
+            )
+            .await
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["rows"].as_array().cloned().unwrap_or_default()
+    };
+    let exact = |rows: &[serde_json::Value], key: &str| -> u64 {
+        rows.iter().map(|r| r["exact"][key].as_u64().unwrap_or(0)).sum()
+    };
+    let (nodes, jobs_rows) = (by("node").await, by("job").await);
+    let truth_mj: u64 = {
+        let mut truth = costmesh_cost_watcher::energy::EnergyLedger::default();
+        for (subject, e) in m.events.lock().unwrap().iter() {
+            if let AnyEvent::GpuSample(x) = e {
+                if subject.starts_with(&telemetry) {
+                    truth.observe(&x.node, x.gpu_index, &x.boot_id, x.energy_mj);
+                }
+            }
+        }
+        truth.total_mj()
+    };
+    let attribution_off = usize::from(exact(&nodes, "energy_mj") != truth_mj)
+        + usize::from(exact(&jobs_rows, "energy_mj") != exact(&nodes, "energy_mj"))
+        + usize::from(exact(&jobs_rows, "gpu_ms") != exact(&nodes, "gpu_ms"))
+        + usize::from(exact(&jobs_rows, "electricity_micros") != exact(&nodes, "electricity_micros"));
+    let job_costs = stored(&m, &format!("{}.cost.job.>", m.subjects.prefix())).await;
+    let mut costs_per_job: BTreeMap<String, usize> = BTreeMap::new();
+    for (subject, _, _) in &job_costs {
+        *costs_per_job.entry(subject.clone()).or_default() += 1;
+    }
+    let job_costs_repeated: usize = costs_per_job.values().map(|n| n - 1).sum();
+
     let jobs = m.api("list", json!({})).await;
     let known: BTreeSet<String> =
         jobs["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
@@ -489,9 +532,13 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
          (cloud {booked_cloud:.2} after 85 {at_85:.2} / 105 {at_105:.2}; storage {booked_storage:.6} vs {expected_storage:.6} \
          from {} reports; energy {booked_kwh:.9} vs {expected_kwh:.9} kWh), budget events missing {missing} repeated {repeated} \
          ({by:?}), budget reactions forgotten {reactions_forgotten}, in-use models planned for retirement {model_planned}; \
+         attribution rows off {attribution_off} ({} node rows, {} job rows, {truth_mj} mJ recorded), job costs {} ({job_costs_repeated} repeated); \
          gateway requests ok {} failed {}",
         doubles.len(),
         reports.len(),
+        nodes.len(),
+        jobs_rows.len(),
+        job_costs.len(),
         ok.load(Ordering::SeqCst),
         failed.load(Ordering::SeqCst),
     );
@@ -501,5 +548,7 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
     assert_eq!((missing, repeated), (0, 0), "{by:?}");
     assert_eq!(reactions_forgotten, 0);
     assert_eq!(model_planned, 0);
+    assert_eq!(attribution_off, 0, "attribution: nodes {nodes:#?} jobs {jobs_rows:#?}");
+    assert_eq!(job_costs_repeated, 0, "{costs_per_job:?}");
     assert!(reports.len() >= 3, "the janitor reported across its restarts");
 }

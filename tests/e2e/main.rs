@@ -237,6 +237,7 @@ impl Mesh {
                 auth("cost-watcher"),
                 vec![
                     ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL".into(), "1s".into()),
+                    ("COSTMESH__COST_WATCHER__JOB_COST_SETTLE".into(), "2s".into()),
                     (
                         "COSTMESH__COST_WATCHER__BILLING__SUBSCRIPTION".into(),
                         "projects/costmesh-test/subscriptions/budget".into(),

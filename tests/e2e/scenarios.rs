@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use costmesh_contracts::v1::{BudgetState, JobEventKind};
+use costmesh_contracts::AnyEvent;
 use serde_json::json;
 
 use super::{Host, Mesh, WAIT};
@@ -389,4 +390,26 @@ async fn a_job_is_one_trace_from_cli_submit_to_exit_across_five_named_services()
     }
     let agent = all.iter().find(|s| s.service == "gpu-agent").unwrap();
     assert!(agent.resource.iter().any(|(k, v)| k == "costmesh.node" && v == "local-1"), "{:?}", agent.resource);
+
+    // What the job cost: one JobCost with the energy and GPU time its agent's
+    // samples named it for, in the job's trace.
+    let cost = costmesh_testkit::wait_for(WAIT, "the job's JobCost", || async {
+        m.seen(&format!("cost.job.{id}"))
+            .into_iter()
+            .find_map(|(_, e)| match e {
+                AnyEvent::JobCost(c) => Some(c),
+                _ => None,
+            })
+            .ok_or_else(|| "no JobCost yet".to_string())
+    })
+    .await;
+    assert!(cost.energy_mj > 0 && cost.gpu_ms > 0, "{cost:?}");
+    assert_eq!((cost.attempts.clone(), cost.nodes.clone()), (vec![1], vec!["local-1".to_string()]));
+    assert_eq!(cost.outcome(), JobEventKind::Exited);
+    costmesh_testkit::eventually(WAIT, "the JobCost's publish span in the job's trace", || async {
+        m.otlp.spans().into_iter().any(|s| {
+            s.trace_id == trace && s.service == "cost-watcher" && s.name == format!("publish {p}.cost.job.{{job}}")
+        })
+    })
+    .await;
 }
