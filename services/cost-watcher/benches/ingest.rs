@@ -1,7 +1,10 @@
 //! Telemetry ingest: GPU samples the cost-watcher accounts per second over a
 //! real nats-server, next to the raw rate at which the same server and
 //! client move the same messages to a subscriber that only counts them.
-//! Both in one run, same messages, same machine.
+//! Both in one run, same messages, same machine. Attribution is on: half
+//! the GPUs are held by one of 16 jobs of 4 teams, one node of 8 is a
+//! priced cloud node, and samples are 5 s apart, so every sample books
+//! energy, GPU time and carbon (and node time) to a job or an idle row.
 //!
 //!     cargo bench -p costmesh-cost-watcher --bench ingest
 use std::time::{Duration, Instant};
@@ -25,13 +28,21 @@ fn messages(prefix: &str) -> Vec<(String, Headers, Bytes)> {
     (0..N)
         .map(|i| {
             let gpu = i as u32 % GPUS;
+            let round = i as u64 / GPUS as u64;
+            let at = now + chrono::Duration::seconds(5 * round as i64);
+            let held = gpu % 2 == 0;
             let s = GpuSample {
                 node: format!("node-{}", gpu / 8),
                 gpu_index: gpu % 8,
                 boot_id: "bench".into(),
-                energy_mj: (i as u64 / GPUS as u64 + 1) * 1_000_000,
+                energy_mj: (round + 1) * 1_000_000,
                 power_draw_mw: 250_000,
-                time: Some(costmesh_contracts::timestamp(now)),
+                time: Some(costmesh_contracts::timestamp(at)),
+                job_id: if held { format!("job-{}", (gpu / 2) % 16) } else { String::new() },
+                job_attempt: 1,
+                job_team: if held { format!("team-{}", (gpu / 2) % 4) } else { String::new() },
+                cloud: gpu / 8 == 7,
+                node_gpu_count: 8,
                 ..Default::default()
             };
             let (h, p) =
@@ -93,7 +104,12 @@ async fn ingest(url: &str) -> (usize, f64) {
     let bus = Bus::Nats(NatsBus::connect(url, &Default::default()).await.unwrap());
     let ctx = ServiceContext::new("cost-watcher", None, bus, &mesh, Clock::system(), shutdown.clone());
     let (metrics, health) = (ctx.events.metrics.clone(), ctx.health.clone());
-    tokio::spawn(costmesh_cost_watcher::run(Default::default(), ctx));
+    let mut cfg = costmesh_cost_watcher::Config::default();
+    cfg.cloud_prices.insert(
+        "node-7".into(),
+        costmesh_cost_watcher::config::CloudPrice { on_demand_per_hour: 43.0, spot_per_hour: None },
+    );
+    tokio::spawn(costmesh_cost_watcher::run(cfg, ctx));
     while !health.is_ready() {
         tokio::task::yield_now().await;
     }
@@ -116,7 +132,7 @@ async fn main() {
     let (ing_n, ing_s) = ingest(&nats.url()).await;
     let raw_rate = raw_n as f64 / raw_s;
     let ing_rate = ing_n as f64 / ing_s;
-    println!("ingest: {N} GpuSamples (protobuf, {GPUS} GPUs) in paced batches of {BATCH}, nats-server on loopback");
+    println!("ingest: {N} GpuSamples (protobuf, {GPUS} GPUs, attribution on) in paced batches of {BATCH}, nats-server on loopback");
     println!("  raw (count only): {raw_n} received in {raw_s:.2} s = {raw_rate:.0} msg/s");
     println!("  cost-watcher    : {ing_n} accounted in {ing_s:.2} s = {ing_rate:.0} msg/s");
     println!("  ratio ingest/raw: {:.2} (target >= 0.5)", ing_rate / raw_rate);
