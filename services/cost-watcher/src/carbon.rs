@@ -186,4 +186,55 @@ mod tests {
         assert!(parse(br#"{"zone":"TW"}"#).unwrap_err().contains("carbonIntensity"));
         assert!(parse(br#"{"carbonIntensity":-1,"datetime":"2026-12-01T00:00:00Z"}"#).is_err());
     }
+
+    /// The HTTP source as Electricity Maps serves it (a local server with
+    /// the API's JSON), with the token header; and a file source.
+    #[tokio::test]
+    async fn an_http_and_a_file_source_are_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                let _ = seen_tx.send(String::from_utf8_lossy(&buf[..n]).to_string());
+                let body = r#"{"zone":"TW","carbonIntensity":612,"datetime":"2026-12-01T10:00:00.000Z"}"#;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = c.write_all(resp.as_bytes()).await;
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "secret-token\n").unwrap();
+        let cfg = CarbonConfig {
+            source: format!("http://{addr}/v3/carbon-intensity/latest?zone=TW"),
+            auth_token_file: Some(token),
+            ..Default::default()
+        };
+        let (i, stop) = (Intensity::fixed(494.0), tokio_util::sync::CancellationToken::new());
+        let task = tokio::spawn(follow(cfg, i.clone(), stop.clone()));
+        let request = tokio::time::timeout(Duration::from_secs(10), seen_rx.recv()).await.unwrap().unwrap();
+        assert!(request.starts_with("GET /v3/carbon-intensity/latest?zone=TW "), "{request}");
+        assert!(request.to_ascii_lowercase().contains("auth-token: secret-token"), "{request}");
+        let t: DateTime<Utc> = "2026-12-01T11:00:00Z".parse().unwrap();
+        costmesh_testkit::eventually(Duration::from_secs(10), "the figure read", || async { i.at(t) == 612.0 }).await;
+        stop.cancel();
+        task.await.unwrap();
+
+        let file = dir.path().join("history.json");
+        std::fs::write(&file, r#"{"history":[{"carbonIntensity":300,"datetime":"2026-12-01T00:00:00Z"}]}"#).unwrap();
+        let f = Intensity::fixed(494.0);
+        follow(
+            CarbonConfig { source: file.display().to_string(), ..Default::default() },
+            f.clone(),
+            Default::default(),
+        )
+        .await;
+        assert_eq!(f.at(t), 300.0);
+    }
 }
