@@ -7,6 +7,10 @@
 #     unit tests, and a real Prometheus scraping `costmesh up`);
 #   - docker-compose, from Debian (checks compose/docker-compose.yml);
 #   - nats-py, from PyPI into the venv .tools/py (the Python integration example).
+# And checks, without installing, for Google's Pub/Sub emulator (the Google
+# Cloud CLI's pubsub-emulator component, with Java 17): the billing tests run
+# against it, and the test command stops here, saying what to install, when
+# it is missing.
 # Idempotent: skips what is already there. Says exactly what to install when
 # it cannot install something itself.
 set -euo pipefail
@@ -108,4 +112,21 @@ if ! .tools/py/bin/python -c "import nats" >/dev/null 2>&1; then
   fi
 fi
 say "nats-py: $(.tools/py/bin/python -c 'import importlib.metadata as m; print(m.version("nats-py"))')"
+
+# Google's Pub/Sub emulator (not in Debian or PyPI: it ships with the Google
+# Cloud CLI). shared/testkit/src/emulator.rs finds it the same way.
+emulator="${PUBSUB_EMULATOR_BIN:-}"
+if [ -z "$emulator" ] && command -v gcloud >/dev/null; then
+  sdk=$(gcloud info --format='value(installation.sdk_root)' 2>/dev/null || true)
+  [ -n "$sdk" ] && emulator="$sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"
+fi
+[ -x "${emulator:-/nonexistent}" ] || emulator=/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
+if [ ! -x "$emulator" ] || ! command -v java >/dev/null; then
+  say "Google's Pub/Sub emulator is missing (the billing tests run against it):"
+  say "  install the Google Cloud CLI and its emulator (gcloud components install pubsub-emulator,"
+  say "  or apt-get install google-cloud-cli-pubsub-emulator from Google's apt repository) and Java 17,"
+  say "  or set PUBSUB_EMULATOR_BIN to its cloud-pubsub-emulator launcher"
+  exit 1
+fi
+say "pubsub emulator: $emulator ($(java -version 2>&1 | head -1))"
 exit 0

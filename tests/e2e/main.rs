@@ -1,6 +1,6 @@
 //! End-to-end scenarios: the five service binaries as separate processes
 //! against a private nats-server (JetStream) and redis-server, with
-//! simulated GPUs, local GCE metadata servers, a local Pub/Sub server and an
+//! simulated GPUs, local GCE metadata servers, Google's Pub/Sub emulator and an
 //! OTLP receiver, all on loopback. Waits are on events with timeouts.
 //!
 //! The binaries come from the same target directory as this test
@@ -16,9 +16,9 @@ use axum::Router;
 use costmesh_bus::{Bus, NatsBus};
 use costmesh_contracts::v1::{BudgetState, JobEventKind};
 use costmesh_contracts::{AnyEvent, Subjects};
+use costmesh_testkit::emulator::PubSubEmulator;
 use costmesh_testkit::metadata::MetadataServer;
 use costmesh_testkit::otlp::OtlpReceiver;
-use costmesh_testkit::pubsub::FakePubSub;
 use costmesh_testkit::{free_port, NatsServer, RedisServer};
 use serde_json::{json, Value};
 
@@ -102,7 +102,9 @@ impl Proc {
 pub struct Mesh {
     pub nats: NatsServer,
     pub redis: RedisServer,
-    pub pubsub: FakePubSub,
+    /// Google's Pub/Sub emulator with the budget topic and the cost-watcher's
+    /// subscription (meshes started with [`Mesh::start_with_billing`]).
+    pub pubsub: Option<PubSubEmulator>,
     pub otlp: OtlpReceiver,
     pub metadata: HashMap<&'static str, MetadataServer>,
     pub bus: Bus,
@@ -120,12 +122,26 @@ pub struct Mesh {
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
+/// The topic GCP budget notifications arrive on, in the emulator.
+pub const BUDGET_TOPIC: &str = "budget-alerts";
+
 /// The Redis password of a secure mesh (a test fixture, grepped for in logs).
 pub const REDIS_PASSWORD: &str = "redis-pw-5f2c9a7e";
 
 impl Mesh {
     pub async fn start(test: &str, hosts: &[Host], extra_env: &[(&str, &str)]) -> Mesh {
-        Self::start_with(test, hosts, extra_env, false).await
+        Self::start_with(test, hosts, extra_env, false, false).await
+    }
+
+    /// With GCP budget notifications: the cost-watcher reads the
+    /// subscription `budget` of Google's Pub/Sub emulator (about 15 s to start).
+    pub async fn start_with_billing(test: &str, hosts: &[Host], extra_env: &[(&str, &str)]) -> Mesh {
+        Self::start_with(test, hosts, extra_env, false, true).await
+    }
+
+    /// Publishes a budget notification on the emulator's topic.
+    pub fn notify(&self, data: Vec<u8>, attributes: HashMap<String, String>) {
+        self.pubsub.as_ref().expect("a mesh started with billing").publish(BUDGET_TOPIC, &data, &attributes);
     }
 
     /// The mesh as compose deploys it: NATS under `costmesh nats-config`'s
@@ -133,10 +149,10 @@ impl Mesh {
     /// `alice`, the harness as operator `harness`), signed commands to
     /// nodes, and Redis behind a password read from a file.
     pub async fn start_secure(test: &str, hosts: &[Host]) -> Mesh {
-        Self::start_with(test, hosts, &[], true).await
+        Self::start_with(test, hosts, &[], true, false).await
     }
 
-    async fn start_with(test: &str, hosts: &[Host], extra_env: &[(&str, &str)], secure: bool) -> Mesh {
+    async fn start_with(test: &str, hosts: &[Host], extra_env: &[(&str, &str)], secure: bool, billing: bool) -> Mesh {
         let serial = SERIAL.lock().await;
         let started_at = chrono::Utc::now().to_rfc3339();
         let extra_env: Vec<(String, String)> = extra_env
@@ -173,7 +189,11 @@ impl Mesh {
                 (nats, redis, harness)
             }
         };
-        let pubsub = FakePubSub::start().await;
+        let pubsub = billing.then(|| {
+            let e = PubSubEmulator::start("costmesh-test");
+            e.create_subscription(BUDGET_TOPIC, "budget", 10);
+            e
+        });
         let otlp = OtlpReceiver::start().await;
         let bus = Bus::Nats(NatsBus::connect(&nats.url(), &harness).await.unwrap());
         let subjects = Subjects::new(&prefix).unwrap();
@@ -238,13 +258,20 @@ impl Mesh {
                 vec![
                     ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL".into(), "1s".into()),
                     ("COSTMESH__COST_WATCHER__JOB_COST_SETTLE".into(), "2s".into()),
-                    (
-                        "COSTMESH__COST_WATCHER__BILLING__SUBSCRIPTION".into(),
-                        "projects/costmesh-test/subscriptions/budget".into(),
-                    ),
-                    ("COSTMESH__COST_WATCHER__BILLING__ENDPOINT".into(), pubsub.endpoint()),
-                    ("COSTMESH__COST_WATCHER__BILLING__CREDENTIALS".into(), "anonymous".into()),
                 ],
+                pubsub
+                    .iter()
+                    .flat_map(|e| {
+                        [
+                            (
+                                "COSTMESH__COST_WATCHER__BILLING__SUBSCRIPTION".to_string(),
+                                "projects/costmesh-test/subscriptions/budget".to_string(),
+                            ),
+                            ("COSTMESH__COST_WATCHER__BILLING__ENDPOINT".to_string(), e.endpoint()),
+                            ("COSTMESH__COST_WATCHER__BILLING__CREDENTIALS".to_string(), "anonymous".to_string()),
+                        ]
+                    })
+                    .collect(),
             ]
             .concat(),
         );

@@ -137,7 +137,7 @@ pub(crate) fn attrs() -> std::collections::HashMap<String, String> {
 #[tokio::test]
 async fn budget_notifications_gate_cloud_work_degrade_the_gateway_and_trace_across_services() {
     let hosts = [host("local-1", false, false), host("cloud-1", true, false)];
-    let m = Mesh::start("e2ebudget", &hosts, &[]).await;
+    let m = Mesh::start_with_billing("e2ebudget", &hosts, &[]).await;
     let local = m.submit(m.train_job("local", json!({}))).await;
     m.wait_job(&local, "local running", |j| j["state"] == "running").await;
     let cloud = m.submit(m.train_job("cloudy", json!({"cloudOk": true}))).await;
@@ -146,11 +146,11 @@ async fn budget_notifications_gate_cloud_work_degrade_the_gateway_and_trace_acro
     assert_eq!(m.ask("batch", r#"{"q":1}"#, false).await.0, 200);
     let reports_before = m.seen("storage.report").len();
 
-    m.pubsub.publish(notification(85.0), attrs());
+    m.notify(notification(85.0), attrs());
     m.wait_seen("budget.cloud.warning", "the warning", 1).await;
     m.wait_seen("storage.report", "the janitor's extra pass", reports_before + 1).await;
 
-    m.pubsub.publish(notification(105.0), attrs());
+    m.notify(notification(105.0), attrs());
     m.wait_seen("budget.cloud.exceeded", "exceeded", 1).await;
     let stopped = m.wait_job(&cloud, "cloud job stopped", |j| j["state"] == "queued").await;
     assert!(stopped["reason"].as_str().unwrap().starts_with("budget exceeded"), "{stopped}");
@@ -162,8 +162,12 @@ async fn budget_notifications_gate_cloud_work_degrade_the_gateway_and_trace_acro
     assert_eq!(m.api("show", json!({"id": local})).await["job"]["state"], "running", "local work goes on");
 
     // A redelivered notification changes nothing: each state exactly once.
-    m.pubsub.publish(notification(105.0), attrs());
-    costmesh_testkit::eventually(WAIT, "the repeat acknowledged", || async { m.pubsub.outstanding() == 0 }).await;
+    let relayed = m.seen("billing.gcp").len();
+    m.notify(notification(105.0), attrs());
+    costmesh_testkit::eventually(WAIT, "the repeat read and relayed", || async {
+        m.seen("billing.gcp").len() > relayed
+    })
+    .await;
     // 105 USD is also over the overall monthly budget (3,000 TWD): that
     // budget moves too, once per state as well.
     let counts = m.budget_counts();

@@ -30,7 +30,7 @@ fn messages(prefix: &str) -> Vec<(String, Headers, Bytes)> {
             let gpu = i as u32 % GPUS;
             let round = i as u64 / GPUS as u64;
             let at = now + chrono::Duration::seconds(5 * round as i64);
-            let held = gpu % 2 == 0;
+            let held = gpu.is_multiple_of(2);
             let s = GpuSample {
                 node: format!("node-{}", gpu / 8),
                 gpu_index: gpu % 8,

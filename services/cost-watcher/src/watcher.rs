@@ -815,9 +815,8 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
             }
         });
     }
-    if !cfg.billing.subscription.is_empty() {
-        tokio::spawn(consume_billing(cfg.billing.clone(), ctx.clone(), store.clone(), currency.clone(), tz));
-    }
+    let billing = (!cfg.billing.subscription.is_empty())
+        .then(|| tokio::spawn(consume_billing(cfg.billing.clone(), ctx.clone(), store.clone(), currency.clone(), tz)));
     ctx.bus_ready().await?;
 
     let mut ticker = ctx.clock.ticker(cfg.evaluate_interval);
@@ -897,6 +896,10 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         if let Err(e) = store.save().await {
             tracing::error!(error = format!("{e:#}"), "saving the ledger state failed");
         }
+    }
+    // The Pub/Sub subscriber hands back what it holds before the last save.
+    if let Some(b) = billing {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(6), b).await;
     }
     // A last save, so what was booked since the last tick survives a restart.
     match tokio::time::timeout(std::time::Duration::from_secs(5), store.save()).await {
@@ -1010,10 +1013,24 @@ async fn consume_billing(
             }
         };
         tracing::info!(subscription = %cfg.subscription, "reading GCP budget notifications");
-        let mut stream = client.subscribe(cfg.subscription.clone()).build();
+        // On shutdown, what this process holds goes back at once (nacked),
+        // so the next cost-watcher gets it without waiting out a lease; a
+        // killed one's leases (and anything the server sent to a stream
+        // that was closing) lapse within the 10 s extension.
+        let mut stream = client
+            .subscribe(cfg.subscription.clone())
+            .set_shutdown_behavior(google_cloud_pubsub::subscriber::ShutdownBehavior::NackImmediately)
+            .set_max_lease_extension(std::time::Duration::from_secs(10))
+            .build();
+        let leases = stream.shutdown_token();
         loop {
             let item = tokio::select! {
-                _ = ctx.shutdown.cancelled() => return,
+                _ = ctx.shutdown.cancelled() => {
+                    if tokio::time::timeout(std::time::Duration::from_secs(5), leases.shutdown()).await.is_err() {
+                        tracing::warn!("Pub/Sub subscriber did not shut down within 5 s; its leases lapse on their own");
+                    }
+                    return;
+                }
                 i = stream.next() => i,
             };
             let (msg, handler) = match item {
@@ -1092,8 +1109,9 @@ async fn consume_billing(
                     if let Err(e) = store.save().await {
                         tracing::warn!(
                             error = format!("{e:#}"),
-                            "ledger not saved; notification left unacked for redelivery"
+                            "ledger not saved; notification nacked for redelivery"
                         );
+                        handler.nack();
                         continue;
                     }
                     let subject = ctx.subjects().billing_gcp(&n.budget_id);

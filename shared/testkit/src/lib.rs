@@ -1,5 +1,6 @@
 //! Test support: private `nats-server` (with JetStream) and `redis-server`
-//! processes on free loopback ports, one set per test.
+//! processes on free loopback ports, one set per test, and Google's Pub/Sub
+//! emulator ([`emulator`]).
 //!
 //! Each server keeps its port and data directory across [`stop`] and
 //! [`start`], so a test can kill a server mid-scenario and bring it back with
@@ -14,9 +15,9 @@
 //! [`start`]: NatsServer::start
 #![forbid(unsafe_code)]
 
+pub mod emulator;
 pub mod metadata;
 pub mod otlp;
-pub mod pubsub;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
