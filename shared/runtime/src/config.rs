@@ -522,6 +522,15 @@ impl Default for LogConfig {
 
 impl Validate for LogConfig {
     fn validate(&self, p: &str) -> Result<(), ConfigError> {
+        // tracing-subscriber's parser slices at byte offsets and panics
+        // inside a multi-byte character; a filter is ASCII anyway.
+        if !self.level.is_ascii() || self.level.chars().any(|c| c.is_ascii_control()) {
+            return Err(ConfigError::new(
+                key(p, "level"),
+                self.level.escape_debug(),
+                "not a log filter: must be printable ASCII, such as info or info,costmesh=debug",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.level)
             .map(|_| ())
             .map_err(|e| ConfigError::new(key(p, "level"), &self.level, format!("not a log filter: {e}")))
@@ -700,6 +709,17 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_log_level_with_non_ascii_is_refused_not_a_panic() {
+        // Found by tests/fuzz: the filter parser panicked inside `¡`.
+        for bad in ["\u{b}A\u{a1}=", "info,costmesh=d\u{e9}bug", "caf\u{e9}"] {
+            let e = load_service::<Svc>(None, &env(&[("COSTMESH__LOG__LEVEL", bad)]), "gpu_agent").unwrap_err();
+            assert_eq!(e.key, "log.level", "{e}");
+        }
+        let ok = load_service::<Svc>(None, &env(&[("COSTMESH__LOG__LEVEL", "info,costmesh=debug")]), "gpu_agent");
+        assert!(ok.is_ok());
     }
 
     #[test]

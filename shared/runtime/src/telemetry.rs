@@ -180,8 +180,11 @@ pub fn init(service: &str, log: &LogConfig, env: &BTreeMap<String, String>) -> T
 /// [`init`] for a process that hosts several services (`costmesh up`) or a
 /// service with a node: spans are exported under each one's identity.
 pub fn init_for(identities: &[Identity], log: &LogConfig, env: &BTreeMap<String, String>) -> TelemetryGuard {
-    let filter =
-        env.get("RUST_LOG").and_then(|f| EnvFilter::try_new(f).ok()).unwrap_or_else(|| EnvFilter::new(&log.level));
+    let filter = env
+        .get("RUST_LOG")
+        .filter(|f| f.is_ascii())
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(&log.level));
     let fmt = match log.format {
         LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
