@@ -64,7 +64,12 @@ pub fn summary(e: &AnyEvent) -> String {
             "CloudBudgetNotification {} {:.2} of {:.2} {}",
             n.budget_display_name, n.cost_amount, n.budget_amount, n.currency_code
         ),
-        AnyEvent::Action(a) => format!("Action {} {} {} ({})", a.kind, a.target, a.state().as_str_name(), a.reason),
+        AnyEvent::Action(a) if a.outcome.is_empty() => {
+            format!("Action {} {} {} ({})", a.kind, a.target, a.state().as_str_name(), a.reason)
+        }
+        AnyEvent::Action(a) => {
+            format!("Action {} {} {} ({}): {}", a.kind, a.target, a.state().as_str_name(), a.reason, a.outcome)
+        }
         AnyEvent::JobCost(c) => format!(
             "JobCost {} team={} cost={} energy={:.3}kWh gpu_hours={:.2} attempts={:?} nodes={:?}",
             c.job_id,

@@ -196,6 +196,7 @@ impl Agent {
             dry_run: observe && !human,
             service: "gpu-agent".into(),
             time: Some(costmesh_contracts::timestamp(now)),
+            ..Default::default()
         }
     }
 

@@ -1,6 +1,6 @@
-//! Where idle-resource actions go. The shipped actuator only logs and
-//! records (dry run); a cloud actuator (say, resizing a GCE managed
-//! instance group or stopping a VM) implements the same trait.
+//! Where idle-resource and budget actions go. [`DryRun`] only logs and
+//! records; [`crate::gce::Gce`] stops, resizes and starts the Compute Engine
+//! instances costmesh may manage.
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -8,13 +8,55 @@ use std::sync::{Arc, Mutex};
 use costmesh_contracts::v1::{Action, ActionState};
 
 /// What an actuator did with an action.
-pub type ActResult = Result<ActionState, String>;
+#[derive(Clone, Debug, PartialEq)]
+pub struct Acted {
+    pub state: ActionState,
+    /// True when nothing outside costmesh was changed.
+    pub dry_run: bool,
+    /// What happened, or what would be done.
+    pub outcome: String,
+    /// Cloud operations that carried it out, in order.
+    pub operations: Vec<String>,
+    /// The cloud resource acted on, if any.
+    pub resource: String,
+}
+
+impl Acted {
+    pub fn proposed(outcome: impl Into<String>) -> Self {
+        Self {
+            state: ActionState::Proposed,
+            dry_run: true,
+            outcome: outcome.into(),
+            operations: Vec::new(),
+            resource: String::new(),
+        }
+    }
+
+    /// Copies the outcome into `action`.
+    pub fn apply_to(self, action: &mut Action) {
+        action.state = self.state as i32;
+        action.dry_run = self.dry_run;
+        action.outcome = self.outcome;
+        action.operations = self.operations;
+        action.resource = self.resource;
+    }
+}
+
+/// Boxed future an actuator returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 pub trait Actuator: Send + Sync + 'static {
-    /// Carries out (or, dry run, records) `action`.
-    fn act<'a>(&'a self, action: &'a Action) -> Pin<Box<dyn Future<Output = ActResult> + Send + 'a>>;
+    /// Carries out (or, dry run, records) `action`, whose target is a node.
+    fn act<'a>(&'a self, action: &'a Action) -> BoxFuture<'a, Acted>;
     /// True when nothing is changed outside costmesh.
     fn dry_run(&self) -> bool;
+    /// A budget that gates cloud work is exceeded: whatever the actuator
+    /// does about it (stopping the cloud machines it manages), one action
+    /// each. `template` carries kind, reason, service and time.
+    fn budget_exceeded<'a>(&'a self, template: &'a Action) -> BoxFuture<'a, Vec<Action>> {
+        let _ = template;
+        Box::pin(async { Vec::new() })
+    }
 }
 
 /// Logs and records every action; changes nothing.
@@ -24,11 +66,14 @@ pub struct DryRun {
 }
 
 impl Actuator for DryRun {
-    fn act<'a>(&'a self, action: &'a Action) -> Pin<Box<dyn Future<Output = ActResult> + Send + 'a>> {
+    fn act<'a>(&'a self, action: &'a Action) -> BoxFuture<'a, Acted> {
         Box::pin(async move {
             tracing::warn!(kind = %action.kind, target = %action.target, reason = %action.reason, "idle action (dry run: recorded, nothing changed)");
             self.taken.lock().expect("actuator lock").push(action.clone());
-            Ok(ActionState::Proposed)
+            Acted::proposed(format!(
+                "dry run: {} {} recorded; no cloud actuator is configured",
+                action.kind, action.target
+            ))
         })
     }
 

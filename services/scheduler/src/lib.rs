@@ -7,10 +7,12 @@
 //! - [`service`]: the service: job API over request-reply, durable job
 //!   state with compare-and-set, assignments, checkpoints, preemption
 //!   recovery, budget gating, idle actions.
-//! - [`actuator`]: where idle actions go (dry run shipped).
+//! - [`actuator`]: where idle and budget actions go (dry run by default).
+//! - [`gce`]: the Compute Engine actuator (stop, resize, start managed VMs).
 #![forbid(unsafe_code)]
 
 pub mod actuator;
+pub mod gce;
 pub mod model;
 pub mod plan;
 pub mod service;
@@ -115,6 +117,9 @@ pub struct Config {
     pub preempted_hold: Duration,
     pub budget: BudgetGating,
     pub idle: IdleConfig,
+    /// Acting on Compute Engine (off unless `gce.project` is set; dry run
+    /// unless `gce.apply`).
+    pub gce: gce::GceConfig,
     /// An nkey seed file (`costmesh nats-config` writes one per user): the
     /// scheduler signs its assignments, signals and power commands with it,
     /// and gpu-agents that list its public key in `trusted_scheduler_keys`
@@ -143,6 +148,7 @@ impl Default for Config {
             preempted_hold: Duration::from_secs(600),
             budget: BudgetGating::default(),
             idle: IdleConfig::default(),
+            gce: Default::default(),
             signing_key_file: None,
             admin: AdminConfig::on_port(9102),
         }
@@ -172,6 +178,14 @@ impl Validate for Config {
         if let Some(f) = &self.signing_key_file {
             costmesh_runtime::signing::Signer::from_file(f)
                 .map_err(|why| ConfigError::new(key(p, "signing_key_file"), f.display(), why))?;
+        }
+        self.gce.validate(p)?;
+        if self.gce.stop_on_budget_exceeded && !self.budget.stop_cloud_on_exceeded {
+            return Err(ConfigError::new(
+                key(p, "gce.stop_on_budget_exceeded"),
+                "true",
+                "needs budget.stop_cloud_on_exceeded (the jobs there checkpoint and stop first)",
+            ));
         }
         hhmm(p, "off_peak_start", &self.off_peak_start)?;
         hhmm(p, "off_peak_end", &self.off_peak_end)?;

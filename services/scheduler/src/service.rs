@@ -111,9 +111,16 @@ struct Sched {
     connects_seen: u64,
 }
 
-/// Runs the scheduler with the dry-run actuator until shutdown.
+/// Runs the scheduler until shutdown, with the Compute Engine actuator when
+/// `gce.project` is set (dry run unless `gce.apply`), else the recording one.
 pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
-    run_with_actuator(cfg, ctx, Arc::new(DryRun::default())).await
+    let actuator: Arc<dyn Actuator> = if cfg.gce.project.is_empty() {
+        Arc::new(DryRun::default())
+    } else {
+        tracing::info!(project = %cfg.gce.project, zones = ?cfg.gce.zones, label = %cfg.gce.label, apply = cfg.gce.apply, "Compute Engine actuator");
+        Arc::new(crate::gce::Gce::new(cfg.gce.clone()).await?)
+    };
+    run_with_actuator(cfg, ctx, actuator).await
 }
 
 /// Runs the scheduler, sending idle actions to `actuator`.
@@ -742,22 +749,47 @@ impl Sched {
                 time: Some(costmesh_contracts::timestamp(now)),
                 ..Default::default()
             };
-            let state = match self.actuator.act(&action).await {
-                Ok(s) => s,
-                Err(e) => {
-                    action.reason = format!("{}; actuator failed: {e}", action.reason);
-                    costmesh_contracts::v1::ActionState::Failed
-                }
-            };
-            action.state = state as i32;
             if let Some(n) = self.nodes.get_mut(&node) {
                 n.idle_acted = true;
             }
             self.metrics.decisions.get_or_create(&KindLabels { kind: format!("idle_{kind}") }).inc();
-            if let Err(e) = self.ctx.events.publish_durable(&self.ctx.subjects().action(kind), &action).await {
-                tracing::warn!(error = %e, "idle action not published");
-            }
+            // A cloud call takes a minute or more: it runs beside the
+            // scheduling loop, and its event says how it ended.
+            let (actuator, events, subject) =
+                (self.actuator.clone(), self.ctx.events.clone(), self.ctx.subjects().action(kind));
+            tokio::spawn(async move {
+                actuator.act(&action).await.apply_to(&mut action);
+                if let Err(e) = events.publish_durable(&subject, &action).await {
+                    tracing::warn!(error = %e, "idle action not published");
+                }
+            });
         }
+    }
+
+    /// A gating budget is exceeded: the actuator's own reaction (stopping
+    /// managed cloud machines), one event per action.
+    fn budget_actions(&self, scope: &str) {
+        let template = Action {
+            kind: "stop".into(),
+            reason: format!("budget {scope} exceeded: managed cloud machines stop"),
+            dry_run: self.actuator.dry_run(),
+            service: "scheduler".into(),
+            time: Some(costmesh_contracts::timestamp(self.now())),
+            ..Default::default()
+        };
+        let (actuator, events, subject) =
+            (self.actuator.clone(), self.ctx.events.clone(), self.ctx.subjects().action("stop"));
+        let (clock, grace, shutdown) =
+            (self.ctx.clock.clone(), self.cfg.gce.budget_stop_grace, self.ctx.shutdown.clone());
+        tokio::spawn(async move {
+            // The jobs there were just told to checkpoint and stop.
+            tokio::select! { _ = clock.sleep(grace) => {}, _ = shutdown.cancelled() => return }
+            for a in actuator.budget_exceeded(&template).await {
+                if let Err(e) = events.publish_durable(&subject, &a).await {
+                    tracing::warn!(error = %e, "budget action not published");
+                }
+            }
+        });
     }
 
     fn on_sample(&mut self, s: GpuSample) {
@@ -951,6 +983,7 @@ impl Sched {
             }
             self.power(&node, &gpus, PowerProfile::Idle, "cloud job stopped (budget)").await;
         }
+        self.budget_actions(&b.scope);
     }
 
     async fn api(&mut self, verb: &str, body: &[u8]) -> Value {

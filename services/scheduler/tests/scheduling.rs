@@ -282,6 +282,78 @@ async fn idle_gpus_for_30_minutes_get_scale_down_in_business_hours_and_stop_outs
 }
 
 #[tokio::test]
+async fn compute_engine_acts_on_idle_and_budget_and_every_action_says_how_it_ended() {
+    use costmesh_contracts::v1::{Action, ActionState};
+    use costmesh_testkit::compute::{FakeCompute, FakeInstance};
+    let managed = [("costmesh", "managed")];
+    let fake = FakeCompute::start(
+        "costmesh-test",
+        vec![
+            FakeInstance::new("asia-east1-b", "cloud-1", "RUNNING", "n1-standard-8", &managed),
+            FakeInstance::new("asia-east1-b", "cloud-2", "RUNNING", "n1-standard-8", &managed),
+        ],
+    )
+    .await;
+    let gce = costmesh_scheduler::gce::GceConfig {
+        project: "costmesh-test".into(),
+        zones: vec!["asia-east1-b".into()],
+        apply: true,
+        stop_on_budget_exceeded: true,
+        budget_stop_grace: Duration::from_secs(60),
+        endpoint: fake.url().into(),
+        credentials: "anonymous".into(),
+        retry_backoff: Duration::from_millis(20),
+        poll_interval: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let cfg = costmesh_scheduler::Config { gce, ..Default::default() };
+    // 08:00 in Taipei, a Wednesday: outside business hours.
+    let nodes = [node("local-1", 1, false, false), node("cloud-1", 1, true, false)];
+    let m = Mesh::start("gce", "2026-07-01T00:00:00Z", cfg, &nodes).await;
+    let mut actions = m.bus.subscribe(&format!("{}.actions.>", m.subjects.prefix())).await.unwrap();
+    m.bus.flush().await.unwrap();
+    // The scheduler's actions (the agents report theirs on the same subjects).
+    async fn next(sub: &mut costmesh_bus::Subscription) -> Action {
+        loop {
+            let msg = tokio::time::timeout(common::WAIT, sub.next()).await.expect("an action").unwrap();
+            let a = costmesh_contracts::decode::<Action>(&msg.headers, &msg.payload).unwrap().1;
+            if a.service == "scheduler" {
+                return a;
+            }
+        }
+    }
+    m.time.advance_to(t("2026-07-01T00:35:00Z")).await;
+    let mut got = [next(&mut actions).await, next(&mut actions).await];
+    got.sort_by(|a, b| a.target.cmp(&b.target));
+    let (cloud, local) = (&got[0], &got[1]);
+    assert_eq!((cloud.target.as_str(), cloud.kind.as_str(), cloud.state()), ("cloud-1", "stop", ActionState::Taken));
+    assert!(!cloud.dry_run && cloud.operations.len() == 1, "{cloud:?}");
+    assert_eq!(cloud.resource, "projects/costmesh-test/zones/asia-east1-b/instances/cloud-1");
+    assert!(cloud.outcome.starts_with("stopped "), "{cloud:?}");
+    assert_eq!(fake.instance("cloud-1").status, "TERMINATED");
+    assert_eq!(local.state(), ActionState::Proposed, "own GPUs are no managed instance: {local:?}");
+    assert!(local.dry_run && local.outcome.contains("not a managed Compute Engine instance"), "{local:?}");
+
+    // The cloud budget is exceeded: after the grace the jobs get, the
+    // managed instance still running stops too.
+    let exceeded = BudgetEvent {
+        scope: "cloud".into(),
+        state: BudgetState::Exceeded as i32,
+        previous_state: BudgetState::Warning as i32,
+        period: "2026-07".into(),
+        ..Default::default()
+    };
+    m.publish(&m.subjects.budget("cloud", BudgetState::Exceeded), &exceeded).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.instance("cloud-2").status, "RUNNING", "not before the grace");
+    m.time.advance(Duration::from_secs(61)).await;
+    let b = next(&mut actions).await;
+    assert_eq!((b.target.as_str(), b.state()), ("cloud-2", ActionState::Taken), "{b:?}");
+    assert!(b.reason.contains("budget cloud exceeded"), "{b:?}");
+    assert_eq!(fake.instance("cloud-2").status, "TERMINATED");
+}
+
+#[tokio::test]
 async fn bad_specs_unknown_ids_and_missing_commands_get_clear_errors() {
     let m = Mesh::start("bad", "2026-07-01T06:00:00Z", Default::default(), &[node("local-1", 1, false, false)]).await;
     let r = m.api("submit", json!("not a job")).await;

@@ -123,11 +123,16 @@ impl Mesh {
         let shutdown = CancellationToken::new();
         let ctx = self.ctx("scheduler", None, shutdown.clone()).await;
         let (health, bus) = (ctx.health.clone(), ctx.bus().clone());
-        let task = tokio::spawn(costmesh_scheduler::run_with_actuator(
-            self.sched_cfg.clone(),
-            ctx,
-            Arc::new(self.actuator.clone()),
-        ));
+        // With `gce` configured, the actuator the service builds from it.
+        let task = if self.sched_cfg.gce.project.is_empty() {
+            tokio::spawn(costmesh_scheduler::run_with_actuator(
+                self.sched_cfg.clone(),
+                ctx,
+                Arc::new(self.actuator.clone()),
+            ))
+        } else {
+            tokio::spawn(costmesh_scheduler::run(self.sched_cfg.clone(), ctx))
+        };
         costmesh_testkit::eventually(WAIT, "scheduler ready", || {
             let h = health.clone();
             async move { h.is_ready() }
