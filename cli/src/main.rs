@@ -60,6 +60,11 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Cloud Run right-sizing: the service's limits and scaling now, what
+    /// it used over the window (Cloud Monitoring), the proposal from the
+    /// seed's policy with the reason and the monthly saving; with --apply,
+    /// the update. With --nats the proposal is also an `Action` event.
+    Rightsize(RightsizeArgs),
     /// Owning GPUs against renting cloud GPUs, from `[cost_watcher.roi]`.
     Roi {
         #[arg(long, short)]
@@ -217,6 +222,163 @@ async fn cost(conn: &jobs::Conn) -> anyhow::Result<ExitCode> {
 /// `costmesh cost --by ...`: asks the cost-watcher's attribution API and
 /// prints its rows as a table, JSON or CSV (one header line, the report's
 /// columns in order).
+#[derive(clap::Args, Debug)]
+struct RightsizeArgs {
+    /// The Cloud Run service, `projects/<p>/locations/<region>/services/<name>`.
+    #[arg(long)]
+    service: String,
+    /// How far back usage is read.
+    #[arg(long, default_value = "7d", value_parser = humantime_serde::re::humantime::parse_duration)]
+    window: std::time::Duration,
+    /// Update the service (limits and scaling, with an update mask).
+    #[arg(long)]
+    apply: bool,
+    /// Cloud Run Admin API endpoint (default: Google's).
+    #[arg(long)]
+    run_endpoint: Option<String>,
+    /// Cloud Monitoring API endpoint (default: Google's).
+    #[arg(long)]
+    monitoring_endpoint: Option<String>,
+    /// `anonymous` for a local endpoint; default: Application Default
+    /// Credentials (GOOGLE_APPLICATION_CREDENTIALS, the metadata server).
+    #[arg(long, default_value = "")]
+    credentials: String,
+    /// Policy: at least this CPU (vCPU), memory (GiB), and these instances.
+    #[arg(long, default_value_t = 1.0)]
+    cpu: f64,
+    #[arg(long, default_value_t = 2.0)]
+    memory_gib: f64,
+    #[arg(long, default_value_t = 0)]
+    min_instances: i32,
+    #[arg(long, default_value_t = 5)]
+    max_instances: i32,
+    /// Target peak p95 CPU and memory utilisation.
+    #[arg(long, default_value_t = 0.6)]
+    target_cpu: f64,
+    #[arg(long, default_value_t = 0.8)]
+    target_memory: f64,
+    #[command(flatten)]
+    conn: jobs::Conn,
+}
+
+async fn rightsize(a: RightsizeArgs) -> anyhow::Result<ExitCode> {
+    use costmesh_cost_watcher::rightsize as rs;
+    let bad = |name: &str, v: f64, ok: bool, why: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!("--{name} {v}: {why}"))
+        }
+    };
+    bad("cpu", a.cpu, a.cpu > 0.0 && a.cpu <= 8.0, "must be more than 0 and at most 8 vCPU")?;
+    bad("memory-gib", a.memory_gib, a.memory_gib >= 0.5 && a.memory_gib <= 32.0, "must be 0.5 to 32 GiB")?;
+    bad("target-cpu", a.target_cpu, a.target_cpu > 0.0 && a.target_cpu <= 1.0, "must be a fraction in (0, 1]")?;
+    bad(
+        "target-memory",
+        a.target_memory,
+        a.target_memory > 0.0 && a.target_memory <= 1.0,
+        "must be a fraction in (0, 1]",
+    )?;
+    bad("min-instances", a.min_instances as f64, a.min_instances >= 0, "must be 0 or more")?;
+    bad(
+        "max-instances",
+        a.max_instances as f64,
+        a.max_instances >= a.min_instances.max(1),
+        "must be at least 1 and --min-instances",
+    )?;
+    rs::parse_service(&a.service).map_err(|e| anyhow::anyhow!("--{e}"))?;
+    if !matches!(a.credentials.as_str(), "" | "anonymous") {
+        anyhow::bail!("--credentials: must be empty (Application Default Credentials) or \"anonymous\"");
+    }
+    let target = rs::Target {
+        service: a.service.clone(),
+        run_endpoint: a.run_endpoint.clone().unwrap_or_default(),
+        monitoring_endpoint: a.monitoring_endpoint.clone().unwrap_or_default(),
+        credentials: a.credentials.clone(),
+        window: a.window,
+    };
+    let policy = rs::Policy {
+        cpu: a.cpu,
+        memory_gib: a.memory_gib,
+        min_instances: a.min_instances,
+        max_instances: a.max_instances,
+        target_cpu: a.target_cpu,
+        target_memory: a.target_memory,
+        ..Default::default()
+    };
+    let p = rs::read(&target, &policy).await.map_err(anyhow::Error::msg)?;
+    let applied =
+        if a.apply && p.changes { Some(rs::apply(&target, &p).await.map_err(anyhow::Error::msg)?) } else { None };
+    if a.conn.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"proposal": p, "applied": applied}))?);
+    } else {
+        let (c, n) = (&p.current, &p.proposed);
+        println!("{}", p.service);
+        println!("  cpu            {} -> {} vCPU", c.cpu, n.cpu);
+        println!("  memory         {} -> {} GiB", c.memory_gib, n.memory_gib);
+        println!("  min instances  {} -> {}", c.min_instances, n.min_instances);
+        println!("  max instances  {} -> {}", c.max_instances, n.max_instances);
+        for r in &p.reasons {
+            println!("  because {r}");
+        }
+        println!("  monthly saving {:.2} USD", p.monthly_saving);
+        match (&applied, a.apply, p.changes) {
+            (Some(what), _, _) => println!("  applied: {what}"),
+            (None, true, false) => println!("  nothing to change"),
+            _ => println!("  dry run: nothing changed (--apply updates the service)"),
+        }
+    }
+    if a.conn.nats.is_some() {
+        let bus = costmesh_bus::Bus::Nats(a.conn.connect("costmesh-rightsize").await?);
+        let mesh = costmesh_runtime::config::MeshConfig { subject_prefix: a.conn.prefix.clone(), ..Default::default() };
+        let clock = costmesh_runtime::clock::Clock::system();
+        let ctx = costmesh_runtime::ServiceContext::new(
+            "costmesh-cli",
+            None,
+            bus,
+            &mesh,
+            clock.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let (c, n) = (&p.current, &p.proposed);
+        let action = costmesh_contracts::v1::Action {
+            kind: "rightsize".into(),
+            target: p.service.clone(),
+            reason: p.reasons.join("; "),
+            state: if applied.is_some() {
+                costmesh_contracts::v1::ActionState::Taken
+            } else {
+                costmesh_contracts::v1::ActionState::Proposed
+            } as i32,
+            dry_run: applied.is_none(),
+            service: "costmesh-cli".into(),
+            time: Some(costmesh_contracts::timestamp(clock.now())),
+            outcome: format!(
+                "cpu {} -> {}, memory {} -> {} GiB, instances {}..{} -> {}..{}, saving {:.2} USD/month{}",
+                c.cpu,
+                n.cpu,
+                c.memory_gib,
+                n.memory_gib,
+                c.min_instances,
+                c.max_instances,
+                n.min_instances,
+                n.max_instances,
+                p.monthly_saving,
+                applied.as_ref().map(|w| format!("; {w}")).unwrap_or_default()
+            ),
+            resource: p.service.clone(),
+            ..Default::default()
+        };
+        let subject = ctx.subjects().action("rightsize");
+        ctx.events.publish_durable(&subject, &action).await.map_err(|e| {
+            anyhow::anyhow!(
+                "the Action event on {subject}: {e} (is the mesh running, with its events stream, under --prefix?)"
+            )
+        })?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn cost_by(conn: &jobs::Conn, by: CostBy, month: Option<String>, format: Format) -> anyhow::Result<ExitCode> {
     let month = month
         .map(|m| costmesh_cost_watcher::report::parse_month(&m).map_err(|e| anyhow::anyhow!("--{e}")))
@@ -323,6 +485,7 @@ fn main() -> ExitCode {
             Command::Roi { config, json } => roi(config, json),
             Command::NatsConfig(args) => natsconf::run(args),
             Command::Jobs { command } => jobs::run(command).await,
+            Command::Rightsize(a) => rightsize(a).await,
             Command::Cost { conn, by: None, month: None, .. } => cost(&conn).await,
             Command::Cost { by: None, month: Some(m), .. } => {
                 Err(anyhow::anyhow!("--month {m:?} needs --by (the summary is always the current month)"))

@@ -122,6 +122,13 @@ pub struct Mesh {
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
+/// How long a budget notification may take to be read after a
+/// cost-watcher was killed: the emulator keeps a killed subscriber's stream
+/// (its gRPC layer fails closing it) and hands messages there first; they
+/// come back each time the 10 s ack deadline lapses, to a stream it picks,
+/// now and then the dead one again (70 s seen once in 40 runs).
+pub const PUBSUB_WAIT: Duration = Duration::from_secs(180);
+
 /// The topic GCP budget notifications arrive on, in the emulator.
 pub const BUDGET_TOPIC: &str = "budget-alerts";
 

@@ -11,6 +11,7 @@
 //! - [`inference`]: backend cost per route and tenant, and what the cache saved.
 //! - [`carbon`]: grid carbon intensity (fixed, or Electricity Maps-shaped JSON).
 //! - [`report`]: `costmesh cost --by ...` rows, from the ledger state.
+//! - [`rightsize`]: Cloud Run right-sizing (`costmesh rightsize`).
 //! - [`ledger`]: money per month and scope (time-zone months), the durable state, forecasts.
 //! - [`billing`]: GCP budget notifications from Pub/Sub.
 //! - [`budget`]: budget states and exactly-once budget events.
@@ -27,6 +28,7 @@ pub mod inference;
 pub mod kpi;
 pub mod ledger;
 pub mod report;
+pub mod rightsize;
 pub mod roi;
 pub mod watcher;
 

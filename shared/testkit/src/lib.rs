@@ -15,6 +15,7 @@
 //! [`start`]: NatsServer::start
 #![forbid(unsafe_code)]
 
+pub mod cloudrun;
 pub mod compute;
 pub mod emulator;
 pub mod metadata;
