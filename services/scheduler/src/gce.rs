@@ -208,6 +208,28 @@ fn last_segment(url: &str) -> &str {
     url.rsplit('/').next().unwrap_or(url)
 }
 
+/// `$call` on the instance `$m` with a request id, followed to `DONE`
+/// under [`Gce::with_retries`]; evaluates to the operation's name.
+macro_rules! instance_call {
+    ($self:ident, $m:ident, $what:literal, $call:ident $(, $setter:ident($arg:expr))*) => {{
+        let op = $self
+            .with_retries($what, |rid| {
+                $self
+                    .client
+                    .$call()
+                    .set_project($self.cfg.project.clone())
+                    .set_zone($m.zone.clone())
+                    .set_instance($m.name.clone())
+                    .set_request_id(rid)
+                    $(.$setter($arg))*
+                    .poller()
+                    .until_done()
+            })
+            .await?;
+        Ok(op.name.unwrap_or_default())
+    }};
+}
+
 /// Carries out actions on Compute Engine.
 pub struct Gce {
     cfg: GceConfig,
@@ -372,53 +394,22 @@ impl Gce {
     }
 
     async fn stop(&self, m: &Managed) -> Result<String, String> {
-        let op = self
-            .with_retries("stop", |rid| {
-                self.client
-                    .stop()
-                    .set_project(self.cfg.project.clone())
-                    .set_zone(m.zone.clone())
-                    .set_instance(m.name.clone())
-                    .set_request_id(rid)
-                    .poller()
-                    .until_done()
-            })
-            .await?;
-        Ok(op.name.unwrap_or_default())
+        instance_call!(self, m, "stop", stop)
     }
 
     async fn start(&self, m: &Managed) -> Result<String, String> {
-        let op = self
-            .with_retries("start", |rid| {
-                self.client
-                    .start()
-                    .set_project(self.cfg.project.clone())
-                    .set_zone(m.zone.clone())
-                    .set_instance(m.name.clone())
-                    .set_request_id(rid)
-                    .poller()
-                    .until_done()
-            })
-            .await?;
-        Ok(op.name.unwrap_or_default())
+        instance_call!(self, m, "start", start)
     }
 
     async fn set_machine_type(&self, m: &Managed, machine_type: &str) -> Result<String, String> {
         let url = format!("zones/{}/machineTypes/{machine_type}", m.zone);
-        let op = self
-            .with_retries("setMachineType", |rid| {
-                self.client
-                    .set_machine_type()
-                    .set_project(self.cfg.project.clone())
-                    .set_zone(m.zone.clone())
-                    .set_instance(m.name.clone())
-                    .set_request_id(rid)
-                    .set_body(InstancesSetMachineTypeRequest::new().set_machine_type(url.clone()))
-                    .poller()
-                    .until_done()
-            })
-            .await?;
-        Ok(op.name.unwrap_or_default())
+        instance_call!(
+            self,
+            m,
+            "setMachineType",
+            set_machine_type,
+            set_body(InstancesSetMachineTypeRequest::new().set_machine_type(url.clone()))
+        )
     }
 
     /// Stops `m`, or says it would.

@@ -197,6 +197,18 @@ async fn a_scheduler_restarted_mid_run_loses_no_job_and_starts_none_twice() {
     assert_eq!(m.count(&queued, JobEventKind::Started), 1);
 }
 
+/// The cost-watcher's word that the cloud budget of July is exceeded.
+async fn cloud_budget_exceeded(m: &Mesh) {
+    let exceeded = BudgetEvent {
+        scope: "cloud".into(),
+        state: BudgetState::Exceeded as i32,
+        previous_state: BudgetState::Warning as i32,
+        period: "2026-07".into(),
+        ..Default::default()
+    };
+    m.publish(&m.subjects.budget("cloud", BudgetState::Exceeded), &exceeded).await;
+}
+
 #[tokio::test]
 async fn budget_exceeded_stops_cloud_work_and_local_work_goes_on() {
     let nodes = [node("local-1", 1, false, false), node("cloud-1", 2, true, false)];
@@ -207,14 +219,7 @@ async fn budget_exceeded_stops_cloud_work_and_local_work_goes_on() {
     m.wait_state(&on_cloud, "running").await;
     assert_eq!(m.show(&on_cloud).await["node"], "cloud-1");
 
-    let exceeded = BudgetEvent {
-        scope: "cloud".into(),
-        state: BudgetState::Exceeded as i32,
-        previous_state: BudgetState::Warning as i32,
-        period: "2026-07".into(),
-        ..Default::default()
-    };
-    m.publish(&m.subjects.budget("cloud", BudgetState::Exceeded), &exceeded).await;
+    cloud_budget_exceeded(&m).await;
     let stopped =
         m.wait_event("cloud job stopped", |e| e.job_id == on_cloud && e.kind() == JobEventKind::Interrupted).await;
     assert!(stopped.reason.starts_with("budget exceeded"), "{}", stopped.reason);
@@ -336,14 +341,7 @@ async fn compute_engine_acts_on_idle_and_budget_and_every_action_says_how_it_end
 
     // The cloud budget is exceeded: after the grace the jobs get, the
     // managed instance still running stops too.
-    let exceeded = BudgetEvent {
-        scope: "cloud".into(),
-        state: BudgetState::Exceeded as i32,
-        previous_state: BudgetState::Warning as i32,
-        period: "2026-07".into(),
-        ..Default::default()
-    };
-    m.publish(&m.subjects.budget("cloud", BudgetState::Exceeded), &exceeded).await;
+    cloud_budget_exceeded(&m).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(fake.instance("cloud-2").status, "RUNNING", "not before the grace");
     m.time.advance(Duration::from_secs(61)).await;
@@ -486,14 +484,7 @@ async fn a_silent_node_loses_its_jobs_they_run_elsewhere_and_it_is_told_to_stop_
 async fn a_restarted_scheduler_remembers_an_exceeded_budget() {
     let nodes = [node("cloud-1", 1, true, false)];
     let mut m = Mesh::start("budgetrestart", "2026-07-01T06:00:00Z", Default::default(), &nodes).await;
-    let exceeded = BudgetEvent {
-        scope: "cloud".into(),
-        state: BudgetState::Exceeded as i32,
-        previous_state: BudgetState::Warning as i32,
-        period: "2026-07".into(),
-        ..Default::default()
-    };
-    m.publish(&m.subjects.budget("cloud", BudgetState::Exceeded), &exceeded).await;
+    cloud_budget_exceeded(&m).await;
     let before = m.submit(job("before", 1.0, json!({"cloudOk": true}))).await;
     m.wait_event("gated before the restart", |e| {
         e.job_id == before && e.kind() == JobEventKind::Deferred && e.reason.contains("budget exceeded")

@@ -154,12 +154,7 @@ async fn handle(
 impl FakeCloudRun {
     pub async fn start() -> Self {
         let inner = Arc::new(Mutex::new(Inner::default()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake cloud run");
-        let url = format!("http://{}", listener.local_addr().expect("local addr"));
-        let app = Router::new().fallback(handle).with_state(inner.clone());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let url = crate::serve(Router::new().fallback(handle).with_state(inner.clone())).await;
         Self { url, inner }
     }
 

@@ -323,12 +323,7 @@ impl FakeCompute {
     pub async fn start(project: &str, instances: Vec<FakeInstance>) -> Self {
         let inner =
             Arc::new(Mutex::new(Inner { project: project.into(), instances, polls_to_done: 2, ..Default::default() }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake compute");
-        let url = format!("http://{}", listener.local_addr().expect("local addr"));
-        let app = Router::new().fallback(handle).with_state(inner.clone());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let url = crate::serve(Router::new().fallback(handle).with_state(inner.clone())).await;
         Self { url, inner }
     }
 

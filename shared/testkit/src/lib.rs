@@ -410,3 +410,13 @@ pub fn shipped_promql() -> Vec<(String, String)> {
     }
     out
 }
+
+/// Serves `app` on a free loopback port until the runtime ends; its base URL.
+pub async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a local server");
+    let url = format!("http://{}", listener.local_addr().expect("local addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    url
+}
