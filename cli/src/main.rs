@@ -239,9 +239,10 @@ struct RightsizeArgs {
     /// Cloud Monitoring API endpoint (default: Google's).
     #[arg(long)]
     monitoring_endpoint: Option<String>,
-    /// `anonymous` for a local endpoint; default: Application Default
-    /// Credentials (GOOGLE_APPLICATION_CREDENTIALS, the metadata server).
-    #[arg(long, default_value = "")]
+    /// `default`: Application Default Credentials
+    /// (GOOGLE_APPLICATION_CREDENTIALS, the metadata server); `anonymous`
+    /// for a local endpoint.
+    #[arg(long, default_value = "default")]
     credentials: String,
     /// Policy: at least this CPU (vCPU), memory (GiB), and these instances.
     #[arg(long, default_value_t = 1.0)]
@@ -287,8 +288,8 @@ async fn rightsize(a: RightsizeArgs) -> anyhow::Result<ExitCode> {
         "must be at least 1 and --min-instances",
     )?;
     rs::parse_service(&a.service).map_err(|e| anyhow::anyhow!("--{e}"))?;
-    if !matches!(a.credentials.as_str(), "" | "anonymous") {
-        anyhow::bail!("--credentials: must be empty (Application Default Credentials) or \"anonymous\"");
+    if !matches!(a.credentials.as_str(), "default" | "anonymous") {
+        anyhow::bail!("--credentials: must be default (Application Default Credentials) or anonymous");
     }
     let target = rs::Target {
         service: a.service.clone(),

@@ -111,6 +111,8 @@ async fn print_config_masks_secrets() {
     assert!(!text.contains("s3cret"), "{text}");
     assert!(text.contains("training_w = 320"), "{text}");
     assert!(text.contains("electricity_price_per_kwh = 2.6"), "{text}");
+    // Google credentials are chosen, never held: the key says which.
+    assert!(text.contains("[scheduler.gce]") && text.contains("credentials = \"default\""), "{text}");
 }
 
 #[tokio::test]

@@ -32,7 +32,7 @@ pub struct Target {
     pub run_endpoint: String,
     /// Cloud Monitoring endpoint; empty: Google's.
     pub monitoring_endpoint: String,
-    /// `""`: Application Default Credentials; `"anonymous"`: none.
+    /// `"default"`: Application Default Credentials; `"anonymous"`: none.
     pub credentials: String,
     pub window: Duration,
 }

@@ -58,7 +58,8 @@ pub struct GceConfig {
     pub budget_stop_grace: Duration,
     /// API endpoint; empty: Google's.
     pub endpoint: String,
-    /// `""`: Application Default Credentials; `"anonymous"`: none.
+    /// `"default"`: Application Default Credentials (as
+    /// `billing.credentials`); `"anonymous"`: none.
     pub credentials: String,
     /// How long one call may take to reach `DONE`.
     #[serde(with = "humantime_serde")]
@@ -84,7 +85,7 @@ impl Default for GceConfig {
             stop_on_budget_exceeded: false,
             budget_stop_grace: Duration::from_secs(120),
             endpoint: String::new(),
-            credentials: String::new(),
+            credentials: "default".into(),
             operation_timeout: Duration::from_secs(300),
             max_attempts: 3,
             retry_backoff: Duration::from_secs(2),
@@ -162,11 +163,11 @@ impl GceConfig {
                 "must be a machine type name such as n1-standard-4",
             ));
         }
-        if !matches!(self.credentials.as_str(), "" | "anonymous") {
+        if !matches!(self.credentials.as_str(), "default" | "" | "anonymous") {
             return Err(ConfigError::new(
                 key(p, "gce.credentials"),
                 "(set)",
-                "must be empty (Application Default Credentials) or \"anonymous\"",
+                "must be \"default\" (Application Default Credentials) or \"anonymous\"",
             ));
         }
         let e = &self.endpoint;
