@@ -109,6 +109,10 @@ struct Sched {
     /// The bus's connection count at the last liveness check: silence heard
     /// while the scheduler itself was cut off proves nothing about nodes.
     connects_seen: u64,
+    /// The clock at the last decision pass: anything due after it wakes the
+    /// loop, even when the clock has since passed it (a virtual clock can
+    /// jump between a pass and the next wake-up's computation).
+    decided_at: DateTime<Utc>,
 }
 
 /// Runs the scheduler until shutdown, with the Compute Engine actuator when
@@ -155,6 +159,7 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
         unsent: HashSet::new(),
         fence_pending: HashSet::new(),
         connects_seen: ctx.bus().connects(),
+        decided_at: ctx.clock.now(),
     };
     s.load().await?;
     // Budget states are whatever the newest event of each scope says; the
@@ -467,7 +472,7 @@ impl Sched {
             .filter(|(j, _)| j.state.holds_gpus())
             .filter_map(|(j, _)| j.node.as_ref().and_then(|n| self.nodes.get(n)))
             .map(|n| n.last_seen + lost_after + chrono::Duration::milliseconds(1));
-        starts.chain(checkpoints).chain(idles).chain(losses).filter(|t| *t > self.now()).min()
+        starts.chain(checkpoints).chain(idles).chain(losses).filter(|t| *t > self.decided_at).min()
     }
 
     fn free_gpus(&self, now: DateTime<Utc>) -> BTreeMap<String, Vec<u32>> {
@@ -596,6 +601,7 @@ impl Sched {
 
     async fn decide(&mut self) {
         let now = self.now();
+        self.decided_at = now;
         self.check_liveness(now).await;
         self.prune(now).await;
         for id in std::mem::take(&mut self.unsent) {

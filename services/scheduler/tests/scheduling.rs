@@ -391,9 +391,9 @@ async fn a_job_whose_agent_shuts_down_runs_again_elsewhere() {
     m.agents[i].cancel();
     let e = m.wait_event("interrupted by its agent", |e| e.job_id == id && e.kind() == JobEventKind::Interrupted).await;
     assert!(e.reason.contains("gpu-agent is shutting down"), "{}", e.reason);
-    // The scheduler's own word on it names the backoff; only then does the
-    // clock move (moved earlier, the backoff would start after the move).
-    m.wait_event("the retry planned", |e| e.job_id == id && e.reason.contains("retry 1 of 2 after 30s")).await;
+    // The clock moves at once, maybe between the scheduler's pass and its
+    // next wake-up (it failed once in CI that way: a start due exactly at
+    // the new time woke nothing).
     m.time.advance(Duration::from_secs(30)).await;
     let again =
         m.wait_event("started again", |e| e.job_id == id && e.kind() == JobEventKind::Started && e.attempt == 2).await;
