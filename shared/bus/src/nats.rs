@@ -37,6 +37,10 @@ pub struct NatsConnectOptions {
     /// Keep trying the first connect instead of failing (services started
     /// before the server in compose).
     pub retry_on_initial_connect: bool,
+    /// Replicas of the streams and KV buckets this client creates (1 on a
+    /// single server, 3 on a 3-node cluster). Above 1, a durable publish
+    /// that finds no stream leader (an election) is retried for a while.
+    pub replicas: usize,
 }
 
 /// How long a flush waits for the server (through an outage at start, too).
@@ -66,7 +70,12 @@ pub struct NatsBus {
 pub struct Conn {
     client: async_nats::Client,
     js: jetstream::Context,
+    replicas: usize,
 }
+
+/// How long a durable publish on a cluster waits out a stream leader
+/// election (a few seconds in practice).
+const ELECTION_WAIT: Duration = Duration::from_secs(20);
 
 impl std::ops::Deref for NatsBus {
     type Target = Conn;
@@ -176,9 +185,13 @@ impl NatsBus {
         if opts.retry_on_initial_connect {
             o = o.retry_on_initial_connect();
         }
-        let client = o.connect(url).await.map_err(|e| conn_err(format!("connecting to {shown}: {e}")))?;
+        // A comma-separated list: the servers of a cluster (the client
+        // learns the rest from them and moves between them).
+        let urls: Vec<String> =
+            url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(|u| url_credentials(u).0).collect();
+        let client = o.connect(urls).await.map_err(|e| conn_err(format!("connecting to {shown}: {e}")))?;
         let js = jetstream::new(client.clone());
-        Ok(Self { inner: std::sync::Arc::new(Conn { client, js }) })
+        Ok(Self { inner: std::sync::Arc::new(Conn { client, js, replicas: opts.replicas.max(1) }) })
     }
 
     /// The underlying client, for what the bus API does not cover.
@@ -266,6 +279,7 @@ impl NatsBus {
             max_bytes: if spec.max_bytes > 0 { spec.max_bytes } else { -1 },
             discard: stream::DiscardPolicy::Old,
             storage: stream::StorageType::File,
+            num_replicas: self.replicas,
             ..Default::default()
         };
         match self.js.get_stream(&spec.name).await {
@@ -318,20 +332,41 @@ impl NatsBus {
         };
         // Bounded whatever the client does: a publish caught by a server
         // restart must fail (and be retried by its caller), never hang.
-        let send = async {
+        let send = || async {
             self.js
-                .publish_with_headers(subject.to_string(), to_nats_headers(&headers), payload)
+                .publish_with_headers(subject.to_string(), to_nats_headers(&headers), payload.clone())
                 .await
                 .map_err(map)?
                 .await
                 .map_err(map)
         };
-        let ack = tokio::time::timeout(DURABLE_PUBLISH_TIMEOUT, send).await.map_err(|_| {
-            BusError::new(
-                BusErrorKind::TimedOut,
-                format!("publishing to {subject}: no acknowledgement within {DURABLE_PUBLISH_TIMEOUT:?}"),
-            )
-        })??;
+        let attempt = || async {
+            tokio::time::timeout(DURABLE_PUBLISH_TIMEOUT, send()).await.map_err(|_| {
+                BusError::new(
+                    BusErrorKind::TimedOut,
+                    format!("publishing to {subject}: no acknowledgement within {DURABLE_PUBLISH_TIMEOUT:?}"),
+                )
+            })?
+        };
+        // On a cluster, "no responders" (reported as no stream) or no answer
+        // is what a stream leader election looks like: try again, with the
+        // same message id (the stream drops a repeat), for a while.
+        let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
+        let mut wait = Duration::from_millis(100);
+        let ack = loop {
+            match attempt().await {
+                Err(e)
+                    if self.replicas > 1
+                        && matches!(e.kind, BusErrorKind::NoStream | BusErrorKind::TimedOut)
+                        && tokio::time::Instant::now() + wait < deadline =>
+                {
+                    tracing::debug!(error = %e, retry_in = ?wait, "durable publish not acknowledged; a leader election?");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                r => break r?,
+            }
+        };
         Ok(PubAck { sequence: ack.sequence, duplicate: ack.duplicate })
     }
 
@@ -459,6 +494,7 @@ impl NatsBus {
                     bucket: bucket.to_string(),
                     history: 5,
                     max_bytes: if max_bytes > 0 { max_bytes } else { -1 },
+                    num_replicas: self.replicas,
                     ..Default::default()
                 })
                 .await

@@ -299,6 +299,14 @@ pub struct NatsConfig {
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub require_tls: bool,
+    /// Replicas of every stream and KV bucket the mesh creates: 1 on a
+    /// single server, 3 on a 3-node cluster (at most the cluster's size).
+    #[serde(default = "one")]
+    pub replicas: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A TLS CA and client certificate/key pair: the pair together, every file there.
@@ -393,6 +401,9 @@ impl Validate for NatsConfig {
             });
         }
         check_tls_files(p, &self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file)?;
+        if !(self.replicas == 0 || (1..=5).contains(&self.replicas)) {
+            return Err(ConfigError::new(key(p, "replicas"), self.replicas, "must be 1 to 5 (JetStream's limit)"));
+        }
         if let Some(f) = &self.credentials_file {
             if !f.is_file() {
                 return Err(ConfigError::new(key(p, "credentials_file"), f.display(), "file does not exist"));
@@ -425,6 +436,7 @@ impl NatsConfig {
             tls_key_file: self.tls_key_file.clone(),
             require_tls: self.require_tls,
             retry_on_initial_connect: true,
+            replicas: self.replicas.max(1),
         })
     }
 }

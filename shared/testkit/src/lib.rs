@@ -170,6 +170,88 @@ impl Drop for NatsServer {
     }
 }
 
+/// A private nats-server cluster on loopback: `n` servers, each with its
+/// own name, client, route and monitoring ports and store directory,
+/// explicit routes to the others, JetStream on every one.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+    monitor_ports: Vec<u16>,
+}
+
+impl NatsCluster {
+    /// Starts the servers and waits until JetStream is healthy on each.
+    pub fn start(n: usize) -> Self {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let monitor_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let nodes = (0..n)
+            .map(|i| {
+                let others: Vec<String> =
+                    (0..n).filter(|j| *j != i).map(|j| format!("nats://127.0.0.1:{}", routes[j])).collect();
+                let (name, cluster, routes, monitor) = (
+                    format!("n{i}"),
+                    format!("nats://127.0.0.1:{}", routes[i]),
+                    others.join(","),
+                    monitor_ports[i].to_string(),
+                );
+                NatsServer::start_with_args(&[
+                    "--name",
+                    &name,
+                    "--cluster_name",
+                    "costmesh",
+                    "--cluster",
+                    &cluster,
+                    "--routes",
+                    &routes,
+                    "-m",
+                    &monitor,
+                ])
+            })
+            .collect();
+        let c = Self { nodes, monitor_ports };
+        c.wait_healthy();
+        c
+    }
+
+    /// Every server's client URL, comma-separated (what `[nats] url` takes).
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// The index of the server named `name` (`n0`, `n1`, ...).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        name.strip_prefix('n').and_then(|i| i.parse().ok()).filter(|i| *i < self.nodes.len())
+    }
+
+    /// Waits until every running server's `/healthz` says JetStream is
+    /// ready (a meta leader elected, its streams current).
+    pub fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (i, node) in self.nodes.iter().enumerate() {
+            if !node.is_running() {
+                continue;
+            }
+            loop {
+                if healthz(self.monitor_ports[i]) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "nats-server n{i} not healthy within 60 s");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// True when `GET /healthz` on the monitoring port answers 200.
+fn healthz(port: u16) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut first = String::new();
+    BufReader::new(s).read_line(&mut first).is_ok() && first.contains(" 200 ")
+}
+
 /// A private redis-server with persistence off.
 pub struct RedisServer {
     port: u16,
