@@ -34,6 +34,7 @@ if [ "$status" = 0 ]; then
   promtool test rules compose/prometheus/alerts.test.yml
   # The compose deployment parses and resolves (no container engine needed).
   docker-compose -f compose/docker-compose.yml config -q
+  docker-compose -f compose/docker-compose.yml -f compose/cluster.yml config -q
 fi
 
 # Give killed children a moment to be reaped, then look for what is left.

@@ -110,6 +110,10 @@ pub fn nkey_inbox_prefix(public_key: &str) -> String {
 /// The URL with any password or token replaced by `***`, for messages and
 /// printed configuration (NATS and Redis URLs alike).
 pub fn masked_url(url: &str) -> String {
+    // A server list: each one masked.
+    if url.contains(',') {
+        return url.split(',').map(|u| masked_url(u.trim())).collect::<Vec<_>>().join(",");
+    }
     let Ok(mut parsed) = url::Url::parse(url) else { return url.to_string() };
     if parsed.password().is_some() {
         let _ = parsed.set_password(Some("***"));
@@ -124,7 +128,13 @@ pub fn masked_url(url: &str) -> String {
 impl NatsBus {
     pub async fn connect(url: &str, opts: &NatsConnectOptions) -> Result<Self> {
         // Credentials in the URL work as the nats CLI's do; explicit options win.
-        let (clean_url, url_user, url_token) = url_credentials(url);
+        // A comma-separated list: the servers of a cluster (the client
+        // learns the rest from them and moves between them); credentials
+        // from the first URL that has any.
+        let parts: Vec<_> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(url_credentials).collect();
+        let url_user = parts.iter().find_map(|p| p.1.clone());
+        let url_token = parts.iter().find_map(|p| p.2.clone());
+        let urls: Vec<String> = parts.into_iter().map(|p| p.0).collect();
         let shown = masked_url(url);
         let mut opts = opts.clone();
         let explicit =
@@ -137,7 +147,6 @@ impl NatsBus {
                 opts.token = Some(t);
             }
         }
-        let url = clean_url.as_str();
         let mut o = async_nats::ConnectOptions::new().request_timeout(Some(Duration::from_secs(10))).event_callback(
             |ev| async move {
                 match ev {
@@ -185,10 +194,6 @@ impl NatsBus {
         if opts.retry_on_initial_connect {
             o = o.retry_on_initial_connect();
         }
-        // A comma-separated list: the servers of a cluster (the client
-        // learns the rest from them and moves between them).
-        let urls: Vec<String> =
-            url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(|u| url_credentials(u).0).collect();
         let client = o.connect(urls).await.map_err(|e| conn_err(format!("connecting to {shown}: {e}")))?;
         let js = jetstream::new(client.clone());
         Ok(Self { inner: std::sync::Arc::new(Conn { client, js, replicas: opts.replicas.max(1) }) })
@@ -576,5 +581,10 @@ mod tests {
         assert_eq!(url_credentials("nats://h:4222").0, "nats://h:4222");
         assert_eq!(masked_url("nats://alice:hunter2@h:4222"), "nats://alice:***@h:4222");
         assert_eq!(masked_url("nats://hunter2@h:4222"), "nats://***@h:4222");
+        assert_eq!(
+            masked_url("nats://alice:hunter2@a:4222,nats://alice:hunter2@b:4222"),
+            "nats://alice:***@a:4222,nats://alice:***@b:4222",
+            "every server of a list"
+        );
     }
 }
