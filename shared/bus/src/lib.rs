@@ -230,14 +230,14 @@ pub struct KvEntry {
 /// A key-value bucket (JetStream KV, or in memory).
 #[derive(Clone)]
 pub enum Kv {
-    Nats(Box<async_nats::jetstream::kv::Store>),
+    Nats(Box<nats::NatsKv>),
     Memory(memory::MemoryKv),
 }
 
 impl Kv {
     pub async fn get(&self, key: &str) -> Result<Option<KvEntry>> {
         match self {
-            Kv::Nats(s) => nats::kv_get(s, key).await,
+            Kv::Nats(s) => s.get(key).await,
             Kv::Memory(m) => Ok(m.get(key)),
         }
     }
@@ -245,7 +245,7 @@ impl Kv {
     /// Writes unconditionally; returns the new revision.
     pub async fn put(&self, key: &str, value: Bytes) -> Result<u64> {
         match self {
-            Kv::Nats(s) => s.put(key, value).await.map_err(|e| BusError::new(BusErrorKind::Other, e.to_string())),
+            Kv::Nats(s) => s.put(key, value).await,
             Kv::Memory(m) => Ok(m.put(key, value)),
         }
     }
@@ -253,7 +253,7 @@ impl Kv {
     /// Writes only if the key does not exist ([`BusErrorKind::AlreadyExists`]).
     pub async fn create(&self, key: &str, value: Bytes) -> Result<u64> {
         match self {
-            Kv::Nats(s) => nats::kv_create(s, key, value).await,
+            Kv::Nats(s) => s.create(key, value).await,
             Kv::Memory(m) => m.create(key, value),
         }
     }
@@ -262,14 +262,14 @@ impl Kv {
     /// ([`BusErrorKind::WrongRevision`] otherwise).
     pub async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64> {
         match self {
-            Kv::Nats(s) => nats::kv_update(s, key, value, revision).await,
+            Kv::Nats(s) => s.update(key, value, revision).await,
             Kv::Memory(m) => m.update(key, value, revision),
         }
     }
 
     pub async fn delete(&self, key: &str) -> Result<()> {
         match self {
-            Kv::Nats(s) => s.delete(key).await.map_err(|e| BusError::new(BusErrorKind::Other, e.to_string())),
+            Kv::Nats(s) => s.delete(key).await,
             Kv::Memory(m) => {
                 m.delete(key);
                 Ok(())
@@ -280,7 +280,7 @@ impl Kv {
     /// Every live key, sorted.
     pub async fn keys(&self) -> Result<Vec<String>> {
         match self {
-            Kv::Nats(s) => nats::kv_keys(s).await,
+            Kv::Nats(s) => s.keys().await,
             Kv::Memory(m) => Ok(m.keys()),
         }
     }
@@ -448,7 +448,10 @@ impl Bus {
     /// `max_bytes` (an existing bucket keeps its limit).
     pub async fn kv_bounded(&self, bucket: &str, max_bytes: i64) -> Result<Kv> {
         match self {
-            Bus::Nats(b) => b.kv_with(bucket, max_bytes).await.map(|s| Kv::Nats(Box::new(s))),
+            Bus::Nats(b) => b
+                .kv_with(bucket, max_bytes)
+                .await
+                .map(|s| Kv::Nats(Box::new(nats::NatsKv { store: s, replicas: b.replicas }))),
             Bus::Memory(b) => Ok(Kv::Memory(b.kv(bucket))),
         }
     }
@@ -456,7 +459,9 @@ impl Bus {
     /// Opens (creating if needed) a KV bucket.
     pub async fn kv(&self, bucket: &str) -> Result<Kv> {
         match self {
-            Bus::Nats(b) => b.kv(bucket).await.map(|s| Kv::Nats(Box::new(s))),
+            Bus::Nats(b) => {
+                b.kv(bucket).await.map(|s| Kv::Nats(Box::new(nats::NatsKv { store: s, replicas: b.replicas })))
+            }
             Bus::Memory(b) => Ok(Kv::Memory(b.kv(bucket))),
         }
     }

@@ -70,7 +70,7 @@ pub struct NatsBus {
 pub struct Conn {
     client: async_nats::Client,
     js: jetstream::Context,
-    replicas: usize,
+    pub(crate) replicas: usize,
 }
 
 /// How long a durable publish on a cluster waits out a stream leader
@@ -437,6 +437,26 @@ impl NatsBus {
     }
 
     pub(crate) async fn consume(&self, spec: &ConsumerSpec) -> Result<DurableSubscription> {
+        // On a cluster the stream or its consumer may be between leaders.
+        let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.consume_once(spec).await {
+                Err(e)
+                    if self.replicas > 1
+                        && (transient(&e) || e.kind == BusErrorKind::NoStream)
+                        && tokio::time::Instant::now() + wait < deadline =>
+                {
+                    tracing::debug!(error = %e, retry_in = ?wait, "durable consumer not bound; a leader election?");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn consume_once(&self, spec: &ConsumerSpec) -> Result<DurableSubscription> {
         let stream = self
             .js
             .get_stream(&spec.stream)
@@ -513,7 +533,94 @@ impl NatsBus {
     }
 }
 
-pub(crate) async fn kv_get(store: &kv::Store, key: &str) -> Result<Option<KvEntry>> {
+/// A JetStream KV bucket. On a cluster (`replicas` above 1) an operation
+/// caught by a leader election (no responders, no answer) is tried again
+/// for a while; a compare-and-set whose first try landed but whose answer
+/// was lost finds its own value there and counts as done.
+#[derive(Clone)]
+pub struct NatsKv {
+    pub(crate) store: kv::Store,
+    pub(crate) replicas: usize,
+}
+
+/// Errors that a stream leader election produces.
+fn transient(e: &BusError) -> bool {
+    let d = e.detail.to_ascii_lowercase();
+    e.kind == BusErrorKind::TimedOut
+        || ["timed out", "no responders", "503", "stream not found", "no stream found", "not ready", "leader"]
+            .iter()
+            .any(|t| d.contains(t))
+}
+
+impl NatsKv {
+    async fn retrying<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match f().await {
+                Err(e) if self.replicas > 1 && transient(&e) && tokio::time::Instant::now() + wait < deadline => {
+                    tracing::debug!(error = %e, retry_in = ?wait, "KV operation not answered; a leader election?");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<KvEntry>> {
+        self.retrying(|| kv_get(&self.store, key)).await
+    }
+
+    pub(crate) async fn put(&self, key: &str, value: Bytes) -> Result<u64> {
+        self.retrying(|| async { self.store.put(key, value.clone()).await.map_err(other) }).await
+    }
+
+    pub(crate) async fn delete(&self, key: &str) -> Result<()> {
+        self.retrying(|| async { self.store.delete(key).await.map_err(other) }).await
+    }
+
+    pub(crate) async fn keys(&self) -> Result<Vec<String>> {
+        self.retrying(|| kv_keys(&self.store)).await
+    }
+
+    pub(crate) async fn create(&self, key: &str, value: Bytes) -> Result<u64> {
+        let retried = std::sync::atomic::AtomicBool::new(false);
+        self.retrying(|| async {
+            let again = retried.swap(true, std::sync::atomic::Ordering::Relaxed);
+            match kv_create(&self.store, key, value.clone()).await {
+                // Our own first try may have landed, its answer lost.
+                Err(e) if again && e.kind == BusErrorKind::AlreadyExists => match kv_get(&self.store, key).await? {
+                    Some(en) if en.value == value => Ok(en.revision),
+                    _ => Err(e),
+                },
+                r => r,
+            }
+        })
+        .await
+    }
+
+    pub(crate) async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64> {
+        let retried = std::sync::atomic::AtomicBool::new(false);
+        self.retrying(|| async {
+            let again = retried.swap(true, std::sync::atomic::Ordering::Relaxed);
+            match kv_update(&self.store, key, value.clone(), revision).await {
+                Err(e) if again && e.kind == BusErrorKind::WrongRevision => match kv_get(&self.store, key).await? {
+                    Some(en) if en.revision > revision && en.value == value => Ok(en.revision),
+                    _ => Err(e),
+                },
+                r => r,
+            }
+        })
+        .await
+    }
+}
+
+async fn kv_get(store: &kv::Store, key: &str) -> Result<Option<KvEntry>> {
     let entry = store.entry(key.to_string()).await.map_err(other)?;
     Ok(entry.and_then(|e| match e.operation {
         kv::Operation::Put => Some(KvEntry { key: e.key, value: e.value, revision: e.revision }),
@@ -521,14 +628,14 @@ pub(crate) async fn kv_get(store: &kv::Store, key: &str) -> Result<Option<KvEntr
     }))
 }
 
-pub(crate) async fn kv_create(store: &kv::Store, key: &str, value: Bytes) -> Result<u64> {
+async fn kv_create(store: &kv::Store, key: &str, value: Bytes) -> Result<u64> {
     store.create(key, value).await.map_err(|e| match e.kind() {
         kv::CreateErrorKind::AlreadyExists => BusError::new(BusErrorKind::AlreadyExists, format!("key {key} exists")),
         _ => other(e),
     })
 }
 
-pub(crate) async fn kv_update(store: &kv::Store, key: &str, value: Bytes, revision: u64) -> Result<u64> {
+async fn kv_update(store: &kv::Store, key: &str, value: Bytes, revision: u64) -> Result<u64> {
     store.update(key, value, revision).await.map_err(|e| match e.kind() {
         kv::UpdateErrorKind::WrongLastRevision => {
             BusError::new(BusErrorKind::WrongRevision, format!("key {key} is not at revision {revision}"))
@@ -537,7 +644,7 @@ pub(crate) async fn kv_update(store: &kv::Store, key: &str, value: Bytes, revisi
     })
 }
 
-pub(crate) async fn kv_keys(store: &kv::Store) -> Result<Vec<String>> {
+async fn kv_keys(store: &kv::Store) -> Result<Vec<String>> {
     let mut keys: Vec<String> = match store.keys().await {
         Ok(k) => k.filter_map(|k| async move { k.ok() }).collect().await,
         Err(e) => return Err(other(e)),
