@@ -609,3 +609,49 @@ async fn a_job_event_from_another_node_changes_nothing() {
     assert_eq!(j["state"], "running", "a forged event moved the job: {j}");
     assert_eq!(j["attempt"], 1, "{j}");
 }
+
+#[tokio::test]
+async fn on_a_three_node_cluster_killing_the_job_buckets_leader_loses_and_repeats_nothing() {
+    let nodes = [node("n-a", 1, false, false), node("n-b", 1, false, false)];
+    let mut m = Mesh::start_on_cluster("cluster", "2026-07-01T06:00:00Z", Default::default(), &nodes).await;
+    let first = m.submit(job("first", 0.5, json!({}))).await;
+    m.wait_state(&first, "running").await;
+    // The server that leads the job bucket's stream goes down (SIGKILL).
+    let costmesh_bus::Bus::Nats(nats) = &m.bus else { unreachable!() };
+    let js = async_nats::jetstream::new(nats.client().clone());
+    let bucket = format!("KV_{}_jobs", m.subjects.prefix());
+    let mut stream = js.get_stream(&bucket).await.unwrap();
+    let info = stream.info().await.unwrap().clone();
+    assert_eq!(info.config.num_replicas, 3);
+    let leader = info.cluster.and_then(|c| c.leader).unwrap();
+    let common::Servers::Cluster(cluster) = &mut m.nats else { unreachable!() };
+    let at = cluster.index_of(&leader).unwrap();
+    cluster.nodes[at].stop();
+    cluster.wait_healthy();
+    // Clients of the killed server move to another one; until the
+    // scheduler's API is heard there, a request meets no responders (a
+    // caller asks again: here a read, which cannot do anything twice).
+    let list = m.subjects.api("scheduler", "list");
+    costmesh_testkit::wait_for(Duration::from_secs(60), "the scheduler's API after the failover", || async {
+        m.bus
+            .request(&list, Default::default(), bytes::Bytes::from("{}"), Duration::from_secs(2))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    // Work goes on: a new job is taken, placed and started; the first ends.
+    let second = m.submit(job("second", 0.5, json!({}))).await;
+    m.wait_state(&second, "running").await;
+    m.api("cancel", json!({"id": first})).await;
+    m.wait_event("first ended", |e| e.job_id == first && e.kind() == JobEventKind::Exited).await;
+    let events = m.events.lock().unwrap().clone();
+    for id in [&first, &second] {
+        let assigned = events.iter().filter(|e| &e.job_id == id && e.kind() == JobEventKind::Assigned).count();
+        let started = events.iter().filter(|e| &e.job_id == id && e.kind() == JobEventKind::Started).count();
+        println!("cluster: {id} assigned {assigned}, started {started} (leader {leader} killed)");
+        assert_eq!((assigned, started), (1, 1), "{id}: placed and started once");
+    }
+    let listed = m.api("list", json!({})).await;
+    assert_eq!(listed["jobs"].as_array().map(Vec::len), Some(2), "no job lost: {listed}");
+}

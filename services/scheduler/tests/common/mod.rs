@@ -11,7 +11,7 @@ use costmesh_gpu_agent::config::BackendKind;
 use costmesh_runtime::clock::{Clock, VirtualClock};
 use costmesh_runtime::config::MeshConfig;
 use costmesh_runtime::ServiceContext;
-use costmesh_testkit::NatsServer;
+use costmesh_testkit::{NatsCluster, NatsServer};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -30,8 +30,28 @@ pub const fn node(name: &'static str, gpus: usize, cloud: bool, preemptible: boo
     NodeSpec { name, gpus, cloud, preemptible }
 }
 
+/// Where the mesh's NATS is: one server, or a cluster (R3).
+pub enum Servers {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Servers {
+    pub fn url(&self) -> String {
+        match self {
+            Servers::Single(s) => s.url(),
+            Servers::Cluster(c) => c.urls(),
+        }
+    }
+
+    pub fn options(&self) -> costmesh_bus::NatsConnectOptions {
+        let replicas = if matches!(self, Servers::Cluster(_)) { 3 } else { 1 };
+        costmesh_bus::NatsConnectOptions { replicas, ..Default::default() }
+    }
+}
+
 pub struct Mesh {
-    pub nats: NatsServer,
+    pub nats: Servers,
     pub bus: Bus,
     pub subjects: Subjects,
     pub mesh: MeshConfig,
@@ -48,11 +68,30 @@ pub struct Mesh {
 
 impl Mesh {
     pub async fn start(test: &str, start: &str, sched_cfg: costmesh_scheduler::Config, nodes: &[NodeSpec]) -> Mesh {
+        Self::start_on(Servers::Single(NatsServer::start_new()), test, start, sched_cfg, nodes).await
+    }
+
+    /// The same on a 3-node nats-server cluster, every stream and bucket R3.
+    pub async fn start_on_cluster(
+        test: &str,
+        start: &str,
+        sched_cfg: costmesh_scheduler::Config,
+        nodes: &[NodeSpec],
+    ) -> Mesh {
+        Self::start_on(Servers::Cluster(NatsCluster::start(3)), test, start, sched_cfg, nodes).await
+    }
+
+    pub async fn start_on(
+        nats: Servers,
+        test: &str,
+        start: &str,
+        sched_cfg: costmesh_scheduler::Config,
+        nodes: &[NodeSpec],
+    ) -> Mesh {
         costmesh_runtime::telemetry::init_for_tests();
-        let nats = NatsServer::start_new();
         let mesh = MeshConfig { subject_prefix: costmesh_testkit::unique_prefix(test), ..Default::default() };
         let (clock, time) = Clock::manual(start.parse().unwrap());
-        let bus = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());
+        let bus = Bus::Nats(NatsBus::connect(&nats.url(), &nats.options()).await.unwrap());
         let subjects = Subjects::new(&mesh.subject_prefix).unwrap();
         let work = std::env::temp_dir().join(&mesh.subject_prefix);
         std::fs::create_dir_all(&work).unwrap();
@@ -92,7 +131,7 @@ impl Mesh {
     }
 
     async fn ctx(&self, service: &str, instance: Option<&str>, shutdown: CancellationToken) -> ServiceContext {
-        let bus = Bus::Nats(NatsBus::connect(&self.nats.url(), &Default::default()).await.unwrap());
+        let bus = Bus::Nats(NatsBus::connect(&self.nats.url(), &self.nats.options()).await.unwrap());
         ServiceContext::new(service, instance, bus, &self.mesh, self.clock.clone(), shutdown)
     }
 
