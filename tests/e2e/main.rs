@@ -27,6 +27,10 @@ mod scenarios;
 mod security;
 
 const WAIT: Duration = Duration::from_secs(30);
+/// How long a process may take to be ready: eight scenarios start their
+/// meshes (and Java for the Pub/Sub emulator) at once on two cores; a
+/// gateway once took over 30 s in CI.
+const START_WAIT: Duration = Duration::from_secs(90);
 
 /// One scenario at a time: each runs a dozen processes, and two cores
 /// shared by four meshes starve them.
@@ -407,7 +411,7 @@ impl Mesh {
         for p in &self.procs {
             let addr = format!("127.0.0.1:{}", p.admin);
             let name = p.name.clone();
-            costmesh_testkit::eventually(WAIT, &format!("{name} ready"), || {
+            costmesh_testkit::eventually(START_WAIT, &format!("{name} ready"), || {
                 let addr = addr.clone();
                 async move { costmesh_testkit::http_get(&addr, "/readyz").await.is_ok_and(|(s, _)| s == 200) }
             })
