@@ -341,8 +341,14 @@ async fn compute_engine_acts_on_idle_and_budget_and_every_action_says_how_it_end
 
     // The cloud budget is exceeded: after the grace the jobs get, the
     // managed instance still running stops too.
+    let grace_ends = m.clock.now() + chrono::Duration::seconds(60);
     cloud_budget_exceeded(&m).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let time = m.time.clone();
+    costmesh_testkit::eventually(common::WAIT, "the grace timer armed", || {
+        let time = time.clone();
+        async move { time.has_timer_at(grace_ends) }
+    })
+    .await;
     assert_eq!(fake.instance("cloud-2").status, "RUNNING", "not before the grace");
     m.time.advance(Duration::from_secs(61)).await;
     let b = next(&mut actions).await;

@@ -21,17 +21,12 @@ fn id(i: usize) -> Headers {
 
 async fn leader(bus: &NatsBus, stream: &str) -> String {
     let js = async_nats::jetstream::new(bus.client().clone());
-    for _ in 0..100 {
-        if let Ok(mut s) = js.get_stream(stream).await {
-            if let Ok(info) = s.info().await {
-                if let Some(l) = info.cluster.as_ref().and_then(|c| c.leader.clone()) {
-                    return l;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no leader for {stream}");
+    costmesh_testkit::wait_for(Duration::from_secs(10), &format!("a leader for {stream}"), || async {
+        let mut s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+        let info = s.info().await.map_err(|e| e.to_string())?;
+        info.cluster.as_ref().and_then(|c| c.leader.clone()).ok_or_else(|| "no leader yet".to_string())
+    })
+    .await
 }
 
 #[tokio::test]

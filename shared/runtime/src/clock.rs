@@ -211,6 +211,12 @@ impl VirtualClock {
     pub fn sleepers(&self) -> usize {
         self.state.lock().expect("clock lock").timers.len()
     }
+
+    /// Whether some task sleeps until exactly `deadline` (for tests that
+    /// wait for a timer to be armed instead of sleeping).
+    pub fn has_timer_at(&self, deadline: DateTime<Utc>) -> bool {
+        self.state.lock().expect("clock lock").timers.keys().any(|(t, _)| *t == deadline)
+    }
 }
 
 /// Gives woken tasks a chance to run (and re-arm their timers) before the
