@@ -36,6 +36,35 @@ pub struct RouteBook {
     time_carry: Carry,
 }
 
+impl RouteBook {
+    /// Adds `o`'s counts and money (not its carried remainder).
+    pub fn add(&mut self, o: &RouteBook) {
+        self.requests += o.requests;
+        self.hits += o.hits;
+        self.stale += o.stale;
+        self.misses += o.misses;
+        self.backend_calls += o.backend_calls;
+        self.backend_ms += o.backend_ms;
+        self.cost_micros += o.cost_micros;
+        self.saved_micros += o.saved_micros;
+    }
+}
+
+impl From<&Seen> for RouteBook {
+    /// The counts of a report's growth, no money yet.
+    fn from(d: &Seen) -> Self {
+        RouteBook {
+            requests: d.requests,
+            hits: d.hits,
+            stale: d.stale,
+            misses: d.misses,
+            backend_calls: d.backend_calls,
+            backend_ms: d.backend_ms,
+            ..Default::default()
+        }
+    }
+}
+
 /// Counters of one gateway instance, route and tenant as last seen.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Seen {
@@ -117,12 +146,7 @@ impl Inference {
             let price = prices.get(&r.route).copied().unwrap_or_default();
             let route = self.periods.entry(period.to_string()).or_default().entry(r.route.clone()).or_default();
             let b = route.entry(r.tenant.clone()).or_default();
-            b.requests += d.requests;
-            b.hits += d.hits;
-            b.stale += d.stale;
-            b.misses += d.misses;
-            b.backend_calls += d.backend_calls;
-            b.backend_ms += d.backend_ms;
+            b.add(&RouteBook::from(&d));
             let time_cost = b.time_carry.take(d.backend_ms, price.per_backend_second_micros, 1000);
             b.cost_micros += (d.backend_calls * price.per_call_micros + time_cost) as i64;
             // The route's mean backend time per call this month, all tenants.

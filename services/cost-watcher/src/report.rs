@@ -187,15 +187,7 @@ pub fn build(s: &State, by: By, period: &str, currency: &str) -> Report {
                     _ if tenant.is_empty() => "__anonymous__".to_string(),
                     _ => tenant.clone(),
                 };
-                let e = acc.entry(key).or_default();
-                e.requests += b.requests;
-                e.hits += b.hits;
-                e.stale += b.stale;
-                e.misses += b.misses;
-                e.backend_calls += b.backend_calls;
-                e.backend_ms += b.backend_ms;
-                e.cost_micros += b.cost_micros;
-                e.saved_micros += b.saved_micros;
+                acc.entry(key).or_default().add(b);
             }
             let name = if by == By::Route { "route" } else { "tenant" };
             for (key, b) in acc {

@@ -772,48 +772,21 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
     }
     // `costmesh cost` asks here.
     {
-        let sub = ctx.bus().subscribe(&ctx.subjects().api("cost-watcher", "summary")).await?;
-        let (bus, shared, clock, cfg2, currency2) =
-            (ctx.bus().clone(), shared.clone(), ctx.clock.clone(), cfg.clone(), currency.clone());
-        let shutdown = ctx.shutdown.clone();
-        tokio::spawn(async move {
-            let mut sub = sub;
-            loop {
-                let msg = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    m = sub.next() => match m { Some(m) => m, None => return },
-                };
-                let body = {
-                    let sh = shared.lock().expect("state lock");
-                    summary(&sh.state, &cfg2, clock.now(), tz, &currency2)
-                };
-                let mut h = costmesh_bus::Headers::new();
-                h.insert("content-type", "application/json");
-                let _ = bus.respond(&msg, h, Bytes::from(body.to_string())).await;
-            }
-        });
+        let (shared, clock, cfg2, currency2) = (shared.clone(), ctx.clock.clone(), cfg.clone(), currency.clone());
+        answer_requests(&ctx, "summary", move |_| {
+            let sh = shared.lock().expect("state lock");
+            summary(&sh.state, &cfg2, clock.now(), tz, &currency2)
+        })
+        .await?;
     }
     // `costmesh cost --by ...` asks here.
     {
-        let sub = ctx.bus().subscribe(&ctx.subjects().api("cost-watcher", "attribution")).await?;
-        let (bus, shared, clock, currency2) = (ctx.bus().clone(), shared.clone(), ctx.clock.clone(), currency.clone());
-        let shutdown = ctx.shutdown.clone();
-        tokio::spawn(async move {
-            let mut sub = sub;
-            loop {
-                let msg = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    m = sub.next() => match m { Some(m) => m, None => return },
-                };
-                let body = {
-                    let sh = shared.lock().expect("state lock");
-                    attribution_answer(&sh.state, &msg.payload, ledger::period_of(clock.now(), tz), &currency2)
-                };
-                let mut h = costmesh_bus::Headers::new();
-                h.insert("content-type", "application/json");
-                let _ = bus.respond(&msg, h, Bytes::from(body.to_string())).await;
-            }
-        });
+        let (shared, clock, currency2) = (shared.clone(), ctx.clock.clone(), currency.clone());
+        answer_requests(&ctx, "attribution", move |body| {
+            let sh = shared.lock().expect("state lock");
+            attribution_answer(&sh.state, body, ledger::period_of(clock.now(), tz), &currency2)
+        })
+        .await?;
     }
     let billing = (!cfg.billing.subscription.is_empty())
         .then(|| tokio::spawn(consume_billing(cfg.billing.clone(), ctx.clone(), store.clone(), currency.clone(), tz)));
@@ -913,6 +886,29 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
 /// Answers an attribution request: `{"by": "team", "month": "2026-12"}`
 /// (month: the current one when absent) with a [`crate::report::Report`],
 /// or `{"error": ...}` naming what was wrong.
+/// Answers `<prefix>.api.cost-watcher.<verb>` with the JSON `answer` gives
+/// for each request's body, until shutdown.
+async fn answer_requests<F>(ctx: &ServiceContext, verb: &str, answer: F) -> anyhow::Result<()>
+where
+    F: Fn(&[u8]) -> serde_json::Value + Send + 'static,
+{
+    let mut sub = ctx.bus().subscribe(&ctx.subjects().api("cost-watcher", verb)).await?;
+    let (bus, shutdown) = (ctx.bus().clone(), ctx.shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = sub.next() => match m { Some(m) => m, None => return },
+            };
+            let body = answer(&msg.payload);
+            let mut h = costmesh_bus::Headers::new();
+            h.insert("content-type", "application/json");
+            let _ = bus.respond(&msg, h, Bytes::from(body.to_string())).await;
+        }
+    });
+    Ok(())
+}
+
 fn attribution_answer(s: &State, payload: &[u8], current: String, currency: &str) -> serde_json::Value {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
