@@ -215,7 +215,7 @@ macro_rules! instance_call {
     ($self:ident, $m:ident, $what:literal, $call:ident $(, $setter:ident($arg:expr))*) => {{
         let op = $self
             .with_retries($what, |rid| {
-                $self
+                let poller = $self
                     .client
                     .$call()
                     .set_project($self.cfg.project.clone())
@@ -223,12 +223,21 @@ macro_rules! instance_call {
                     .set_instance($m.name.clone())
                     .set_request_id(rid)
                     $(.$setter($arg))*
-                    .poller()
-                    .until_done()
+                    .poller();
+                async move { finished(poller.until_done().await) }
             })
             .await?;
         Ok(op.name.unwrap_or_default())
     }};
+}
+
+/// An operation followed to its end: Google's error, or the one it ended with.
+fn finished(r: google_cloud_gax::Result<Operation>) -> Result<Operation, CallError> {
+    let op = r.map_err(|e| call_error(&e))?;
+    match op_error(&op) {
+        Some(e) => Err(e),
+        None => Ok(op),
+    }
 }
 
 /// Carries out actions on Compute Engine.
@@ -304,24 +313,20 @@ impl Gce {
         Ok(Self { cfg, client })
     }
 
-    /// Runs `call` (a call and its operation to `DONE`) with bounded retries
-    /// and the operation timeout.
-    async fn with_retries<F, Fut>(&self, what: &str, call: F) -> Result<Operation, String>
+    /// Runs `call` (given one request id for every attempt) with bounded
+    /// retries, each attempt within the operation timeout.
+    async fn with_retries<T, F, Fut>(&self, what: &str, call: F) -> Result<T, String>
     where
         F: Fn(String) -> Fut,
-        Fut: std::future::Future<Output = google_cloud_gax::Result<Operation>>,
+        Fut: std::future::Future<Output = Result<T, CallError>>,
     {
         let request_id = uuid::Uuid::new_v4().to_string();
         let mut wait = self.cfg.retry_backoff;
         let mut attempt = 1;
         loop {
-            let res = tokio::time::timeout(self.cfg.operation_timeout, call(request_id.clone())).await;
-            let err = match res {
-                Ok(Ok(op)) => match op_error(&op) {
-                    None => return Ok(op),
-                    Some(e) => e,
-                },
-                Ok(Err(e)) => call_error(&e),
+            let err = match tokio::time::timeout(self.cfg.operation_timeout, call(request_id.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e,
                 Err(_) => CallError {
                     message: format!(
                         "did not finish within {}",
@@ -346,44 +351,32 @@ impl Gce {
         let (k, v) = self.cfg.label_pair().unwrap_or(("costmesh", "managed"));
         let mut out = Vec::new();
         for zone in &self.cfg.zones {
-            let mut attempt = 1;
-            let mut wait = self.cfg.retry_backoff;
-            'retry: loop {
-                let mut items = self
-                    .client
-                    .list()
-                    .set_project(self.cfg.project.clone())
-                    .set_zone(zone.clone())
-                    .set_filter(format!("labels.{k}={v}"))
-                    .by_item();
-                let mut found = Vec::new();
-                while let Some(item) = items.next().await {
-                    match item {
-                        Ok(i) => found.push(i),
-                        Err(e) => {
-                            let err = call_error(&e);
-                            if err.retry && attempt < self.cfg.max_attempts {
-                                tokio::time::sleep(wait).await;
-                                wait *= 2;
-                                attempt += 1;
-                                continue 'retry;
-                            }
-                            return Err(format!("listing instances in {zone}: {}", err.message));
-                        }
+            let found = self
+                .with_retries(&format!("listing instances in {zone}"), |_| async move {
+                    let mut items = self
+                        .client
+                        .list()
+                        .set_project(self.cfg.project.clone())
+                        .set_zone(zone.clone())
+                        .set_filter(format!("labels.{k}={v}"))
+                        .by_item();
+                    let mut found = Vec::new();
+                    while let Some(item) = items.next().await {
+                        found.push(item.map_err(|e| call_error(&e))?);
                     }
-                }
-                // The filter is the API's; the label is checked here too.
-                out.extend(found.into_iter().filter(|i| i.labels.get(k).map(String::as_str) == Some(v)).map(
-                    |i: Instance| Managed {
-                        zone: zone.clone(),
-                        name: i.name.unwrap_or_default(),
-                        status: i.status.as_ref().and_then(|s| s.name()).unwrap_or("UNKNOWN").to_string(),
-                        machine_type: last_segment(i.machine_type.as_deref().unwrap_or_default()).to_string(),
-                        labels: i.labels,
-                    },
-                ));
-                break;
-            }
+                    Ok(found)
+                })
+                .await?;
+            // The filter is the API's; the label is checked here too.
+            out.extend(found.into_iter().filter(|i| i.labels.get(k).map(String::as_str) == Some(v)).map(
+                |i: Instance| Managed {
+                    zone: zone.clone(),
+                    name: i.name.unwrap_or_default(),
+                    status: i.status.as_ref().and_then(|s| s.name()).unwrap_or("UNKNOWN").to_string(),
+                    machine_type: last_segment(i.machine_type.as_deref().unwrap_or_default()).to_string(),
+                    labels: i.labels,
+                },
+            ));
         }
         Ok(out)
     }
