@@ -353,25 +353,10 @@ impl NatsBus {
                 )
             })?
         };
-        // On a cluster, "no responders" (reported as no stream) or no answer
-        // is what a stream leader election looks like: try again, with the
-        // same message id (the stream drops a repeat), for a while.
-        let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
-        let mut wait = Duration::from_millis(100);
-        let ack = loop {
-            match attempt().await {
-                Err(e)
-                    if self.replicas > 1
-                        && matches!(e.kind, BusErrorKind::NoStream | BusErrorKind::TimedOut)
-                        && tokio::time::Instant::now() + wait < deadline =>
-                {
-                    tracing::debug!(error = %e, retry_in = ?wait, "durable publish not acknowledged; a leader election?");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-                r => break r?,
-            }
-        };
+        // On a cluster a stream leader election looks like no responders or
+        // no answer: try again, with the same message id (the stream drops a
+        // repeat), for a while.
+        let ack = through_elections(self.replicas, "durable publish", attempt).await?;
         Ok(PubAck { sequence: ack.sequence, duplicate: ack.duplicate })
     }
 
@@ -438,22 +423,7 @@ impl NatsBus {
 
     pub(crate) async fn consume(&self, spec: &ConsumerSpec) -> Result<DurableSubscription> {
         // On a cluster the stream or its consumer may be between leaders.
-        let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
-        let mut wait = Duration::from_millis(100);
-        loop {
-            match self.consume_once(spec).await {
-                Err(e)
-                    if self.replicas > 1
-                        && (transient(&e) || e.kind == BusErrorKind::NoStream)
-                        && tokio::time::Instant::now() + wait < deadline =>
-                {
-                    tracing::debug!(error = %e, retry_in = ?wait, "durable consumer not bound; a leader election?");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-                r => return r,
-            }
-        }
+        through_elections(self.replicas, "durable consumer", || self.consume_once(spec)).await
     }
 
     async fn consume_once(&self, spec: &ConsumerSpec) -> Result<DurableSubscription> {
@@ -543,13 +513,37 @@ pub struct NatsKv {
     pub(crate) replicas: usize,
 }
 
-/// Errors that a stream leader election produces.
+/// Errors that a stream leader election produces: no answer, or no
+/// responders (which the client reports as no stream).
 fn transient(e: &BusError) -> bool {
     let d = e.detail.to_ascii_lowercase();
-    e.kind == BusErrorKind::TimedOut
+    matches!(e.kind, BusErrorKind::TimedOut | BusErrorKind::NoStream)
         || ["timed out", "no responders", "503", "stream not found", "no stream found", "not ready", "leader"]
             .iter()
             .any(|t| d.contains(t))
+}
+
+/// Runs `f` and, on a cluster (`replicas` above 1), runs it again while it
+/// fails the way an election makes things fail, for up to
+/// [`ELECTION_WAIT`], backing off from 100 ms to 2 s. `what` names it in the
+/// log.
+async fn through_elections<T, F, Fut>(replicas: usize, what: &str, f: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Err(e) if replicas > 1 && transient(&e) && tokio::time::Instant::now() + wait < deadline => {
+                tracing::debug!(error = %e, retry_in = ?wait, "{what} not answered; a leader election?");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
 }
 
 impl NatsKv {
@@ -558,18 +552,7 @@ impl NatsKv {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
-        let mut wait = Duration::from_millis(100);
-        loop {
-            match f().await {
-                Err(e) if self.replicas > 1 && transient(&e) && tokio::time::Instant::now() + wait < deadline => {
-                    tracing::debug!(error = %e, retry_in = ?wait, "KV operation not answered; a leader election?");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-                r => return r,
-            }
-        }
+        through_elections(self.replicas, "KV operation", f).await
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<KvEntry>> {
