@@ -304,7 +304,12 @@ async fn compute_engine_acts_on_idle_and_budget_and_every_action_says_how_it_end
         zones: vec!["asia-east1-b".into()],
         apply: true,
         stop_on_budget_exceeded: true,
-        budget_stop_grace: Duration::from_secs(60),
+        // Not a round minute: the test waits for a timer at exactly the
+        // grace's end, and the scheduler's own wake-ups fall on minutes
+        // (with 60 s, a wake-up one minute on was taken for the grace
+        // timer in CI, the clock moved before the budget event arrived,
+        // and the stop never came).
+        budget_stop_grace: Duration::from_secs(67),
         endpoint: fake.url().into(),
         credentials: "anonymous".into(),
         retry_backoff: Duration::from_millis(20),
@@ -341,7 +346,7 @@ async fn compute_engine_acts_on_idle_and_budget_and_every_action_says_how_it_end
 
     // The cloud budget is exceeded: after the grace the jobs get, the
     // managed instance still running stops too.
-    let grace_ends = m.clock.now() + chrono::Duration::seconds(60);
+    let grace_ends = m.clock.now() + chrono::Duration::seconds(67);
     cloud_budget_exceeded(&m).await;
     let time = m.time.clone();
     costmesh_testkit::eventually(common::WAIT, "the grace timer armed", || {
@@ -350,7 +355,7 @@ async fn compute_engine_acts_on_idle_and_budget_and_every_action_says_how_it_end
     })
     .await;
     assert_eq!(fake.instance("cloud-2").status, "RUNNING", "not before the grace");
-    m.time.advance(Duration::from_secs(61)).await;
+    m.time.advance(Duration::from_secs(68)).await;
     let b = next(&mut actions).await;
     assert_eq!((b.target.as_str(), b.state()), ("cloud-2", ActionState::Taken), "{b:?}");
     assert!(b.reason.contains("budget cloud exceeded"), "{b:?}");
