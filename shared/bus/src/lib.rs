@@ -55,6 +55,9 @@ pub enum BusErrorKind {
     /// KV update whose expected revision is not the current one.
     WrongRevision,
     InvalidSubject,
+    /// Refused before it left: the writer's lease has ended (a deposed
+    /// active instance).
+    Refused,
     Other,
 }
 

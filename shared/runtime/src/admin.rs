@@ -25,7 +25,11 @@ pub struct Health {
     checks: Arc<Mutex<BTreeMap<String, bool>>>,
     /// Checks asked at every `/readyz` (the bus connection), with why they fail.
     probes: Arc<Mutex<BTreeMap<String, Probe>>>,
+    /// Words shown after a passing check (the lease: `active (term 3)`).
+    notes: Arc<Mutex<BTreeMap<String, Note>>>,
 }
+
+type Note = Arc<dyn Fn() -> String + Send + Sync>;
 
 impl Health {
     pub fn new() -> Self {
@@ -40,6 +44,11 @@ impl Health {
     /// it fails. A probe and a set check of the same name must both pass.
     pub fn probe(&self, check: &str, probe: impl Fn() -> Result<(), String> + Send + Sync + 'static) {
         self.probes.lock().expect("health lock").insert(check.to_string(), Arc::new(probe));
+    }
+
+    /// Shows `note()` after `check` in `/readyz` when it passes.
+    pub fn describe(&self, check: &str, note: impl Fn() -> String + Send + Sync + 'static) {
+        self.notes.lock().expect("health lock").insert(check.to_string(), Arc::new(note));
     }
 
     /// Every check with its failure, if any; empty while starting.
@@ -70,9 +79,13 @@ impl Health {
         if r.is_empty() {
             return "starting\n".into();
         }
+        let notes = self.notes.lock().expect("health lock");
         r.iter()
             .map(|(k, v)| match v {
-                Ok(()) => format!("{k}: ok\n"),
+                Ok(()) => match notes.get(k) {
+                    Some(note) => format!("{k}: ok, {}\n", note()),
+                    None => format!("{k}: ok\n"),
+                },
                 Err(why) => format!("{k}: not ready ({why})\n"),
             })
             .collect()

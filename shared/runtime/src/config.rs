@@ -142,6 +142,27 @@ pub struct MeshConfig {
     pub simulated_clock: Option<SimulatedClock>,
     /// How much the bus may hold.
     pub limits: Limits,
+    /// The lease that lets one scheduler and one cost-watcher act among
+    /// several instances.
+    pub lease: LeaseConfig,
+}
+
+/// `[mesh.lease]`: how long an active instance that stopped renewing (killed,
+/// cut off) keeps standbys waiting.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// A standby takes over once the lease has not been renewed for this
+    /// long; the holder renews every third of it and stops acting at four
+    /// fifths of it without an answered renewal.
+    #[serde(with = "humantime_serde")]
+    pub ttl: std::time::Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self { ttl: std::time::Duration::from_secs(10) }
+    }
 }
 
 /// `[mesh.limits]`: bounds on what the mesh keeps on the bus, so a busy
@@ -213,6 +234,7 @@ impl Default for MeshConfig {
             content_type: costmesh_contracts::ContentType::Protobuf,
             simulated_clock: None,
             limits: Limits::default(),
+            lease: LeaseConfig::default(),
         }
     }
 }
@@ -258,6 +280,12 @@ impl Validate for MeshConfig {
             self.limits.events_max_age,
             std::time::Duration::from_secs(3600),
             std::time::Duration::from_secs(400 * DAY),
+        )?;
+        check_duration(
+            key(p, "lease.ttl"),
+            self.lease.ttl,
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(300),
         )?;
         if let Some(c) = &self.simulated_clock {
             let k = |f: &str| key(p, &format!("simulated_clock.{f}"));

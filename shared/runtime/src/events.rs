@@ -88,7 +88,14 @@ pub struct EventBus {
     /// Signs everything this service publishes (the scheduler's commands to
     /// nodes); None sends unsigned.
     pub signer: Option<crate::signing::Signer>,
+    /// While this instance acts under a lease: every write checks it and
+    /// carries its term (`costmesh-lease-term`); a deposed instance's writes
+    /// are refused before they leave.
+    pub fence: Option<crate::lease::Fence>,
 }
+
+/// The header naming the lease term an event was published under.
+pub const LEASE_TERM: &str = "costmesh-lease-term";
 
 /// The durable consumer name `<service>-<name>`, made a valid NATS name.
 pub fn durable_name(service: &str, name: &str) -> String {
@@ -154,11 +161,30 @@ impl EventBus {
             .inc();
     }
 
+    /// Refuses the write when this instance's lease has ended; stamps its
+    /// term otherwise.
+    fn fenced(&self, headers: &mut costmesh_contracts::Headers) -> Result<(), BusError> {
+        if self.fence.is_some() {
+            let term = self.check_fence()?;
+            headers.insert(LEASE_TERM, term.to_string().as_str());
+        }
+        Ok(())
+    }
+
+    /// Ok (with the term, 0 without a lease) while this instance may write.
+    pub fn check_fence(&self) -> Result<u64, BusError> {
+        match &self.fence {
+            None => Ok(0),
+            Some(f) => f.check().map_err(|e| BusError::new(costmesh_bus::BusErrorKind::Refused, e.to_string())),
+        }
+    }
+
     /// Publishes on core NATS (at most once).
     pub async fn publish<E: Event>(&self, subject: &str, event: &E) -> Result<EventMeta, BusError> {
         let span = self.producer_span(subject, &E::full_name());
         async {
             let (meta, mut headers, payload) = self.stamp(event);
+            self.fenced(&mut headers)?;
             tracing::Span::current().record("messaging.message.id", meta.id.as_str());
             if let Some(s) = &self.signer {
                 s.sign(subject, &mut headers, &payload);
@@ -196,6 +222,7 @@ impl EventBus {
         let span = self.producer_span(subject, &E::full_name());
         async {
             let (mut meta, mut headers, payload) = self.stamp(event);
+            self.fenced(&mut headers)?;
             if let Some(id) = id {
                 meta.id = id.to_string();
                 headers.insert(names::EVENT_ID, id);

@@ -12,6 +12,7 @@
 //! - [`tariff`]: flat and time-of-use electricity prices.
 //! - [`signing`]: Ed25519 (nkey) signatures on commands to nodes.
 //! - [`service`]: the context a service runs in, signals, bus connection.
+//! - [`lease`]: one active scheduler / cost-watcher among standbys (a KV lease).
 //! - [`host`]: runs one service as a process (the service binaries' `main`).
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod clock;
 pub mod config;
 pub mod events;
 pub mod host;
+pub mod lease;
 pub mod metrics;
 pub mod service;
 pub mod signing;

@@ -65,6 +65,7 @@ impl ServiceContext {
                 metrics,
                 limits: mesh.limits.clone(),
                 signer: None,
+                fence: None,
             },
             clock,
             registry: Arc::new(Mutex::new(registry)),

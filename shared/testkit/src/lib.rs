@@ -20,6 +20,7 @@ pub mod compute;
 pub mod emulator;
 pub mod metadata;
 pub mod otlp;
+pub mod proxy;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
