@@ -314,13 +314,13 @@ impl Lease {
     }
 
     async fn read(&self) -> Result<Option<(LeaseValue, u64)>, costmesh_bus::BusError> {
-        Ok(self.kv.get(&self.key).await?.and_then(|e| match serde_json::from_slice::<LeaseValue>(&e.value) {
-            Ok(v) => Some((v, e.revision)),
+        Ok(self.kv.get(&self.key).await?.map(|e| match serde_json::from_slice::<LeaseValue>(&e.value) {
+            Ok(v) => (v, e.revision),
             Err(err) => {
                 // Not ours to interpret: treat it as held (a person may be
                 // looking at it); it is taken over once it stops changing.
                 tracing::warn!(error = %err, "lease value unreadable");
-                Some((LeaseValue { holder: "<unreadable>".into(), ..Default::default() }, e.revision))
+                (LeaseValue { holder: "<unreadable>".into(), ..Default::default() }, e.revision)
             }
         }))
     }
