@@ -141,13 +141,19 @@ pub const REDIS_PASSWORD: &str = "redis-pw-5f2c9a7e";
 
 impl Mesh {
     pub async fn start(test: &str, hosts: &[Host], extra_env: &[(&str, &str)]) -> Mesh {
-        Self::start_with(test, hosts, extra_env, false, false).await
+        Self::start_with(test, hosts, extra_env, false, false, false).await
+    }
+
+    /// With a second scheduler (`scheduler-2`) and a second cost-watcher
+    /// (`cost-watcher-2`) standing by; the first of each is the active one.
+    pub async fn start_with_standbys(test: &str, hosts: &[Host], extra_env: &[(&str, &str)]) -> Mesh {
+        Self::start_with(test, hosts, extra_env, false, false, true).await
     }
 
     /// With GCP budget notifications: the cost-watcher reads the
     /// subscription `budget` of Google's Pub/Sub emulator (about 15 s to start).
     pub async fn start_with_billing(test: &str, hosts: &[Host], extra_env: &[(&str, &str)]) -> Mesh {
-        Self::start_with(test, hosts, extra_env, false, true).await
+        Self::start_with(test, hosts, extra_env, false, true, false).await
     }
 
     /// Publishes a budget notification on the emulator's topic.
@@ -160,10 +166,17 @@ impl Mesh {
     /// `alice`, the harness as operator `harness`), signed commands to
     /// nodes, and Redis behind a password read from a file.
     pub async fn start_secure(test: &str, hosts: &[Host]) -> Mesh {
-        Self::start_with(test, hosts, &[], true, false).await
+        Self::start_with(test, hosts, &[], true, false, false).await
     }
 
-    async fn start_with(test: &str, hosts: &[Host], extra_env: &[(&str, &str)], secure: bool, billing: bool) -> Mesh {
+    async fn start_with(
+        test: &str,
+        hosts: &[Host],
+        extra_env: &[(&str, &str)],
+        secure: bool,
+        billing: bool,
+        standbys: bool,
+    ) -> Mesh {
         let serial = SERIAL.lock().await;
         let started_at = chrono::Utc::now().to_rfc3339();
         let extra_env: Vec<(String, String)> = extra_env
@@ -243,6 +256,8 @@ impl Mesh {
             ("COSTMESH__LOG__LEVEL".into(), "info".into()),
             ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), otlp.endpoint()),
             ("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()),
+            // A killed scheduler's or cost-watcher's successor waits this long.
+            ("COSTMESH__MESH__LEASE__TTL".into(), "3s".into()),
         ];
         let mut metadata = HashMap::new();
         let mut procs = Vec::new();
@@ -260,36 +275,35 @@ impl Mesh {
         };
         // The cost-watcher first, ready before any agent samples: it sees
         // each GPU's first sample, as the test's recorder does.
-        let cw_admin = spawn(
-            "cost-watcher",
-            "cost-watcher",
-            "COST_WATCHER",
-            [
-                auth("cost-watcher"),
-                vec![
-                    ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL".into(), "1s".into()),
-                    ("COSTMESH__COST_WATCHER__JOB_COST_SETTLE".into(), "2s".into()),
-                ],
-                pubsub
-                    .iter()
-                    .flat_map(|e| {
-                        [
-                            (
-                                "COSTMESH__COST_WATCHER__BILLING__SUBSCRIPTION".to_string(),
-                                "projects/costmesh-test/subscriptions/budget".to_string(),
-                            ),
-                            ("COSTMESH__COST_WATCHER__BILLING__ENDPOINT".to_string(), e.endpoint()),
-                            ("COSTMESH__COST_WATCHER__BILLING__CREDENTIALS".to_string(), "anonymous".to_string()),
-                        ]
-                    })
-                    .collect(),
-            ]
-            .concat(),
-        );
+        let cw_env: Vec<(String, String)> = [
+            auth("cost-watcher"),
+            vec![
+                ("COSTMESH__COST_WATCHER__EVALUATE_INTERVAL".into(), "1s".into()),
+                ("COSTMESH__COST_WATCHER__JOB_COST_SETTLE".into(), "2s".into()),
+            ],
+            pubsub
+                .iter()
+                .flat_map(|e| {
+                    [
+                        (
+                            "COSTMESH__COST_WATCHER__BILLING__SUBSCRIPTION".to_string(),
+                            "projects/costmesh-test/subscriptions/budget".to_string(),
+                        ),
+                        ("COSTMESH__COST_WATCHER__BILLING__ENDPOINT".to_string(), e.endpoint()),
+                        ("COSTMESH__COST_WATCHER__BILLING__CREDENTIALS".to_string(), "anonymous".to_string()),
+                    ]
+                })
+                .collect(),
+        ]
+        .concat();
+        let cw_admin = spawn("cost-watcher", "cost-watcher", "COST_WATCHER", cw_env.clone());
         costmesh_testkit::eventually(WAIT, "cost-watcher ready", || async move {
             costmesh_testkit::http_get(&format!("127.0.0.1:{cw_admin}"), "/readyz").await.is_ok_and(|(s, _)| s == 200)
         })
         .await;
+        if standbys {
+            spawn("cost-watcher-2", "cost-watcher", "COST_WATCHER", cw_env);
+        }
         for h in hosts {
             let meta = MetadataServer::start().await;
             let e = |k: &str, v: String| (format!("COSTMESH__GPU_AGENT__{k}"), v);
@@ -324,27 +338,30 @@ impl Mesh {
             );
             metadata.insert(h.name, meta);
         }
-        spawn(
-            "scheduler",
-            "scheduler",
-            "SCHEDULER",
-            [
-                auth("scheduler"),
-                vec![
-                    ("COSTMESH__SCHEDULER__RETRY_BACKOFF".into(), "1s".into()),
-                    ("COSTMESH__SCHEDULER__DECIDE_INTERVAL".into(), "1s".into()),
-                ],
-                keys.iter()
-                    .map(|k| {
-                        (
-                            "COSTMESH__SCHEDULER__SIGNING_KEY_FILE".to_string(),
-                            k.join("scheduler.nk").display().to_string(),
-                        )
-                    })
-                    .collect(),
-            ]
-            .concat(),
-        );
+        let sched_env: Vec<(String, String)> = [
+            auth("scheduler"),
+            vec![
+                ("COSTMESH__SCHEDULER__RETRY_BACKOFF".into(), "1s".into()),
+                ("COSTMESH__SCHEDULER__DECIDE_INTERVAL".into(), "1s".into()),
+            ],
+            keys.iter()
+                .map(|k| {
+                    ("COSTMESH__SCHEDULER__SIGNING_KEY_FILE".to_string(), k.join("scheduler.nk").display().to_string())
+                })
+                .collect(),
+        ]
+        .concat();
+        let sched_admin = spawn("scheduler", "scheduler", "SCHEDULER", sched_env.clone());
+        if standbys {
+            // Started once the first one acts, so the first is the active one.
+            costmesh_testkit::eventually(START_WAIT, "scheduler active", || async move {
+                costmesh_testkit::http_get(&format!("127.0.0.1:{sched_admin}"), "/readyz")
+                    .await
+                    .is_ok_and(|(s, b)| s == 200 && b.contains("lease: ok, active"))
+            })
+            .await;
+            spawn("scheduler-2", "scheduler", "SCHEDULER", sched_env);
+        }
         let base = work.path().join("storage");
         std::fs::create_dir_all(base.join("logs")).unwrap();
         spawn(
@@ -432,15 +449,38 @@ impl Mesh {
 
     /// Starts a killed process again with the same configuration (and admin
     /// port) and waits until it is ready.
+    /// A scheduler or cost-watcher with no other instance alive waits
+    /// until it holds the lease (a killed one's lease runs out first).
     pub async fn restart(&mut self, name: &str) {
         let p = self.proc(name);
         p.child = Proc::spawn(&p.bin, &p.env, &p.log);
+        let bin = p.bin.clone();
         let addr = format!("127.0.0.1:{}", p.admin);
+        let alone =
+            !self.procs.iter_mut().any(|o| o.name != name && o.bin == bin && o.child.try_wait().unwrap().is_none());
         costmesh_testkit::eventually(WAIT, &format!("{name} ready again"), || {
             let addr = addr.clone();
-            async move { costmesh_testkit::http_get(&addr, "/readyz").await.is_ok_and(|(s, _)| s == 200) }
+            async move {
+                costmesh_testkit::http_get(&addr, "/readyz").await.is_ok_and(|(s, b)| {
+                    s == 200 && (!alone || !b.contains("lease:") || b.contains("lease: ok, active"))
+                })
+            }
         })
         .await;
+    }
+
+    /// Which instance of `names` says it is active, waiting up to `wait`.
+    pub async fn active_of(&self, names: &[&str], wait: Duration) -> String {
+        costmesh_testkit::wait_for(wait, &format!("one of {names:?} active"), || async {
+            for n in names {
+                let (status, body) = self.readyz(n).await;
+                if status == 200 && body.contains("lease: ok, active") {
+                    return Ok(n.to_string());
+                }
+            }
+            Err("none active".to_string())
+        })
+        .await
     }
 
     fn admin_of(&self, name: &str) -> u16 {

@@ -120,6 +120,8 @@ struct Store {
     conflicts: prometheus_client::metrics::counter::Counter,
     /// Saves that failed for any reason (NATS unreachable, a second writer).
     save_failures: prometheus_client::metrics::counter::Counter,
+    /// The lease this instance books under: no save once it has ended.
+    fence: Option<costmesh_runtime::lease::Fence>,
 }
 
 impl Store {
@@ -128,6 +130,9 @@ impl Store {
     /// that revision and saves again, since the in-memory state holds every
     /// change since; if another writer did, that is an error.
     async fn save(&self) -> anyhow::Result<()> {
+        if let Some(f) = &self.fence {
+            f.check().map_err(|e| anyhow::anyhow!("ledger not saved: {e}"))?;
+        }
         let r = self.try_save().await;
         if r.is_err() {
             self.save_failures.inc();
@@ -566,6 +571,35 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         m.forecast_error.clone(),
     );
 
+    let conflicts = prometheus_client::metrics::counter::Counter::default();
+    ctx.register(
+        "costmesh_cost_watcher_ledger_conflicts",
+        "Ledger saves refused because another cost-watcher wrote the state",
+        conflicts.clone(),
+    );
+    let save_failures = prometheus_client::metrics::counter::Counter::default();
+    ctx.register(
+        "costmesh_cost_watcher_ledger_save_failures",
+        "Ledger saves that failed (retried at the next evaluation)",
+        save_failures.clone(),
+    );
+    // Of several cost-watchers on one prefix, the one holding the lease
+    // books and decides; the others stand by.
+    costmesh_runtime::lease::run_when_active(ctx, "cost-watcher", |ctx| {
+        act(cfg.clone(), ctx, m.clone(), conflicts.clone(), save_failures.clone())
+    })
+    .await
+}
+
+/// The cost-watcher while it holds the lease: the ledger loaded, telemetry
+/// and bills booked, budgets evaluated, until shutdown or the lease is lost.
+async fn act(
+    cfg: Config,
+    ctx: ServiceContext,
+    m: Metrics,
+    conflicts: prometheus_client::metrics::counter::Counter,
+    save_failures: prometheus_client::metrics::counter::Counter,
+) -> anyhow::Result<()> {
     let tz = ctx.mesh.tz();
     let currency = ctx.mesh.currency.clone();
     ctx.events.ensure_stream().await?;
@@ -580,18 +614,6 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         "ledger state loaded"
     );
     let shared = Arc::new(Mutex::new(Shared { state, revision, dirty: false, generation: 0 }));
-    let conflicts = prometheus_client::metrics::counter::Counter::default();
-    ctx.register(
-        "costmesh_cost_watcher_ledger_conflicts",
-        "Ledger saves refused because another cost-watcher wrote the state",
-        conflicts.clone(),
-    );
-    let save_failures = prometheus_client::metrics::counter::Counter::default();
-    ctx.register(
-        "costmesh_cost_watcher_ledger_save_failures",
-        "Ledger saves that failed (retried at the next evaluation)",
-        save_failures.clone(),
-    );
     let store = Arc::new(Store {
         kv,
         shared: shared.clone(),
@@ -599,6 +621,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         saving: tokio::sync::Mutex::new(()),
         conflicts,
         save_failures,
+        fence: ctx.events.fence.clone(),
     });
 
     // Asks the main loop for a save before the next evaluation.

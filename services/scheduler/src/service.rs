@@ -140,11 +140,22 @@ pub async fn run_with_actuator(cfg: Config, ctx: ServiceContext, actuator: Arc<d
         tracing::info!(key = %s.public_key(), "commands to nodes are signed");
     }
     let ctx = ctx.with_signer(signer);
+    // Of several schedulers on one prefix, the one holding the lease acts.
+    let metrics = Metrics::register(&ctx);
+    costmesh_runtime::lease::run_when_active(ctx, "scheduler", |ctx| {
+        act(cfg.clone(), ctx, actuator.clone(), metrics.clone())
+    })
+    .await
+}
+
+/// The scheduler while it holds the lease: state loaded from the job
+/// bucket, inputs consumed, decisions made, until shutdown or the lease is
+/// lost.
+async fn act(cfg: Config, ctx: ServiceContext, actuator: Arc<dyn Actuator>, metrics: Metrics) -> anyhow::Result<()> {
     ctx.events.ensure_stream().await?;
     let bucket = costmesh_runtime::service::kv_bucket(ctx.subjects(), "jobs");
     let kv = ctx.kv("jobs").await?;
     let planner = planner(&cfg, &ctx);
-    let metrics = Metrics::register(&ctx);
     let mut s = Sched {
         cfg: cfg.clone(),
         planner,
@@ -359,6 +370,10 @@ impl Sched {
     /// Writes `job` with compare-and-set; on a conflict reloads it and
     /// returns false (the caller drops the decision).
     async fn save(&mut self, job: Job) -> bool {
+        if let Err(e) = self.ctx.events.check_fence() {
+            tracing::warn!(job = %job.id, error = %e, "job state not written");
+            return false;
+        }
         let value = match serde_json::to_vec(&job) {
             Ok(v) => Bytes::from(v),
             Err(e) => {
@@ -584,6 +599,9 @@ impl Sched {
             .map(|(j, _)| j.id.clone())
             .collect();
         for id in old {
+            if self.ctx.events.check_fence().is_err() {
+                break;
+            }
             match self.kv.delete(&id).await {
                 Ok(()) => {
                     self.jobs.remove(&id);
@@ -600,6 +618,11 @@ impl Sched {
     }
 
     async fn decide(&mut self) {
+        if let Err(e) = self.ctx.events.check_fence() {
+            // Deposed: the loop ends as soon as the lease watcher says so.
+            tracing::debug!(error = %e, "no decisions without the lease");
+            return;
+        }
         let now = self.now();
         self.decided_at = now;
         self.check_liveness(now).await;
@@ -764,6 +787,10 @@ impl Sched {
             let (actuator, events, subject) =
                 (self.actuator.clone(), self.ctx.events.clone(), self.ctx.subjects().action(kind));
             tokio::spawn(async move {
+                if let Err(e) = events.check_fence() {
+                    tracing::warn!(error = %e, node = %action.target, "idle action dropped");
+                    return;
+                }
                 actuator.act(&action).await.apply_to(&mut action);
                 if let Err(e) = events.publish_durable(&subject, &action).await {
                     tracing::warn!(error = %e, "idle action not published");
@@ -790,6 +817,10 @@ impl Sched {
         tokio::spawn(async move {
             // The jobs there were just told to checkpoint and stop.
             tokio::select! { _ = clock.sleep(grace) => {}, _ = shutdown.cancelled() => return }
+            if let Err(e) = events.check_fence() {
+                tracing::warn!(error = %e, "budget stop of cloud machines dropped");
+                return;
+            }
             for a in actuator.budget_exceeded(&template).await {
                 if let Err(e) = events.publish_durable(&subject, &a).await {
                     tracing::warn!(error = %e, "budget action not published");

@@ -368,6 +368,8 @@ where
     }
     tracing::info!(service, instance, ttl = ?timing.ttl, "waiting for the lease");
     let stop = CancellationToken::new();
+    // Dropped before the end (its task aborted): the holder stops too.
+    let _stop_on_drop = stop.clone().drop_guard();
     let holder = tokio::spawn(lease.clone().run(stop.clone()));
     let outcome = loop {
         // Wait until active (or shutdown).
@@ -376,7 +378,9 @@ where
                 break Some(term);
             }
             if !matches!(*roles.borrow(), Role::Starting) {
+                // A standby is ready: it is connected and waits.
                 ctx.health.set("lease", true);
+                ctx.health.set("bus", true);
             }
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => break None,
@@ -384,7 +388,10 @@ where
             }
         };
         let Some(term) = term else { break Ok(()) };
+        // Active: ready once the body is (it marks the bus ready when its
+        // subscriptions are in place).
         ctx.health.set("lease", true);
+        ctx.health.set("bus", false);
         let fence = lease.fence();
         debug_assert_eq!(fence.term(), term);
         let lost = ctx.shutdown.child_token();
