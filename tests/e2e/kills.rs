@@ -194,6 +194,11 @@ fn notification(cost_usd: f64) -> Vec<u8> {
 
 /// Every stored event under `filter`, oldest first: (subject, ce-source, event).
 async fn stored(m: &Mesh, filter: &str) -> Vec<(String, String, AnyEvent)> {
+    stored_with_terms(m, filter).await.into_iter().map(|(subject, source, _, e)| (subject, source, e)).collect()
+}
+
+/// [`stored`] with the lease term each event was published under.
+async fn stored_with_terms(m: &Mesh, filter: &str) -> Vec<(String, String, Option<u64>, AnyEvent)> {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let spec = costmesh_bus::ConsumerSpec {
         stream: m.subjects.stream_name(),
@@ -209,8 +214,9 @@ async fn stored(m: &Mesh, filter: &str) -> Vec<(String, String, AnyEvent)> {
         let _ = dm.ack().await;
         let msg = &dm.message;
         let source = msg.headers.get(costmesh_contracts::headers::names::SOURCE).unwrap_or_default().to_string();
+        let term = msg.headers.get(costmesh_runtime::events::LEASE_TERM).and_then(|t| t.parse().ok());
         if let Ok((_, e)) = costmesh_contracts::decode_any(&msg.headers, &msg.payload) {
-            out.push((msg.subject.clone(), source, e));
+            out.push((msg.subject.clone(), source, term, e));
         }
     }
     out
@@ -567,4 +573,167 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
     assert_eq!(attribution_off, 0, "attribution: nodes {nodes:#?} jobs {jobs_rows:#?}");
     assert_eq!(job_costs_repeated, 0, "{costs_per_job:?}");
     assert!(reports.len() >= 3, "the janitor reported across its restarts");
+}
+
+/// Submits `spec`, asking again while no scheduler answers (between an
+/// active one's death and its standby's takeover the API has no responder).
+async fn submit_when_answered(m: &Mesh, spec: serde_json::Value) -> String {
+    costmesh_testkit::wait_for(WAIT, "a scheduler taking the job", || async {
+        let r = m.api("submit", spec.clone()).await;
+        r["job"]["id"].as_str().map(str::to_string).ok_or_else(|| r.to_string())
+    })
+    .await
+}
+
+/// Two schedulers and two cost-watchers. The active one of each is
+/// SIGKILLed while a job runs and budget events flow; the standbys take
+/// over within the lease's TTL plus a pass. Then the new active scheduler is
+/// cut off from NATS (its connection, through a proxy, not its process): it
+/// stops acting once its lease runs out, the restarted first one takes
+/// over, and nothing stamped with the cut-off one's term lands after the
+/// new term began. Printed and asserted: jobs placed twice, jobs running
+/// twice at once, budget events repeated, energy booked twice.
+#[tokio::test]
+async fn standby_deciders_take_over_from_killed_and_cut_off_active_ones_and_nothing_is_done_twice() {
+    let env = [
+        ("COSTMESH__GPU_AGENT__SIM__GPUS", r#"["RTX 4090", "RTX 4090"]"#),
+        // Budget thresholds crossed every few seconds by the simulated draw.
+        ("COSTMESH__COST_WATCHER__ELECTRICITY_PRICE_PER_KWH", "1000"),
+        ("COSTMESH__COST_WATCHER__MONTHLY_BUDGET", "8"),
+        ("COSTMESH__COST_WATCHER__EXTRA_THRESHOLDS", "[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]"),
+    ];
+    let mut m = Mesh::start_with_standbys("e2estandby", &[host("local-1", false, false)], &env).await;
+    let ttl = Duration::from_secs(3);
+    assert_eq!(m.active_of(&["scheduler", "scheduler-2"], WAIT).await, "scheduler");
+    assert_eq!(m.active_of(&["cost-watcher", "cost-watcher-2"], WAIT).await, "cost-watcher");
+    for standby in ["scheduler-2", "cost-watcher-2"] {
+        let (status, body) = m.readyz(standby).await;
+        assert!(status == 200 && body.contains("lease: ok, standby (active: "), "{standby}: {status} {body}");
+    }
+    let mine: Arc<Mutex<BTreeSet<String>>> = Default::default();
+    let watch = DoubleRunWatch::start(mine.clone());
+    let a = m.submit(m.train_job("a", json!({}))).await;
+    mine.lock().unwrap().insert(a.clone());
+    m.wait_job(&a, "a running", |j| j["state"] == "running").await;
+    costmesh_testkit::eventually(WAIT, "a budget event before the kill", || async {
+        !m.seen("budget.total.").is_empty()
+    })
+    .await;
+
+    // 1. Both active deciders SIGKILLed at once.
+    m.kill("scheduler").await;
+    m.kill("cost-watcher").await;
+    let killed = std::time::Instant::now();
+    let b = submit_when_answered(&m, m.train_job("b", json!({}))).await;
+    mine.lock().unwrap().insert(b.clone());
+    let sched_took = killed.elapsed();
+    m.active_of(&["scheduler-2"], WAIT).await;
+    m.wait_job(&b, "b running", |j| j["state"] == "running").await;
+    let b_running = killed.elapsed();
+    m.active_of(&["cost-watcher-2"], WAIT).await;
+    let cw_took = killed.elapsed();
+    costmesh_testkit::eventually(WAIT * 4, "the budget exceeded, under the new cost-watcher", || async {
+        !m.seen("budget.total.exceeded").is_empty()
+    })
+    .await;
+
+    // 2. The killed scheduler comes back as a standby; the active one
+    // (scheduler-2) is cut off from NATS.
+    m.restart("scheduler").await;
+    assert!(m.readyz("scheduler").await.1.contains("lease: ok, standby"));
+    m.proxies["scheduler-2"].cut();
+    let cut = std::time::Instant::now();
+    costmesh_testkit::eventually(WAIT, "the cut-off scheduler standing down", || async {
+        m.readyz("scheduler-2").await.1.contains("standby")
+    })
+    .await;
+    let stood_down = cut.elapsed();
+    m.active_of(&["scheduler"], WAIT).await;
+    let taken_back = cut.elapsed();
+    let c = submit_when_answered(&m, m.train_job("c", json!({}))).await;
+    mine.lock().unwrap().insert(c.clone());
+    // One GPU each for a and b: c waits for one of them or runs; either
+    // way it is placed once when it is.
+    m.proxies["scheduler-2"].heal();
+    costmesh_testkit::eventually(WAIT, "the healed scheduler a standby of the new term", || async {
+        let (status, body) = m.readyz("scheduler-2").await;
+        status == 200 && body.contains("lease: ok, standby (active: ")
+    })
+    .await;
+    m.api("cancel", json!({ "id": a })).await;
+    m.wait_job(&c, "c running", |j| j["state"] == "running").await;
+
+    // The audit.
+    let doubles = watch.finish().await;
+    let prefix = m.subjects.prefix().to_string();
+    let jobs = stored_with_terms(&m, &format!("{prefix}.jobs.>")).await;
+    let mut assigned: BTreeMap<(String, u32), usize> = BTreeMap::new();
+    for (_, _, _, e) in &jobs {
+        if let AnyEvent::JobEvent(j) = e {
+            if j.kind() == JobEventKind::Assigned {
+                *assigned.entry((j.job_id.clone(), j.attempt)).or_default() += 1;
+            }
+        }
+    }
+    let placed_twice: usize = assigned.values().map(|n| n - 1).sum();
+    let a_attempts = assigned.keys().filter(|(j, _)| *j == a).count();
+    // Terms of the scheduler's events, in stream order: once a higher term
+    // appears, no lower one may follow (a deposed scheduler's late write).
+    let sched_terms: Vec<u64> =
+        jobs.iter().filter(|(_, source, _, _)| source.starts_with("scheduler")).filter_map(|(_, _, t, _)| *t).collect();
+    let late_writes = sched_terms.windows(2).filter(|w| w[1] < w[0]).count();
+    let budget = stored_with_terms(&m, &format!("{prefix}.budget.>")).await;
+    let mut by: BTreeMap<(String, i32, String), usize> = BTreeMap::new();
+    let mut budget_terms = BTreeSet::new();
+    for (_, source, term, e) in &budget {
+        if let AnyEvent::BudgetEvent(b) = e {
+            if source == "cost-watcher" {
+                *by.entry((b.scope.clone(), b.state, format!("{}", b.threshold))).or_default() += 1;
+                budget_terms.extend(*term);
+            }
+        }
+    }
+    let repeated: usize = by.values().map(|n| n - 1).sum();
+    let thresholds = by.keys().filter(|(scope, _, _)| scope == "total").count();
+
+    // Energy: agents stop, and the ledger must hold exactly what was sampled.
+    m.kill("local-1").await;
+    let telemetry = format!("{prefix}.telemetry.gpu.");
+    let recorded_mj = || {
+        let mut truth = costmesh_cost_watcher::energy::EnergyLedger::default();
+        for (subject, e) in m.events.lock().unwrap().iter() {
+            if let AnyEvent::GpuSample(s) = e {
+                if subject.starts_with(&telemetry) {
+                    truth.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
+                }
+            }
+        }
+        truth.total_kwh()
+    };
+    let (booked, recorded) = costmesh_testkit::wait_for(WAIT, "the ledger agreeing with the telemetry", || async {
+        let (booked, recorded) = (summary(&m).await["energy_kwh"].as_f64().unwrap_or_default(), recorded_mj());
+        if (booked - recorded).abs() <= 1e-9 * recorded.max(1.0) {
+            Ok((booked, recorded))
+        } else {
+            Err(format!("booked {booked:.9} kWh, recorded {recorded:.9} kWh"))
+        }
+    })
+    .await;
+    println!(
+        "standby takeover (lease ttl {ttl:?}): scheduler answering {sched_took:?} after the kill, job placed and running \
+         {b_running:?}, cost-watcher active {cw_took:?}; cut-off scheduler stood down after {stood_down:?}, the other \
+         took over after {taken_back:?}; jobs placed twice {placed_twice}, running twice at once {}, scheduler events \
+         after a higher term {late_writes} (terms {:?}), budget events repeated {repeated} ({thresholds} total \
+         thresholds, terms {budget_terms:?}), energy booked {booked:.9} vs recorded {recorded:.9} kWh",
+        doubles.len(),
+        sched_terms.iter().collect::<BTreeSet<_>>(),
+    );
+    assert_eq!(placed_twice, 0, "{assigned:?}");
+    assert_eq!(a_attempts, 1, "a ran on through the takeovers: {assigned:?}");
+    assert!(doubles.is_empty(), "{doubles:?}");
+    assert_eq!(late_writes, 0, "{sched_terms:?}");
+    assert!(sched_terms.iter().collect::<BTreeSet<_>>().len() >= 3, "three scheduler terms: {sched_terms:?}");
+    assert_eq!(repeated, 0, "{by:?}");
+    assert!(budget_terms.len() >= 2, "budget events from both cost-watchers: {budget_terms:?}");
+    assert_eq!(thresholds, 9, "every threshold once: {by:?}");
 }

@@ -123,6 +123,10 @@ pub struct Mesh {
     /// (`<user>.nk`) and the Redis password file.
     pub keys: Option<PathBuf>,
     procs: Vec<Proc>,
+    /// The NATS connection of each standby started by
+    /// [`Mesh::start_with_standbys`] goes through one of these, so a test can
+    /// cut that process off without touching it.
+    pub proxies: HashMap<String, costmesh_testkit::proxy::TcpProxy>,
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -261,6 +265,13 @@ impl Mesh {
         ];
         let mut metadata = HashMap::new();
         let mut procs = Vec::new();
+        let mut proxies = HashMap::new();
+        for name in ["scheduler-2", "cost-watcher-2"].into_iter().filter(|_| standbys) {
+            proxies.insert(name.to_string(), costmesh_testkit::proxy::TcpProxy::start(nats.port()).await);
+        }
+        let via_proxy = |name: &str| -> Vec<(String, String)> {
+            proxies.get(name).map(|p| vec![("COSTMESH__NATS__URL".to_string(), p.nats_url())]).unwrap_or_default()
+        };
         let mut spawn = |name: &str, bin: &str, section: &str, env: Vec<(String, String)>| {
             let admin = free_port();
             let log = work.path().join(format!("{name}.log"));
@@ -302,7 +313,7 @@ impl Mesh {
         })
         .await;
         if standbys {
-            spawn("cost-watcher-2", "cost-watcher", "COST_WATCHER", cw_env);
+            spawn("cost-watcher-2", "cost-watcher", "COST_WATCHER", [cw_env, via_proxy("cost-watcher-2")].concat());
         }
         for h in hosts {
             let meta = MetadataServer::start().await;
@@ -360,7 +371,7 @@ impl Mesh {
                     .is_ok_and(|(s, b)| s == 200 && b.contains("lease: ok, active"))
             })
             .await;
-            spawn("scheduler-2", "scheduler", "SCHEDULER", sched_env);
+            spawn("scheduler-2", "scheduler", "SCHEDULER", [sched_env, via_proxy("scheduler-2")].concat());
         }
         let base = work.path().join("storage");
         std::fs::create_dir_all(base.join("logs")).unwrap();
@@ -416,6 +427,7 @@ impl Mesh {
             events,
             keys,
             procs,
+            proxies,
             _serial: serial,
         };
         mesh.wait_ready().await;
