@@ -57,8 +57,13 @@ pub const CONSUMERS: &[(&str, &str, &[&str])] = &[
 ];
 
 /// KV buckets each service owns: (service, bucket name after the prefix).
-pub const BUCKETS: &[(&str, &str)] =
-    &[("scheduler", "jobs"), ("cost-watcher", "cost_watcher"), ("storage-janitor", "storage_janitor")];
+pub const BUCKETS: &[(&str, &str)] = &[
+    ("scheduler", "jobs"),
+    ("scheduler", "scheduler_lease"),
+    ("cost-watcher", "cost_watcher"),
+    ("cost-watcher", "cost_watcher_lease"),
+    ("storage-janitor", "storage_janitor"),
+];
 
 /// Services that rebuild state from the newest event per subject at start
 /// (an ephemeral consumer each time).
@@ -311,6 +316,8 @@ mod tests {
         assert!(allows(&cw.publish, &s.budget("cloud", costmesh_contracts::v1::BudgetState::Ok)));
         assert!(allows(&cw.publish, "$KV.costmesh_cost_watcher.ledger"));
         assert!(!allows(&cw.publish, "$KV.costmesh_jobs.j1"), "another service's bucket");
+        assert!(allows(&cw.publish, "$KV.costmesh_cost_watcher_lease.cost-watcher"));
+        assert!(!allows(&cw.publish, "$KV.costmesh_scheduler_lease.scheduler"), "another service's lease");
         let text = render(&s, &[(Role::Scheduler, "UABC".into())]);
         assert!(text.contains("nkey: \"UABC\"") && text.contains("allow_responses: true"), "{text}");
     }

@@ -3,7 +3,7 @@
 //! The scheduler and the cost-watcher decide things that must be decided
 //! once, so of the instances started for one prefix exactly one acts. Each
 //! instance runs a [`Lease`] on the key `<service>` of the bucket
-//! `<PREFIX>_leases`:
+//! `<PREFIX>_<service>_lease` (`-` as `_`):
 //!
 //! - The holder renews it every `ttl / 3` with compare-and-set on the
 //!   revision it last wrote. Its lease is good until `ttl * 4 / 5` after it
@@ -348,7 +348,9 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let timing = Timing { ttl: ctx.mesh.lease.ttl };
-    let bucket = crate::service::kv_bucket(ctx.subjects(), "leases");
+    // Its own bucket (`<PREFIX>_scheduler_lease`): a service's NATS user
+    // may write only its own buckets, so none can touch another's lease.
+    let bucket = crate::service::kv_bucket(ctx.subjects(), &format!("{}_lease", service.replace('-', "_")));
     let kv = ctx.bus().kv(&bucket).await?;
     let instance = instance_name();
     let lease = Arc::new(Lease::new(kv, service, &instance, timing));
