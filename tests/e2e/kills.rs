@@ -432,27 +432,8 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
     // sample the mesh's recorder saw (it subscribed before any agent started).
     // The last samples are booked when the ledger and the recorder agree;
     // if they never do, the comparison below says by how much.
-    let telemetry = format!("{}.telemetry.gpu.", m.subjects.prefix());
-    let truth_kwh = || {
-        let mut truth = costmesh_cost_watcher::energy::EnergyLedger::default();
-        for (subject, e) in m.events.lock().unwrap().iter() {
-            if let AnyEvent::GpuSample(s) = e {
-                if subject.starts_with(&telemetry) {
-                    truth.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
-                }
-            }
-        }
-        truth.total_kwh()
-    };
-    costmesh_testkit::wait_for(WAIT, "the ledger agreeing with the recorded telemetry", || async {
-        let (booked, recorded) = (summary(&m).await["energy_kwh"].as_f64().unwrap_or_default(), truth_kwh());
-        if (booked - recorded).abs() <= 1e-9 * recorded.max(1.0) {
-            Ok(())
-        } else {
-            Err(format!("booked {booked:.9} kWh, recorded {recorded:.9} kWh"))
-        }
-    })
-    .await;
+    let truth_kwh = || recorded_energy(&m).total_kwh();
+    ledger_agrees_with_telemetry(&m).await;
     let s = summary(&m).await;
 
     // Attribution, through every kill: the node rows hold exactly the
@@ -476,17 +457,7 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
         rows.iter().map(|r| r["exact"][key].as_u64().unwrap_or(0)).sum()
     };
     let (nodes, jobs_rows) = (by("node").await, by("job").await);
-    let truth_mj: u64 = {
-        let mut truth = costmesh_cost_watcher::energy::EnergyLedger::default();
-        for (subject, e) in m.events.lock().unwrap().iter() {
-            if let AnyEvent::GpuSample(x) = e {
-                if subject.starts_with(&telemetry) {
-                    truth.observe(&x.node, x.gpu_index, &x.boot_id, x.energy_mj);
-                }
-            }
-        }
-        truth.total_mj()
-    };
+    let truth_mj: u64 = recorded_energy(&m).total_mj();
     let attribution_off = usize::from(exact(&nodes, "energy_mj") != truth_mj)
         + usize::from(exact(&jobs_rows, "energy_mj") != exact(&nodes, "energy_mj"))
         + usize::from(exact(&jobs_rows, "gpu_ms") != exact(&nodes, "gpu_ms"))
@@ -504,15 +475,7 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
     let jobs_lost = submitted.iter().filter(|id| !known.contains(*id)).count()
         + jobs["jobs"].as_array().unwrap().iter().filter(|j| j["state"] == "failed").count();
 
-    let budget_events = stored(&m, &format!("{}.budget.>", m.subjects.prefix())).await;
-    let mut by: BTreeMap<(String, i32, String), usize> = BTreeMap::new();
-    for (_, source, e) in &budget_events {
-        if let AnyEvent::BudgetEvent(b) = e {
-            if source == "cost-watcher" {
-                *by.entry((b.scope.clone(), b.state, format!("{}", b.threshold))).or_default() += 1;
-            }
-        }
-    }
+    let (by, _) = budget_events(&m).await;
     let repeated: usize = by.values().map(|n| n - 1).sum();
     let missing = [("cloud", BudgetState::Warning), ("cloud", BudgetState::Exceeded), ("total", BudgetState::Exceeded)]
         .iter()
@@ -573,6 +536,52 @@ async fn kill_matrix_every_service_and_nats_sigkilled_and_restarted_loses_and_re
     assert_eq!(attribution_off, 0, "attribution: nodes {nodes:#?} jobs {jobs_rows:#?}");
     assert_eq!(job_costs_repeated, 0, "{costs_per_job:?}");
     assert!(reports.len() >= 3, "the janitor reported across its restarts");
+}
+
+/// The cost-watcher's stored budget events counted by (scope, state,
+/// threshold), and the lease terms they were published under.
+async fn budget_events(m: &Mesh) -> (BTreeMap<(String, i32, String), usize>, BTreeSet<u64>) {
+    let (mut by, mut terms) = (BTreeMap::new(), BTreeSet::new());
+    for (_, source, term, e) in stored_with_terms(m, &format!("{}.budget.>", m.subjects.prefix())).await {
+        if let AnyEvent::BudgetEvent(b) = e {
+            if source == "cost-watcher" {
+                *by.entry((b.scope.clone(), b.state, format!("{}", b.threshold))).or_default() += 1;
+                terms.extend(term);
+            }
+        }
+    }
+    (by, terms)
+}
+
+/// Telemetry as the cost-watcher should book it: the same rule, fed every
+/// sample the mesh's recorder saw (it subscribed before any agent started).
+fn recorded_energy(m: &Mesh) -> costmesh_cost_watcher::energy::EnergyLedger {
+    let telemetry = format!("{}.telemetry.gpu.", m.subjects.prefix());
+    let mut truth = costmesh_cost_watcher::energy::EnergyLedger::default();
+    for (subject, e) in m.events.lock().unwrap().iter() {
+        if let AnyEvent::GpuSample(s) = e {
+            if subject.starts_with(&telemetry) {
+                truth.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
+            }
+        }
+    }
+    truth
+}
+
+/// Waits until the ledger holds exactly the recorded energy (the last
+/// samples are booked when they agree; if they never do, the failure says by
+/// how much): (booked, recorded) kWh.
+async fn ledger_agrees_with_telemetry(m: &Mesh) -> (f64, f64) {
+    costmesh_testkit::wait_for(WAIT, "the ledger agreeing with the recorded telemetry", || async {
+        let (booked, recorded) =
+            (summary(m).await["energy_kwh"].as_f64().unwrap_or_default(), recorded_energy(m).total_kwh());
+        if (booked - recorded).abs() <= 1e-9 * recorded.max(1.0) {
+            Ok((booked, recorded))
+        } else {
+            Err(format!("booked {booked:.9} kWh, recorded {recorded:.9} kWh"))
+        }
+    })
+    .await
 }
 
 /// Submits `spec`, asking again while no scheduler answers (between an
@@ -682,43 +691,13 @@ async fn standby_deciders_take_over_from_killed_and_cut_off_active_ones_and_noth
     let sched_terms: Vec<u64> =
         jobs.iter().filter(|(_, source, _, _)| source.starts_with("scheduler")).filter_map(|(_, _, t, _)| *t).collect();
     let late_writes = sched_terms.windows(2).filter(|w| w[1] < w[0]).count();
-    let budget = stored_with_terms(&m, &format!("{prefix}.budget.>")).await;
-    let mut by: BTreeMap<(String, i32, String), usize> = BTreeMap::new();
-    let mut budget_terms = BTreeSet::new();
-    for (_, source, term, e) in &budget {
-        if let AnyEvent::BudgetEvent(b) = e {
-            if source == "cost-watcher" {
-                *by.entry((b.scope.clone(), b.state, format!("{}", b.threshold))).or_default() += 1;
-                budget_terms.extend(*term);
-            }
-        }
-    }
+    let (by, budget_terms) = budget_events(&m).await;
     let repeated: usize = by.values().map(|n| n - 1).sum();
     let thresholds = by.keys().filter(|(scope, _, _)| scope == "total").count();
 
     // Energy: agents stop, and the ledger must hold exactly what was sampled.
     m.kill("local-1").await;
-    let telemetry = format!("{prefix}.telemetry.gpu.");
-    let recorded_mj = || {
-        let mut truth = costmesh_cost_watcher::energy::EnergyLedger::default();
-        for (subject, e) in m.events.lock().unwrap().iter() {
-            if let AnyEvent::GpuSample(s) = e {
-                if subject.starts_with(&telemetry) {
-                    truth.observe(&s.node, s.gpu_index, &s.boot_id, s.energy_mj);
-                }
-            }
-        }
-        truth.total_kwh()
-    };
-    let (booked, recorded) = costmesh_testkit::wait_for(WAIT, "the ledger agreeing with the telemetry", || async {
-        let (booked, recorded) = (summary(&m).await["energy_kwh"].as_f64().unwrap_or_default(), recorded_mj());
-        if (booked - recorded).abs() <= 1e-9 * recorded.max(1.0) {
-            Ok((booked, recorded))
-        } else {
-            Err(format!("booked {booked:.9} kWh, recorded {recorded:.9} kWh"))
-        }
-    })
-    .await;
+    let (booked, recorded) = ledger_agrees_with_telemetry(&m).await;
     println!(
         "standby takeover (lease ttl {ttl:?}): scheduler answering {sched_took:?} after the kill, job placed and running \
          {b_running:?}, cost-watcher active {cw_took:?}; cut-off scheduler stood down after {stood_down:?}, the other \
