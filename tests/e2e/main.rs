@@ -36,6 +36,9 @@ const START_WAIT: Duration = Duration::from_secs(90);
 /// shared by four meshes starve them.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// In `extra_env` (as a key): run the mesh on a cluster of that many servers.
+const CLUSTER: &str = "@cluster";
+
 /// In `extra_env`, stands for the real time the mesh starts (RFC 3339).
 pub const STARTED_AT: &str = "@started-at";
 
@@ -104,7 +107,12 @@ impl Proc {
 
 /// The whole mesh as processes.
 pub struct Mesh {
+    /// The nats-server (the first of the cluster's on a cluster mesh).
     pub nats: NatsServer,
+    /// The other servers of a 3-node cluster ([`Mesh::start_on_cluster`]).
+    pub peers: Vec<NatsServer>,
+    /// Every server's URL, as the services were given them.
+    pub nats_urls: String,
     pub redis: RedisServer,
     /// Google's Pub/Sub emulator with the budget topic and the cost-watcher's
     /// subscription (meshes started with [`Mesh::start_with_billing`]).
@@ -148,6 +156,14 @@ impl Mesh {
         Self::start_with(test, hosts, extra_env, false, false, false).await
     }
 
+    /// On a 3-node nats-server cluster: every stream and bucket R3, the
+    /// services given all three URLs.
+    pub async fn start_on_cluster(test: &str, hosts: &[Host], extra_env: &[(&str, &str)]) -> Mesh {
+        let mut env = extra_env.to_vec();
+        env.push((CLUSTER, "3"));
+        Self::start_with(test, hosts, &env, false, false, false).await
+    }
+
     /// With a second scheduler (`scheduler-2`) and a second cost-watcher
     /// (`cost-watcher-2`) standing by; the first of each is the active one.
     pub async fn start_with_standbys(test: &str, hosts: &[Host], extra_env: &[(&str, &str)]) -> Mesh {
@@ -183,15 +199,26 @@ impl Mesh {
     ) -> Mesh {
         let serial = SERIAL.lock().await;
         let started_at = chrono::Utc::now().to_rfc3339();
+        let cluster: Option<usize> = extra_env.iter().find(|(k, _)| *k == CLUSTER).map(|(_, n)| n.parse().unwrap());
         let extra_env: Vec<(String, String)> = extra_env
             .iter()
+            .filter(|(k, _)| *k != CLUSTER)
             .map(|(k, v)| (k.to_string(), if *v == STARTED_AT { started_at.clone() } else { v.to_string() }))
             .collect();
         let bins = bin_dir();
         let prefix = costmesh_testkit::unique_prefix(test);
         let work = tempfile::tempdir().unwrap();
         let keys = secure.then(|| work.path().join("keys"));
+        let mut peers = Vec::new();
         let (nats, redis, harness) = match &keys {
+            None if cluster.is_some() => {
+                let mut c = costmesh_testkit::NatsCluster::start(cluster.unwrap_or(3));
+                let mut nodes = std::mem::take(&mut c.nodes).into_iter();
+                let first = nodes.next().unwrap();
+                peers.extend(nodes);
+                let harness = costmesh_bus::NatsConnectOptions { replicas: peers.len() + 1, ..Default::default() };
+                (first, RedisServer::start_new(), harness)
+            }
             None => (NatsServer::start_new(), RedisServer::start_new(), Default::default()),
             Some(keys) => {
                 let mut args = vec!["nats-config".to_string(), "--keys-dir".into(), keys.display().to_string()];
@@ -223,7 +250,8 @@ impl Mesh {
             e
         });
         let otlp = OtlpReceiver::start().await;
-        let bus = Bus::Nats(NatsBus::connect(&nats.url(), &harness).await.unwrap());
+        let nats_urls = std::iter::once(&nats).chain(&peers).map(NatsServer::url).collect::<Vec<_>>().join(",");
+        let bus = Bus::Nats(NatsBus::connect(&nats_urls, &harness).await.unwrap());
         let subjects = Subjects::new(&prefix).unwrap();
         // Each process's NATS user, and what it signs or trusts.
         let auth = |user: &str| -> Vec<(String, String)> {
@@ -255,7 +283,8 @@ impl Mesh {
 
         let gateway_port = free_port();
         let common: Vec<(String, String)> = vec![
-            ("COSTMESH__NATS__URL".into(), nats.url()),
+            ("COSTMESH__NATS__URL".into(), nats_urls.clone()),
+            ("COSTMESH__NATS__REPLICAS".into(), (peers.len() + 1).to_string()),
             ("COSTMESH__MESH__SUBJECT_PREFIX".into(), prefix.clone()),
             ("COSTMESH__LOG__LEVEL".into(), "info".into()),
             ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), otlp.endpoint()),
@@ -414,6 +443,8 @@ impl Mesh {
         );
         let mesh = Mesh {
             nats,
+            peers,
+            nats_urls,
             redis,
             pubsub,
             otlp,
