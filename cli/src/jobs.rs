@@ -172,12 +172,20 @@ impl Client {
     }
 
     async fn ask(&self, subject: &str, body: Value) -> anyhow::Result<Value> {
+        self.ask_as(subject, body, None).await
+    }
+
+    /// A request under `request_id` (`costmesh-request-id`), if any.
+    async fn ask_as(&self, subject: &str, body: Value, request_id: Option<&str>) -> anyhow::Result<Value> {
         use tracing::Instrument;
         // A traced request: `costmesh jobs submit` starts the job's trace.
         let span = costmesh_runtime::telemetry::client_span(&self.subjects, crate::CLI_SERVICE, subject);
         let reply = async {
             let mut headers = costmesh_bus::Headers::new();
             costmesh_runtime::telemetry::inject(&mut headers);
+            if let Some(r) = request_id {
+                headers.insert(costmesh_runtime::events::REQUEST_ID, r);
+            }
             self.bus.request(subject, headers, bytes::Bytes::from(body.to_string()), Duration::from_secs(5)).await
         }
         .instrument(span)
@@ -193,7 +201,31 @@ impl Client {
     async fn api(&self, verb: &str, body: Value) -> anyhow::Result<Value> {
         self.ask(&self.subjects.api("scheduler", verb), body).await
     }
+
+    /// Submits `spec` under a request id of its own, sent again while no
+    /// scheduler answers (one taking over, say) for up to
+    /// [`SUBMIT_RETRY_FOR`]: the same request id makes it one job however
+    /// many tries arrive.
+    async fn submit(&self, spec: Value) -> anyhow::Result<Value> {
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let subject = self.subjects.api("scheduler", "submit");
+        let until = std::time::Instant::now() + SUBMIT_RETRY_FOR;
+        let mut wait = Duration::from_millis(500);
+        loop {
+            match self.ask_as(&subject, spec.clone(), Some(&request_id)).await {
+                Err(e) if e.to_string().starts_with("no answer") && std::time::Instant::now() + wait < until => {
+                    eprintln!("{e}; trying again in {wait:?} (request id {request_id})");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(4));
+                }
+                r => return r,
+            }
+        }
+    }
 }
+
+/// How long `costmesh jobs submit` keeps trying while no scheduler answers.
+const SUBMIT_RETRY_FOR: Duration = Duration::from_secs(30);
 
 fn class_name(c: &str) -> anyhow::Result<&'static str> {
     Ok(match c {
@@ -290,7 +322,7 @@ pub async fn run(cmd: JobsCommand) -> anyhow::Result<ExitCode> {
                 }
             };
             let client = Client::new(&conn).await?;
-            let v = client.api("submit", spec).await?;
+            let v = client.submit(spec).await?;
             if conn.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {

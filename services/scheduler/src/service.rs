@@ -78,6 +78,8 @@ enum Msg {
     Api {
         verb: String,
         body: Bytes,
+        /// The client's `costmesh-request-id` (checked; Err says why not).
+        request_id: Result<Option<String>, String>,
         reply: oneshot::Sender<Value>,
         span: tracing::Span,
     },
@@ -247,7 +249,9 @@ async fn act(cfg: Config, ctx: ServiceContext, actuator: Arc<dyn Actuator>, metr
                 };
                 let (reply, answer) = oneshot::channel();
                 let span = costmesh_runtime::telemetry::server_span(&subjects, "scheduler", &msg.subject, &msg.headers);
-                if tx.send(Msg::Api { verb: verb.clone(), body: msg.payload.clone(), reply, span }).await.is_err() {
+                let request_id = costmesh_runtime::events::request_id(&msg.headers).map(|r| r.map(str::to_string));
+                let api = Msg::Api { verb: verb.clone(), body: msg.payload.clone(), request_id, reply, span };
+                if tx.send(api).await.is_err() {
                     return;
                 }
                 let body = answer.await.unwrap_or_else(|_| json!({"error": "scheduler stopping"}));
@@ -283,7 +287,7 @@ async fn act(cfg: Config, ctx: ServiceContext, actuator: Arc<dyn Actuator>, metr
                     }
                     s.fence_returned(&node).await;
                 }
-                Some(Msg::Api { verb, body, reply, span }) => { let v = s.api(&verb, &body).instrument(span).await; let _ = reply.send(v); }
+                Some(Msg::Api { verb, body, request_id, reply, span }) => { let v = s.api(&verb, &body, request_id).instrument(span).await; let _ = reply.send(v); }
                 Some(Msg::Event { event, done, span }) => { s.on_event(*event).instrument(span).await; let _ = done.send(()); }
             },
         }
@@ -841,7 +845,12 @@ impl Sched {
         n.cloud = s.cloud;
         n.preemptible = s.preemptible;
         n.last_seen = n.last_seen.max(t);
-        n.gpus.insert(s.gpu_index, crate::plan::Gpu { util_pct: s.utilization_gpu_pct, seen: t });
+        // A late sample (sent before a reconnect, say) does not make a GPU
+        // look unseen again.
+        let g = n.gpus.entry(s.gpu_index).or_insert(crate::plan::Gpu { util_pct: s.utilization_gpu_pct, seen: t });
+        if t >= g.seen {
+            *g = crate::plan::Gpu { util_pct: s.utilization_gpu_pct, seen: t };
+        }
         let idle = !busy_here && n.gpus.values().all(|g| g.util_pct < below);
         if idle {
             n.idle_since.get_or_insert(t);
@@ -1023,7 +1032,7 @@ impl Sched {
         self.budget_actions(&b.scope);
     }
 
-    async fn api(&mut self, verb: &str, body: &[u8]) -> Value {
+    async fn api(&mut self, verb: &str, body: &[u8], request_id: Result<Option<String>, String>) -> Value {
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         struct IdReq {
@@ -1044,7 +1053,31 @@ impl Sched {
                 if let Err(e) = validate(&spec, now) {
                     return json!({"error": format!("job spec refused: {e}"), "field": e.field});
                 }
-                let id = format!("j-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+                let request_id = match request_id {
+                    Ok(r) => r,
+                    Err(e) => return json!({"error": e, "field": costmesh_runtime::events::REQUEST_ID}),
+                };
+                // A submit sent again under the same request id (its answer
+                // lost, say) is the same job: its id comes from the request id.
+                let id = match &request_id {
+                    Some(r) => {
+                        use sha2::Digest;
+                        let digest = sha2::Sha256::digest(r.as_bytes());
+                        let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+                        format!("j-{hex}")
+                    }
+                    None => format!("j-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+                };
+                if let Some((known, _)) = self.jobs.get(&id) {
+                    return if known.spec == spec {
+                        json!({"job": known, "repeated": true})
+                    } else {
+                        json!({
+                            "error": format!("request id {:?} was already used for job {id} with another spec", request_id.unwrap_or_default()),
+                            "field": costmesh_runtime::events::REQUEST_ID,
+                        })
+                    };
+                }
                 let mut job = Job::new(id.clone(), spec, now);
                 job.trace = costmesh_runtime::telemetry::current_traceparent();
                 job.seq = self.jobs.values().map(|(j, _)| j.seq).max().unwrap_or(0) + 1;

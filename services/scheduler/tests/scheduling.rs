@@ -164,7 +164,9 @@ async fn a_scheduler_restarted_mid_run_loses_no_job_and_starts_none_twice() {
     let a = m.submit(job("a", 1.0, json!({}))).await;
     let b = m.submit(job("b", 1.0, json!({}))).await;
     let night = m.submit(job("night", 4.0, json!({}))).await; // waits for 23:00
-    let queued = m.submit(job("queued", 1.0, json!({}))).await; // no GPU left
+    // No GPU left for it. Submitted under a request id, as the CLI does.
+    let r = m.api_as("submit", job("queued", 1.0, json!({})), Some("req-queued")).await;
+    let queued = r["job"]["id"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
     for id in [&a, &b] {
         m.wait_state(id, "running").await;
     }
@@ -181,6 +183,12 @@ async fn a_scheduler_restarted_mid_run_loses_no_job_and_starts_none_twice() {
     for id in [&a, &b, &night, &queued] {
         assert!(ids.contains(&id.as_str()), "{id} lost after the restart: {list}");
     }
+    // The client never saw its answer and sends the submit again: the
+    // restarted scheduler knows it as the same job.
+    let again = m.api_as("submit", job("queued", 1.0, json!({})), Some("req-queued")).await;
+    assert_eq!(again["job"]["id"].as_str(), Some(queued.as_str()), "{again}");
+    assert_eq!(again["repeated"], true, "{again}");
+    assert_eq!(m.api("list", json!({})).await["jobs"].as_array().unwrap().len(), 4);
     // The event sent while it was down is applied; its GPU goes to the queued job.
     m.wait_state(&b, "succeeded").await;
     m.wait_state(&queued, "running").await;
@@ -195,6 +203,7 @@ async fn a_scheduler_restarted_mid_run_loses_no_job_and_starts_none_twice() {
     assert_eq!(m.count(&a, JobEventKind::Started), 1, "job a started twice");
     assert_eq!(m.count(&a, JobEventKind::Assigned), 1);
     assert_eq!(m.count(&queued, JobEventKind::Started), 1);
+    assert_eq!(m.count(&queued, JobEventKind::Submitted), 1, "submitted twice");
 }
 
 /// The cost-watcher's word that the cloud budget of July is exceeded.
@@ -378,6 +387,16 @@ async fn bad_specs_unknown_ids_and_missing_commands_get_clear_errors() {
     assert_eq!(r["error"], "unknown job \"j-nope\"");
     let r = m.api("show", json!({"job": "x"})).await;
     assert!(r["error"].as_str().unwrap().contains("unknown field"), "{r}");
+    // Request ids: checked, and one id is one spec.
+    for bad in ["", "a b", "x/../y", &"r".repeat(65)] {
+        let r = m.api_as("submit", job("rid", 1.0, json!({})), Some(bad)).await;
+        assert_eq!(r["field"], "costmesh-request-id", "{bad:?}: {r}");
+    }
+    let first = m.api_as("submit", job("rid", 1.0, json!({"gpus": 2})), Some("rid-1")).await;
+    assert!(first["job"]["id"].is_string(), "{first}");
+    let other = m.api_as("submit", job("rid-other", 1.0, json!({"gpus": 2})), Some("rid-1")).await;
+    assert!(other["error"].as_str().unwrap().contains("already used for job"), "{other}");
+    m.api("cancel", json!({"id": first["job"]["id"]})).await;
 
     let missing = m.submit(job("missing", 1.0, json!({"command": "/no/such/binary"}))).await;
     let failed = m.wait_event("failed", |e| e.job_id == missing && e.kind() == JobEventKind::Failed).await;
@@ -387,7 +406,7 @@ async fn bad_specs_unknown_ids_and_missing_commands_get_clear_errors() {
     // Nothing else disturbed: the next job runs on the same GPU.
     let ok = m.submit(job("fine", 1.0, json!({}))).await;
     m.wait_state(&ok, "running").await;
-    assert_eq!(m.api("list", json!({})).await["jobs"].as_array().unwrap().len(), 2);
+    assert_eq!(m.api("list", json!({})).await["jobs"].as_array().unwrap().len(), 3);
 }
 
 #[tokio::test]

@@ -270,6 +270,33 @@ impl Kv {
         }
     }
 
+    /// [`Kv::get`] tried once, without waiting through a leader election:
+    /// for a caller that bounds each try and retries on its own schedule.
+    pub async fn get_once(&self, key: &str) -> Result<Option<KvEntry>> {
+        match self {
+            Kv::Nats(s) => s.get_once(key).await,
+            Kv::Memory(m) => Ok(m.get(key)),
+        }
+    }
+
+    /// [`Kv::create`] tried once (see [`Kv::get_once`]).
+    pub async fn create_once(&self, key: &str, value: Bytes) -> Result<u64> {
+        match self {
+            Kv::Nats(s) => s.create_once(key, value).await,
+            Kv::Memory(m) => m.create(key, value),
+        }
+    }
+
+    /// [`Kv::update`] tried once (see [`Kv::get_once`]). A try whose
+    /// answer was lost may still have landed: the caller finds out from the
+    /// value at the next revision.
+    pub async fn update_once(&self, key: &str, value: Bytes, revision: u64) -> Result<u64> {
+        match self {
+            Kv::Nats(s) => s.update_once(key, value, revision).await,
+            Kv::Memory(m) => m.update(key, value, revision),
+        }
+    }
+
     pub async fn delete(&self, key: &str) -> Result<()> {
         match self {
             Kv::Nats(s) => s.delete(key).await,

@@ -587,6 +587,18 @@ impl NatsKv {
         .await
     }
 
+    pub(crate) async fn get_once(&self, key: &str) -> Result<Option<KvEntry>> {
+        kv_get(&self.store, key).await
+    }
+
+    pub(crate) async fn create_once(&self, key: &str, value: Bytes) -> Result<u64> {
+        kv_create(&self.store, key, value).await
+    }
+
+    pub(crate) async fn update_once(&self, key: &str, value: Bytes, revision: u64) -> Result<u64> {
+        kv_update(&self.store, key, value, revision).await
+    }
+
     pub(crate) async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64> {
         let retried = std::sync::atomic::AtomicBool::new(false);
         self.retrying(|| async {

@@ -97,6 +97,23 @@ pub struct EventBus {
 /// The header naming the lease term an event was published under.
 pub const LEASE_TERM: &str = "costmesh-lease-term";
 
+/// The header a client sets on a request it may send again (after no
+/// answer, say): the same id asks for the same thing once. 1 to 64 of
+/// `A-Z a-z 0-9 . _ -`.
+pub const REQUEST_ID: &str = "costmesh-request-id";
+
+/// The request id of `headers`, checked; None when there is none.
+pub fn request_id(headers: &costmesh_bus::Headers) -> Result<Option<&str>, String> {
+    let Some(id) = headers.get(REQUEST_ID) else { return Ok(None) };
+    let ok = (1..=64).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(Some(id))
+    } else {
+        Err(format!("header {REQUEST_ID}: 1 to 64 of A-Z a-z 0-9 . _ - expected"))
+    }
+}
+
 /// The durable consumer name `<service>-<name>`, made a valid NATS name.
 pub fn durable_name(service: &str, name: &str) -> String {
     format!("{service}-{name}").replace(['.', ' ', '*', '>'], "_")

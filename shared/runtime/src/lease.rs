@@ -131,6 +131,24 @@ impl Timing {
     fn poll_every(&self) -> Duration {
         (self.ttl / 6).max(Duration::from_millis(50))
     }
+    /// How long one KV call of the lease may take before it is given up
+    /// and tried again.
+    fn attempt(&self) -> Duration {
+        (self.ttl / 6).max(Duration::from_millis(100))
+    }
+    /// The pause between two tries of a renewal.
+    fn pause(&self) -> Duration {
+        (self.ttl / 40).max(Duration::from_millis(25))
+    }
+}
+
+/// How a renewal ended.
+enum Renewal {
+    Done(u64),
+    /// Another instance holds it (what it holds, if read).
+    TakenOver(Option<LeaseValue>),
+    /// Not answered before the lease ran out (the last error).
+    RanOut(String),
 }
 
 /// The lease metrics of one service.
@@ -220,32 +238,25 @@ impl Lease {
                 // A renewal not answered before the lease runs out is as
                 // good as refused: the holder stops acting on time even
                 // when the server cannot be reached.
-                let renew = self.kv.update(&self.key, self.value(&self.instance, term), revision);
-                match tokio::time::timeout_at(until, renew).await {
-                    Ok(Ok(rev)) => {
+                match self.renew(term, revision, until).await {
+                    Renewal::Done(rev) => {
                         revision = rev;
+                        // From the first try's sending: a later try, or an
+                        // earlier one that landed unanswered, was sent after.
                         self.held.lock().expect("lease lock").until = Some(sent + self.timing.valid_for());
                     }
-                    Ok(Err(e)) if e.kind == BusErrorKind::WrongRevision => {
-                        let now = self.read().await.ok().flatten();
+                    Renewal::TakenOver(now) => {
                         tracing::warn!(lease = %self.key, "lease taken over by another instance; standing by");
-                        let (holder, t) = now.map(|(v, _)| (v.holder, v.term)).unwrap_or_default();
+                        let (holder, t) = now.map(|v| (v.holder, v.term)).unwrap_or_default();
                         self.step_down(holder, t);
                         seen = None;
                         continue;
                     }
-                    r => {
-                        let why = match r {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "no answer".to_string(),
-                        };
-                        if Instant::now() >= until {
-                            tracing::warn!(lease = %self.key, error = %why, "lease ran out unrenewed; standing by");
-                            self.step_down(String::new(), term);
-                            seen = None;
-                            continue;
-                        }
-                        tracing::warn!(lease = %self.key, error = %why, "lease not renewed; trying again");
+                    Renewal::RanOut(why) => {
+                        tracing::warn!(lease = %self.key, error = %why, "lease ran out unrenewed; standing by");
+                        self.step_down(String::new(), term);
+                        seen = None;
+                        continue;
                     }
                 }
                 let until = self.held.lock().expect("lease lock").until.unwrap_or_else(Instant::now);
@@ -253,7 +264,8 @@ impl Lease {
             } else {
                 match self.read().await {
                     Ok(None) => {
-                        if let Ok(rev) = self.kv.create(&self.key, self.value(&self.instance, 1)).await {
+                        let create = self.kv.create_once(&self.key, self.value(&self.instance, 1));
+                        if let Ok(Ok(rev)) = tokio::time::timeout(self.timing.attempt(), create).await {
                             revision = rev;
                             self.activate(1, Instant::now());
                             continue;
@@ -270,7 +282,10 @@ impl Lease {
                         let free = v.holder.is_empty() || v.holder == self.instance;
                         if free || since.elapsed() >= self.timing.ttl {
                             let sent = Instant::now();
-                            match self.kv.update(&self.key, self.value(&self.instance, v.term + 1), rev).await {
+                            let take = self.kv.update_once(&self.key, self.value(&self.instance, v.term + 1), rev);
+                            match tokio::time::timeout(self.timing.attempt(), take).await.unwrap_or_else(|_| {
+                                Err(costmesh_bus::BusError::new(BusErrorKind::TimedOut, "no answer"))
+                            }) {
                                 Ok(new) => {
                                     revision = new;
                                     if !free {
@@ -297,7 +312,10 @@ impl Lease {
         let role = self.role.borrow().clone();
         if let Role::Active { term } = role {
             self.held.lock().expect("lease lock").until = None;
-            match self.kv.update(&self.key, self.value("", term), revision).await {
+            let release = self.kv.update_once(&self.key, self.value("", term), revision);
+            match tokio::time::timeout(self.timing.attempt(), release).await.unwrap_or_else(|_| {
+                Err(costmesh_bus::BusError::new(BusErrorKind::TimedOut, "no answer"))
+            }) {
                 Ok(_) => tracing::info!(lease = %self.key, term, "lease released"),
                 Err(e) => {
                     tracing::warn!(lease = %self.key, error = %e, "lease not released; a standby takes over when it expires")
@@ -313,8 +331,47 @@ impl Lease {
         self.set_role(Role::Active { term });
     }
 
+    /// Renews the lease at `term` from `revision`: single tries, each
+    /// bounded by [`Timing::attempt`], again and again until `until`. (A
+    /// KV call that waits through a leader election could outlast the
+    /// lease by itself.)
+    async fn renew(&self, term: u64, revision: u64, until: Instant) -> Renewal {
+        let value = self.value(&self.instance, term);
+        let mut why = "no answer".to_string();
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return Renewal::RanOut(why);
+            }
+            let deadline = (now + self.timing.attempt()).min(until);
+            let (key, v) = (&self.key, value.clone());
+            match tokio::time::timeout_at(deadline, self.kv.update_once(key, v, revision)).await {
+                Ok(Ok(rev)) => return Renewal::Done(rev),
+                Ok(Err(e)) if e.kind == BusErrorKind::WrongRevision => {
+                    // Someone wrote after `revision`: an earlier try of ours
+                    // whose answer was lost (the value is ours: no one else
+                    // writes this holder and term), or a new holder.
+                    match tokio::time::timeout_at(deadline, self.kv.get_once(key)).await {
+                        Ok(Ok(Some(en))) if en.value == value && en.revision > revision => {
+                            return Renewal::Done(en.revision);
+                        }
+                        Ok(Ok(en)) => return Renewal::TakenOver(en.and_then(|e| serde_json::from_slice(&e.value).ok())),
+                        Ok(Err(e)) => why = e.to_string(),
+                        Err(_) => why = "lease not read back in time".into(),
+                    }
+                }
+                Ok(Err(e)) => why = e.to_string(),
+                Err(_) => why = format!("no answer within {:?}", deadline - now),
+            }
+            tracing::debug!(lease = %self.key, error = %why, "lease not renewed; trying again");
+            tokio::time::sleep_until((Instant::now() + self.timing.pause()).min(until)).await;
+        }
+    }
+
     async fn read(&self) -> Result<Option<(LeaseValue, u64)>, costmesh_bus::BusError> {
-        Ok(self.kv.get(&self.key).await?.map(|e| match serde_json::from_slice::<LeaseValue>(&e.value) {
+        let get = tokio::time::timeout(self.timing.attempt(), self.kv.get_once(&self.key));
+        let got = get.await.map_err(|_| costmesh_bus::BusError::new(BusErrorKind::TimedOut, "no answer"))??;
+        Ok(got.map(|e| match serde_json::from_slice::<LeaseValue>(&e.value) {
             Ok(v) => (v, e.revision),
             Err(err) => {
                 // Not ours to interpret: treat it as held (a person may be

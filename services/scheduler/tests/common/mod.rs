@@ -208,11 +208,20 @@ impl Mesh {
     }
 
     pub async fn api(&self, verb: &str, body: Value) -> Value {
+        self.api_as(verb, body, None).await
+    }
+
+    /// A request under `costmesh-request-id: request_id`.
+    pub async fn api_as(&self, verb: &str, body: Value, request_id: Option<&str>) -> Value {
+        let mut headers = costmesh_bus::Headers::new();
+        if let Some(r) = request_id {
+            headers.insert(costmesh_runtime::events::REQUEST_ID, r);
+        }
         let m = self
             .bus
             .request(
                 &self.subjects.api("scheduler", verb),
-                Default::default(),
+                headers,
                 bytes::Bytes::from(body.to_string()),
                 WAIT,
             )
