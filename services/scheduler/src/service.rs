@@ -287,8 +287,22 @@ async fn act(cfg: Config, ctx: ServiceContext, actuator: Arc<dyn Actuator>, metr
                     }
                     s.fence_returned(&node).await;
                 }
-                Some(Msg::Api { verb, body, request_id, reply, span }) => { let v = s.api(&verb, &body, request_id).instrument(span).await; let _ = reply.send(v); }
-                Some(Msg::Event { event, done, span }) => { s.on_event(*event).instrument(span).await; let _ = done.send(()); }
+                Some(Msg::Api { verb, body, request_id, reply, span }) => {
+                    let v = s.api(&verb, &body, request_id).instrument(span).await;
+                    let _ = reply.send(v);
+                    if READ_ONLY_VERBS.contains(&verb.as_str()) {
+                        continue;
+                    }
+                }
+                Some(Msg::Event { event, done, span }) => {
+                    // Its own decisions coming back change nothing: no pass.
+                    let own = matches!(&*event, AnyEvent::JobEvent(e) if !from_agents(e.kind()));
+                    s.on_event(*event).instrument(span).await;
+                    let _ = done.send(());
+                    if own {
+                        continue;
+                    }
+                }
             },
         }
         s.decide().await;
@@ -310,6 +324,24 @@ fn planner(cfg: &Config, ctx: &ServiceContext) -> Planner {
         node_timeout: d(cfg.node_timeout),
         cannot_wait: d(cfg.cannot_wait),
     }
+}
+
+/// API verbs that only read: no decision pass after them.
+const READ_ONLY_VERBS: &[&str] = &["list", "show", "nodes"];
+
+/// Job events agents report (the rest are the scheduler's own decisions).
+/// Interrupted comes from an agent that stopped the job as it shut down;
+/// the scheduler's own interrupted events arrive when the job is already
+/// queued, and are not current.
+fn from_agents(kind: JobEventKind) -> bool {
+    matches!(
+        kind,
+        JobEventKind::Started
+            | JobEventKind::Checkpointed
+            | JobEventKind::Exited
+            | JobEventKind::Failed
+            | JobEventKind::Interrupted
+    )
 }
 
 fn profile_for(class: i32) -> PowerProfile {
@@ -356,18 +388,22 @@ impl Sched {
     }
 
     fn refresh_gauges(&self) {
-        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-        for s in ["queued", "assigned", "running", "succeeded", "failed", "cancelled"] {
-            counts.insert(s, 0);
-        }
+        const STATES: [(State, &str); 6] = [
+            (State::Queued, "queued"),
+            (State::Assigned, "assigned"),
+            (State::Running, "running"),
+            (State::Succeeded, "succeeded"),
+            (State::Failed, "failed"),
+            (State::Cancelled, "cancelled"),
+        ];
+        let mut counts = [0i64; STATES.len()];
         for (j, _) in self.jobs.values() {
-            let name = serde_json::to_value(j.state).ok().and_then(|v| v.as_str().map(str::to_string));
-            if let Some(n) = name.and_then(|n| counts.keys().find(|k| **k == n).copied()) {
-                *counts.entry(n).or_default() += 1;
+            if let Some(i) = STATES.iter().position(|(s, _)| *s == j.state) {
+                counts[i] += 1;
             }
         }
-        for (s, n) in counts {
-            self.metrics.jobs.get_or_create(&StateLabels { state: s.to_string() }).set(n);
+        for ((_, name), n) in STATES.iter().zip(counts) {
+            self.metrics.jobs.get_or_create(&StateLabels { state: name.to_string() }).set(n);
         }
     }
 
@@ -639,19 +675,21 @@ impl Sched {
             }
         }
         let budget = self.budget_level();
-        let queued: Vec<Job> =
-            self.jobs.values().filter(|(j, _)| j.state == State::Queued).map(|(j, _)| j.clone()).collect();
-        if !queued.is_empty() {
+        let mut free = self.free_gpus(now);
+        // Planned over borrowed records; only what changed is then cloned
+        // and written.
+        let queued: Vec<&Job> = self.jobs.values().filter(|(j, _)| j.state == State::Queued).map(|(j, _)| j).collect();
+        let decisions = if queued.is_empty() {
+            Vec::new()
+        } else {
             let prices = (!self.planner.tariff.is_flat()).then(|| {
-                let longest = queued.iter().map(Job::duration).max().unwrap_or_default().min(chrono::Duration::days(8));
+                let longest = queued.iter().map(|j| j.duration()).max().unwrap_or_default().min(chrono::Duration::days(8));
                 PriceTable::new(&self.planner.tariff, self.planner.tz, now, self.planner.horizon + longest)
             });
-            let mut free = self.free_gpus(now);
-            let refs: Vec<&Job> = queued.iter().collect();
-            let decisions = plan_pass(&self.planner, &refs, &self.nodes, &mut free, budget, now, prices.as_ref());
-            for d in decisions {
-                self.apply(d, now).await;
-            }
+            plan_pass(&self.planner, &queued, &self.nodes, &mut free, budget, now, prices.as_ref())
+        };
+        for d in decisions {
+            self.apply(d, now).await;
         }
         self.checkpoints(now).await;
         self.idle_actions(now).await;
@@ -660,10 +698,11 @@ impl Sched {
     async fn apply(&mut self, d: Decision, now: DateTime<Utc>) {
         match d {
             Decision::Defer { id, start, reason } => {
-                let Some((mut job, _)) = self.jobs.get(&id).cloned() else { return };
-                if job.planned_start == Some(start) && job.reason == reason {
+                let Some((known, _)) = self.jobs.get(&id) else { return };
+                if known.planned_start == Some(start) && known.reason == reason {
                     return;
                 }
+                let mut job = known.clone();
                 job.planned_start = Some(start);
                 job.reason = reason.clone();
                 if self.save(job.clone()).await {
@@ -671,10 +710,11 @@ impl Sched {
                 }
             }
             Decision::Wait { id, reason } => {
-                let Some((mut job, _)) = self.jobs.get(&id).cloned() else { return };
-                if job.reason == reason {
+                let Some((known, _)) = self.jobs.get(&id) else { return };
+                if known.reason == reason {
                     return;
                 }
+                let mut job = known.clone();
                 job.reason = reason.clone();
                 if self.save(job.clone()).await {
                     self.job_event(&job, JobEventKind::Deferred, &reason).await;
@@ -871,17 +911,7 @@ impl Sched {
 
     async fn on_job_event(&mut self, e: JobEvent) {
         let kind = e.kind();
-        // Interrupted comes from an agent that stopped the job as it shut
-        // down; the scheduler's own interrupted events arrive when the job
-        // is already queued, and are not current.
-        if !matches!(
-            kind,
-            JobEventKind::Started
-                | JobEventKind::Checkpointed
-                | JobEventKind::Exited
-                | JobEventKind::Failed
-                | JobEventKind::Interrupted
-        ) {
+        if !from_agents(kind) {
             return; // the scheduler's own decisions
         }
         let Some((mut job, _)) = self.jobs.get(&e.job_id).cloned() else {
