@@ -69,7 +69,7 @@ async fn drive(url: &str, subject: &str, clients: usize) -> (f64, Vec<f64>) {
     for t in tasks {
         marks.extend(t.await.unwrap());
     }
-    marks.sort_by(|a, b| a.0.cmp(&b.0));
+    marks.sort_by_key(|m| m.0);
     let quarters = marks.windows(2).map(|w| (w[1].0 - w[0].0) as f64 / (w[1].1 - w[0].1)).collect();
     ((per * clients) as f64 / t0.elapsed().as_secs_f64(), quarters)
 }
