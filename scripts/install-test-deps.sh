@@ -6,6 +6,7 @@
 #   - Prometheus and promtool, from Debian's prometheus package (alert-rule
 #     unit tests, and a real Prometheus scraping `costmesh up`);
 #   - docker-compose, from Debian (checks compose/docker-compose.yml);
+#   - Chromium, from Debian (the dashboard is loaded in a real headless browser);
 #   - nats-py, from PyPI into the venv .tools/py (the Python integration example).
 # And checks, without installing, for Google's Pub/Sub emulator (the Google
 # Cloud CLI's pubsub-emulator component, with Java 17): the billing tests run
@@ -81,6 +82,13 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
 fi
 say "promtool: $(promtool --version 2>&1 | head -1)"
 say "prometheus: $(prometheus --version 2>&1 | head -1)"
+
+# Chromium, headless: the dashboard test drives it over CDP
+if ! command -v chromium >/dev/null; then
+  say "installing Chromium (Debian package chromium)"
+  apt_install chromium
+fi
+say "chromium: $(chromium --version 2>/dev/null | head -1)"
 
 # docker-compose, to check compose/docker-compose.yml (`config` needs no engine)
 if ! command -v docker-compose >/dev/null; then

@@ -9,6 +9,7 @@ use costmesh_runtime::config::EXIT_BAD_CONFIG;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod dashboard;
 mod janitor;
 mod jobs;
 mod mesh;
@@ -33,6 +34,17 @@ enum Command {
     Janitor {
         #[command(subcommand)]
         command: janitor::JanitorCommand,
+    },
+    /// The dashboard against a running mesh (what `costmesh up` serves).
+    Dashboard {
+        #[command(flatten)]
+        conn: jobs::Conn,
+        /// Where to serve it.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: String,
+        /// A file holding the admin token actions need (without it: read-only).
+        #[arg(long)]
+        admin_token_file: Option<std::path::PathBuf>,
     },
     /// Training jobs: submit, list, show, cancel, logs (asks the scheduler).
     Jobs {
@@ -172,6 +184,25 @@ async fn purge(
         anyhow::bail!("gateway said {status}: {text}");
     }
     println!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dashboard_cmd(
+    conn: &jobs::Conn,
+    listen: String,
+    admin_token_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    use costmesh_runtime::config::Validate;
+    let cfg = dashboard::Config { enabled: true, listen, admin_token_file };
+    cfg.validate("").map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let bus = costmesh_bus::Bus::Nats(conn.connect("costmesh-dashboard").await?);
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--listen {}: {e}", cfg.listen))?;
+    println!("costmesh dashboard: http://{}/ (prefix {})", listener.local_addr()?, conn.prefix);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    costmesh_runtime::service::cancel_on_signal(shutdown.clone());
+    dashboard::serve(listener, bus, &conn.prefix, &cfg, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -486,6 +517,9 @@ fn main() -> ExitCode {
             Command::Roi { config, json } => roi(config, json),
             Command::NatsConfig(args) => natsconf::run(args),
             Command::Jobs { command } => jobs::run(command).await,
+            Command::Dashboard { conn, listen, admin_token_file } => {
+                dashboard_cmd(&conn, listen, admin_token_file).await
+            }
             Command::Rightsize(a) => rightsize(a).await,
             Command::Cost { conn, by: None, month: None, .. } => cost(&conn).await,
             Command::Cost { by: None, month: Some(m), .. } => {

@@ -36,6 +36,12 @@ pub struct UpArgs {
     /// Log format (overrides `log.format`).
     #[arg(long, value_enum)]
     log_format: Option<costmesh_runtime::host::LogFormatArg>,
+    /// Serve the dashboard here (overrides `dashboard.listen`).
+    #[arg(long, value_name = "ADDR")]
+    dashboard: Option<String>,
+    /// Do not serve the dashboard.
+    #[arg(long, conflicts_with = "dashboard")]
+    no_dashboard: bool,
 }
 
 /// The whole mesh's configuration: common sections plus all five services.
@@ -49,6 +55,7 @@ pub struct MeshFile {
     pub storage_janitor: costmesh_storage_janitor::Config,
     pub cost_watcher: costmesh_cost_watcher::Config,
     pub cache_gateway: costmesh_cache_gateway::Config,
+    pub dashboard: crate::dashboard::Config,
 }
 
 impl MeshFile {
@@ -81,6 +88,7 @@ impl MeshFile {
             storage_janitor: section("storage_janitor", &mut sections)?,
             cost_watcher: section("cost_watcher", &mut sections)?,
             cache_gateway: section("cache_gateway", &mut sections)?,
+            dashboard: section("dashboard", &mut sections)?,
         };
         // A newcomer's first run should show something moving.
         let demo_set =
@@ -152,7 +160,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     if let Some(f) = args.log_format {
         cfg.common.log.format = f.into();
     }
+    if let Some(a) = args.dashboard {
+        cfg.dashboard.listen = a;
+    }
+    if args.no_dashboard {
+        cfg.dashboard.enabled = false;
+    }
     cfg.common.validate("")?;
+    cfg.dashboard.validate("dashboard")?;
     if args.print_config {
         print!("{}", config::render(&cfg));
         return Ok(ExitCode::SUCCESS);
@@ -240,9 +255,30 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     start!("cost-watcher", cfg.cost_watcher, costmesh_cost_watcher::run);
     start!("cache-gateway", cfg.cache_gateway, costmesh_cache_gateway::run);
 
+    let dashboard = if cfg.dashboard.enabled {
+        let listen = &cfg.dashboard.listen;
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+            anyhow::anyhow!("dashboard.listen {listen}: {e} (set [dashboard] listen, --dashboard or --no-dashboard)")
+        })?;
+        let addr = listener.local_addr()?;
+        let (bus, prefix, dash, stop) =
+            (bus.clone(), mesh.subject_prefix.clone(), cfg.dashboard.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = crate::dashboard::serve(listener, bus, &prefix, &dash, stop).await {
+                tracing::error!(error = format!("{e:#}"), "dashboard stopped with an error");
+            }
+        });
+        Some(addr)
+    } else {
+        None
+    };
+
     println!("costmesh up: bus={} prefix={}", bus.backend(), mesh.subject_prefix);
     for (name, addr) in &admins {
         println!("  {name:<16} admin http://{addr}/readyz");
+    }
+    if let Some(addr) = dashboard {
+        println!("  dashboard        http://{addr}/");
     }
     if let Some(listen) = demo {
         println!(

@@ -35,7 +35,7 @@ async fn a_real_prometheus_scrapes_every_service_and_every_rule_and_panel_has_da
     // costmesh up, each admin endpoint on a port of ours.
     let ports: BTreeMap<&str, u16> = SERVICES.iter().map(|(name, _, _)| (*name, free_port())).collect();
     let gateway = format!("127.0.0.1:{}", free_port());
-    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    let mut up = costmesh_cmd();
     up.args(["up", "--quiet", "--nats", &nats.url()])
         .env("COSTMESH__MESH__SUBJECT_PREFIX", &prefix)
         .env("COSTMESH__CACHE_GATEWAY__LISTEN", &gateway)
@@ -153,4 +153,11 @@ async fn a_real_prometheus_scrapes_every_service_and_every_rule_and_panel_has_da
         .await;
     }
     let _ = prometheus.kill().await;
+}
+
+/// The `costmesh` binary, its dashboard on a free port (tests run at once).
+fn costmesh_cmd() -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    c.env("COSTMESH__DASHBOARD__LISTEN", "127.0.0.1:0");
+    c
 }

@@ -20,7 +20,7 @@ async fn up_runs_over_a_real_nats_server() {
 async fn up_runs(nats: Option<String>) {
     let sections = ["GPU_AGENT", "SCHEDULER", "STORAGE_JANITOR", "COST_WATCHER", "CACHE_GATEWAY"];
     let ports: Vec<u16> = sections.iter().map(|_| free_port()).collect();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    let mut cmd = costmesh_cmd();
     cmd.arg("up")
         .env_remove("COSTMESH__NATS__URL")
         .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
@@ -81,12 +81,7 @@ async fn up_runs(nats: Option<String>) {
 
 #[tokio::test]
 async fn a_bad_config_exits_64_naming_the_key() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
-        .arg("up")
-        .env("COSTMESH__GPU_AGENT__PROFILES__TRAINING_W", "0")
-        .output()
-        .await
-        .unwrap();
+    let out = costmesh_cmd().arg("up").env("COSTMESH__GPU_AGENT__PROFILES__TRAINING_W", "0").output().await.unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("gpu_agent.profiles.training_w"), "{err}");
@@ -94,7 +89,7 @@ async fn a_bad_config_exits_64_naming_the_key() {
 
 #[tokio::test]
 async fn print_config_masks_secrets() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+    let out = costmesh_cmd()
         .args([
             "up",
             "--print-config",
@@ -119,7 +114,7 @@ async fn print_config_masks_secrets() {
 async fn events_tail_prints_decoded_events_and_names_bad_ones() {
     use costmesh_contracts::{v1, ContentType, EventMeta};
     let nats = costmesh_testkit::NatsServer::start_new();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+    let mut child = costmesh_cmd()
         .args(["events", "tail", "--nats", &nats.url(), "--prefix", "tail", "--json", "--count", "2"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -153,12 +148,7 @@ async fn events_tail_prints_decoded_events_and_names_bad_ones() {
 
 #[tokio::test]
 async fn roi_with_the_seeds_inputs_prints_the_seeds_numbers() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
-        .arg("roi")
-        .env_remove("COSTMESH_CONFIG")
-        .output()
-        .await
-        .unwrap();
+    let out = costmesh_cmd().arg("roi").env_remove("COSTMESH_CONFIG").output().await.unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in ["17.5 TWD", "525 TWD", "6,300 TWD", "98.3 %", "116,700 TWD", "80.5 %", "Payback 1.76 months"] {
@@ -172,11 +162,7 @@ async fn cost_asks_the_running_cost_watcher() {
     let prefix = costmesh_testkit::unique_prefix("cost");
     let _up = spawn_up(&nats.url(), &prefix, &[]);
     let ask = || async {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
-            .args(["cost", "--json", "--nats", &nats.url(), "--prefix", &prefix])
-            .output()
-            .await
-            .unwrap()
+        costmesh_cmd().args(["cost", "--json", "--nats", &nats.url(), "--prefix", &prefix]).output().await.unwrap()
     };
     // Wait until the cost-watcher answers and has accounted some energy.
     let last = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -211,7 +197,7 @@ async fn up_exports_traces_over_otlp_when_asked() {
     let mut child = spawn_up(&nats.url(), &prefix, &otel);
     // A traced request to the scheduler, as an operator's CLI makes it.
     costmesh_testkit::eventually(Duration::from_secs(20), "the scheduler answers a traced CLI", || async {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+        costmesh_cmd()
             .args(["jobs", "ls", "--nats", &nats.url(), "--prefix", &prefix])
             .envs(otel)
             .output()
@@ -267,7 +253,7 @@ async fn up_serves_a_demo_model_whose_second_answer_is_a_cache_hit() {
     // Its own admin token (other tests' `up`s write the demo's default one).
     let token = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token.path(), "purge-token-for-this-test\n").unwrap();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    let mut cmd = costmesh_cmd();
     cmd.env("COSTMESH__CACHE_GATEWAY__ADMIN_TOKEN_FILE", token.path());
     cmd.arg("up")
         .env_remove("COSTMESH__NATS__URL")
@@ -303,7 +289,7 @@ async fn up_serves_a_demo_model_whose_second_answer_is_a_cache_hit() {
     assert!(cache_status(&h2).contains("hit"), "{}", cache_status(&h2));
     assert_eq!(a1, a2);
     // `costmesh cache purge` empties the route: the next answer is a miss.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+    let out = costmesh_cmd()
         .args(["cache", "purge", "--route", "demo", "--gateway", &format!("http://{addr}")])
         .arg("--token-file")
         .arg(token.path())
@@ -354,7 +340,7 @@ async fn jobs_submit_ls_show_logs_cancel_against_the_running_mesh() {
             all.extend(args.iter().take(1).cloned());
             all.extend(["--nats".into(), url, "--prefix".into(), prefix]);
             all.extend(args.into_iter().skip(1));
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh")).args(&all).output().await.unwrap();
+            let out = costmesh_cmd().args(&all).output().await.unwrap();
             (
                 out.status.success(),
                 String::from_utf8_lossy(&out.stdout).to_string(),
@@ -414,7 +400,7 @@ async fn compose_environment_is_valid_config() {
     // (`costmesh nats-config` for the keys), in a directory standing in for
     // /run/secrets.
     let secrets = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+    let out = costmesh_cmd()
         .args(["nats-config", "--keys-dir"])
         .arg(secrets.path())
         .args(["--node", "gpu-host-1", "--client", "cli", "--admin", "operator", "--out"])
@@ -457,7 +443,7 @@ async fn compose_environment_is_valid_config() {
         env.push((k.to_string(), v));
     }
     assert!(env.len() > 15, "found only {} COSTMESH__ variables", env.len());
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+    let out = costmesh_cmd()
         .args(["up", "--print-config"])
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .output()
@@ -490,7 +476,7 @@ async fn the_python_integration_example_runs_against_the_mesh() {
     );
     // Ready when the cost-watcher answers.
     costmesh_testkit::eventually(Duration::from_secs(20), "the cost-watcher answers", || async {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+        costmesh_cmd()
             .args(["cost", "--json", "--nats", &nats.url(), "--prefix", &prefix])
             .output()
             .await
@@ -533,7 +519,7 @@ async fn the_python_integration_example_runs_against_the_mesh() {
 /// `costmesh up --quiet` over a real nats-server on its own prefix, every
 /// port free, with `extra` environment; killed when dropped.
 fn spawn_up(nats: &str, prefix: &str, extra: &[(&str, &str)]) -> tokio::process::Child {
-    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    let mut up = costmesh_cmd();
     up.args(["up", "--quiet", "--nats", nats])
         .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
         .env("COSTMESH__MESH__SUBJECT_PREFIX", prefix)
@@ -558,13 +544,8 @@ async fn the_cli_authenticates_and_never_prints_a_password() {
     std::fs::write(&pw, "pw-from-file-42\n").unwrap();
     let url = format!("nats://127.0.0.1:{}", server.port());
     let run = |args: Vec<String>| async move {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
-            .args(&args)
-            .env_remove("COSTMESH__NATS__URL")
-            .env_remove("NATS_URL")
-            .output()
-            .await
-            .unwrap();
+        let out =
+            costmesh_cmd().args(&args).env_remove("COSTMESH__NATS__URL").env_remove("NATS_URL").output().await.unwrap();
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     };
     // Connected (nobody answers the summary request: no cost-watcher runs).
@@ -588,4 +569,11 @@ async fn the_cli_authenticates_and_never_prints_a_password() {
         run(vec!["cost".into(), "--nats".into(), format!("nats://ops:wrong-secret-7@127.0.0.1:{}", server.port())])
             .await;
     assert!(!refused.contains("wrong-secret-7") && refused.contains("ops:***@"), "{refused}");
+}
+
+/// The `costmesh` binary, its dashboard on a free port (tests run at once).
+fn costmesh_cmd() -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"));
+    c.env("COSTMESH__DASHBOARD__LISTEN", "127.0.0.1:0");
+    c
 }

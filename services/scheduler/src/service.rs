@@ -683,7 +683,8 @@ impl Sched {
             Vec::new()
         } else {
             let prices = (!self.planner.tariff.is_flat()).then(|| {
-                let longest = queued.iter().map(|j| j.duration()).max().unwrap_or_default().min(chrono::Duration::days(8));
+                let longest =
+                    queued.iter().map(|j| j.duration()).max().unwrap_or_default().min(chrono::Duration::days(8));
                 PriceTable::new(&self.planner.tariff, self.planner.tz, now, self.planner.horizon + longest)
             });
             plan_pass(&self.planner, &queued, &self.nodes, &mut free, budget, now, prices.as_ref())

@@ -164,7 +164,7 @@ async fn a_scheduler_restarted_mid_run_loses_no_job_and_starts_none_twice() {
     let a = m.submit(job("a", 1.0, json!({}))).await;
     let b = m.submit(job("b", 1.0, json!({}))).await;
     let night = m.submit(job("night", 4.0, json!({}))).await; // waits for 23:00
-    // No GPU left for it. Submitted under a request id, as the CLI does.
+                                                              // No GPU left for it. Submitted under a request id, as the CLI does.
     let r = m.api_as("submit", job("queued", 1.0, json!({})), Some("req-queued")).await;
     let queued = r["job"]["id"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
     for id in [&a, &b] {

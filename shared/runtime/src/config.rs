@@ -26,8 +26,11 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "COSTMESH__";
 
-/// Names of the per-service sections.
-pub const SERVICE_SECTIONS: &[&str] = &["gpu_agent", "scheduler", "storage_janitor", "cost_watcher", "cache_gateway"];
+/// Names of the per-service sections (and `dashboard`, which `costmesh up`
+/// and `costmesh dashboard` read): each service reads its own and skips the
+/// others, so one file can hold them all.
+pub const SERVICE_SECTIONS: &[&str] =
+    &["gpu_agent", "scheduler", "storage_janitor", "cost_watcher", "cache_gateway", "dashboard"];
 
 /// Why a configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -313,9 +313,10 @@ impl Lease {
         if let Role::Active { term } = role {
             self.held.lock().expect("lease lock").until = None;
             let release = self.kv.update_once(&self.key, self.value("", term), revision);
-            match tokio::time::timeout(self.timing.attempt(), release).await.unwrap_or_else(|_| {
-                Err(costmesh_bus::BusError::new(BusErrorKind::TimedOut, "no answer"))
-            }) {
+            match tokio::time::timeout(self.timing.attempt(), release)
+                .await
+                .unwrap_or_else(|_| Err(costmesh_bus::BusError::new(BusErrorKind::TimedOut, "no answer")))
+            {
                 Ok(_) => tracing::info!(lease = %self.key, term, "lease released"),
                 Err(e) => {
                     tracing::warn!(lease = %self.key, error = %e, "lease not released; a standby takes over when it expires")
@@ -355,7 +356,9 @@ impl Lease {
                         Ok(Ok(Some(en))) if en.value == value && en.revision > revision => {
                             return Renewal::Done(en.revision);
                         }
-                        Ok(Ok(en)) => return Renewal::TakenOver(en.and_then(|e| serde_json::from_slice(&e.value).ok())),
+                        Ok(Ok(en)) => {
+                            return Renewal::TakenOver(en.and_then(|e| serde_json::from_slice(&e.value).ok()))
+                        }
                         Ok(Err(e)) => why = e.to_string(),
                         Err(_) => why = "lease not read back in time".into(),
                     }

@@ -219,12 +219,7 @@ impl Mesh {
         }
         let m = self
             .bus
-            .request(
-                &self.subjects.api("scheduler", verb),
-                headers,
-                bytes::Bytes::from(body.to_string()),
-                WAIT,
-            )
+            .request(&self.subjects.api("scheduler", verb), headers, bytes::Bytes::from(body.to_string()), WAIT)
             .await
             .unwrap();
         serde_json::from_slice(&m.payload).unwrap()
