@@ -189,6 +189,46 @@ async fn the_dashboard_in_chromium_is_live_acts_only_with_the_token_and_survives
         "the disabled button says why"
     );
 
+    // `costmesh dashboard` against the same mesh, with an admin token: a
+    // cancel without it or with a wrong one is refused, with it done.
+    let token_file = work.path().join("admin-token");
+    std::fs::write(&token_file, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let admin_port = free_port();
+    let mut admin = tokio::process::Command::new(env!("CARGO_BIN_EXE_costmesh"))
+        .args(["dashboard", "--nats", &nats.url(), "--prefix", &prefix, "--listen", &format!("127.0.0.1:{admin_port}")])
+        .arg("--admin-token-file")
+        .arg(&token_file)
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // One that waits (two GPUs on a one-GPU node), so it can be cancelled.
+    let r = bus
+        .request(&subjects.api("scheduler", "submit"), Default::default(), bytes::Bytes::from(json!({
+            "name": "dash-wait", "command": "/bin/true", "gpus": 2, "estimatedDurationS": "60", "class": "JOB_CLASS_TRAINING",
+        }).to_string()), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let waiting: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    let waiting = waiting["job"]["id"].as_str().unwrap().to_string();
+    let cancel = format!("http://127.0.0.1:{admin_port}/api/jobs/{waiting}/cancel");
+    costmesh_testkit::eventually(WAIT, "costmesh dashboard answering", || async {
+        http.post(&cancel).send().await.is_ok_and(|r| r.status() == 401)
+    })
+    .await;
+    let wrong = http.post(&cancel).bearer_auth("0123456789abcdef0123456789abcdeX").send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    let done = http.post(&cancel).bearer_auth("0123456789abcdef0123456789abcdef").send().await.unwrap();
+    let status = done.status();
+    let body = String::from_utf8_lossy(&done.bytes().await.unwrap()).to_string();
+    assert_eq!(status, 200, "{body}");
+    let again = http.post(&cancel).bearer_auth("0123456789abcdef0123456789abcdef").send().await.unwrap();
+    assert_eq!(again.status(), 409, "cancelling an ended job is refused with the scheduler's reason");
+    let shown = http.get(format!("http://127.0.0.1:{admin_port}/api/jobs/{waiting}")).send().await.unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&shown.bytes().await.unwrap()).unwrap();
+    assert_eq!(shown["job"]["state"], "cancelled", "{shown}");
+    stop(&mut admin).await;
+
     // Screenshots, wide and narrow (one column under 800 px).
     let shots = std::env::var_os("COSTMESH_SCREENSHOTS").map(std::path::PathBuf::from).unwrap_or(work.path().into());
     std::fs::create_dir_all(&shots).unwrap();
