@@ -38,6 +38,8 @@ pub const POLL: Duration = Duration::from_secs(2);
 const ACTIONS: usize = 200;
 /// Jobs asked of the scheduler (the newest first page).
 const JOBS: usize = 200;
+/// Attempts (and marks) kept for the timeline.
+const RUNS: usize = 500;
 
 /// `[dashboard]`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -106,6 +108,14 @@ struct Snapshot {
     jobs: Option<Value>,
     /// Newest first.
     actions: VecDeque<Value>,
+    /// `job#attempt` -> {job, attempt, node, start, end, how}: what ran
+    /// when, from the job events (the stream's latest of each kind per job
+    /// at start, then every one heard).
+    runs: BTreeMap<String, Value>,
+    /// Checkpoints, interruptions and losses: {job, attempt, time, kind}.
+    marks: VecDeque<Value>,
+    /// The scheduler's off-peak window and tariff bands (`api.scheduler.policy`).
+    policy: Option<Value>,
     /// Whether actions are possible, and why not.
     admin: Value,
 }
@@ -214,12 +224,67 @@ impl Board {
             AnyEvent::JobEvent(j) => {
                 // The list is asked for again; the event itself goes out now.
                 let kind = j.kind().as_str_name().trim_start_matches("JOB_EVENT_KIND_").to_lowercase();
+                self.on_run(&j, &kind, &time);
                 self.push(
                     "job",
                     &json!({"id": j.job_id, "kind": kind, "node": j.node, "reason": j.reason, "time": time}),
                 );
             }
             _ => {}
+        }
+    }
+
+    /// A job event into the timeline: an attempt's start and end, and the
+    /// marks on it.
+    fn on_run(&self, j: &v1::JobEvent, kind: &str, time: &str) {
+        use v1::JobEventKind as K;
+        let key = format!("{}#{}", j.job_id, j.attempt);
+        let ends = matches!(j.kind(), K::Exited | K::Failed | K::Interrupted | K::Lost | K::Cancelled);
+        let mark = matches!(j.kind(), K::Checkpointed | K::Interrupted | K::Lost);
+        if !(j.kind() == K::Started || ends || mark) || j.attempt == 0 {
+            return;
+        }
+        let mut s = self.snap.lock().expect("board lock");
+        let run = s.runs.entry(key).or_insert_with(|| json!({"job": j.job_id, "attempt": j.attempt}));
+        if j.kind() == K::Started {
+            run["start"] = json!(time);
+            run["node"] = json!(j.node);
+        } else if ends && run.get("end").is_none() {
+            run["end"] = json!(time);
+            run["how"] = json!(kind);
+        }
+        let run = run.clone();
+        // Bounded: the earliest attempts go first.
+        while s.runs.len() > RUNS {
+            let first = s.runs.iter().min_by_key(|(_, r)| r["start"].as_str().unwrap_or("").to_string());
+            match first.map(|(k, _)| k.clone()) {
+                Some(k) => s.runs.remove(&k),
+                None => break,
+            };
+        }
+        let m = mark.then(|| json!({"job": j.job_id, "attempt": j.attempt, "time": time, "kind": kind}));
+        if let Some(m) = &m {
+            s.marks.push_front(m.clone());
+            s.marks.truncate(RUNS);
+        }
+        drop(s);
+        self.push("run", &json!({"run": run, "mark": m}));
+    }
+
+    /// The timeline from before this server started: the stream's latest
+    /// job event of each kind per job.
+    async fn seed_runs(&self) {
+        let kinds = ["started", "checkpointed", "interrupted", "lost", "exited", "failed", "cancelled"];
+        let p = self.subjects.prefix();
+        let filters: Vec<String> = kinds.iter().map(|k| format!("{p}.jobs.*.{k}")).collect();
+        match self.bus.last_per_subject(&self.subjects.stream_name(), &filters).await {
+            Ok(mut msgs) => {
+                msgs.sort_by_key(|(seq, _)| *seq);
+                for (_, m) in msgs {
+                    self.on_message(&m);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "no job history for the timeline"),
         }
     }
 
@@ -256,6 +321,12 @@ impl Board {
             }
             self.snap.lock().expect("board lock").summary = Some(v.clone());
             self.push("summary", &v);
+        }
+        if let Ok(v) = self.ask("scheduler", "policy", json!({})).await {
+            if v.get("bands").is_some() {
+                self.snap.lock().expect("board lock").policy = Some(v.clone());
+                self.push("policy", &v);
+            }
         }
         if let Ok(v) = self.ask("scheduler", "list", json!({"limit": JOBS})).await {
             if v.get("jobs").is_some() {
@@ -326,17 +397,16 @@ async fn events(State(b): State<Arc<Board>>) -> Sse<impl futures::Stream<Item = 
     let first = serde_json::to_string(&*b.snap.lock().expect("board lock")).unwrap_or_default();
     let start = futures::stream::once(async move { Ok(Event::default().event("snapshot").data(first)) });
     let rest = futures::stream::unfold((rx, b), |(mut rx, b)| async move {
-        loop {
-            match rx.recv().await {
-                Ok((name, data)) => return Some((Ok(Event::default().event(name).data(&*data)), (rx, b))),
-                // Too slow a page: it gets the whole picture again.
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    let s = serde_json::to_string(&*b.snap.lock().expect("board lock")).unwrap_or_default();
-                    return Some((Ok(Event::default().event("snapshot").data(s)), (rx, b)));
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
+        let event = match rx.recv().await {
+            Ok((name, data)) => Event::default().event(name).data(&*data),
+            // Too slow a page: it gets the whole picture again.
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                let s = serde_json::to_string(&*b.snap.lock().expect("board lock")).unwrap_or_default();
+                Event::default().event("snapshot").data(s)
             }
-        }
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(event), (rx, b)))
     });
     use futures::StreamExt;
     Sse::new(start.chain(rest).take_until(stop)).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
@@ -344,19 +414,19 @@ async fn events(State(b): State<Arc<Board>>) -> Sse<impl futures::Stream<Item = 
 
 /// A job id from a path: what the scheduler makes (`j-` and hex) or what a
 /// request id made; anything else is refused before it becomes a request.
-fn job_id(id: &str) -> Result<&str, Response> {
+fn job_id(id: &str) -> Result<&str, Box<Response>> {
     let ok = (1..=64).contains(&id.len()) && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
     if ok {
         Ok(id)
     } else {
-        Err(refuse(StatusCode::BAD_REQUEST, "job id: 1 to 64 of A-Z a-z 0-9 - _ expected"))
+        Err(Box::new(refuse(StatusCode::BAD_REQUEST, "job id: 1 to 64 of A-Z a-z 0-9 - _ expected")))
     }
 }
 
 async fn job(State(b): State<Arc<Board>>, Path(id): Path<String>) -> Response {
     let id = match job_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match b.ask("scheduler", "show", json!({"id": id})).await {
         Ok(v) if v.get("job").is_some() => Json(v).into_response(),
@@ -380,7 +450,7 @@ async fn cancel(State(b): State<Arc<Board>>, Path(id): Path<String>, headers: He
     }
     let id = match job_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match b.ask("scheduler", "cancel", json!({"id": id})).await {
         Ok(v) if v.get("error").is_none() => Json(v).into_response(),
@@ -414,6 +484,7 @@ pub async fn serve(
     });
 
     let mut sub = bus.subscribe(&subjects.all()).await?;
+    board.seed_runs().await;
     let (b, stop) = (board.clone(), shutdown.clone());
     tokio::spawn(async move {
         loop {

@@ -34,6 +34,9 @@ fn up(nats: &str, prefix: &str, dashboard: u16) -> tokio::process::Child {
         .env("COSTMESH__MESH__SUBJECT_PREFIX", prefix)
         .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
         .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "500ms")
+        // The example job may run, as whoever runs the test.
+        .env("COSTMESH__GPU_AGENT__JOBS__ALLOWED_COMMANDS", format!("[{:?}]", examples()))
+        .env("COSTMESH__GPU_AGENT__JOBS__RUN_AS_USER", whoami())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
@@ -41,6 +44,15 @@ fn up(nats: &str, prefix: &str, dashboard: u16) -> tokio::process::Child {
         cmd.env(format!("COSTMESH__{s}__ADMIN__LISTEN"), "127.0.0.1:0");
     }
     cmd.spawn().expect("spawn costmesh up")
+}
+
+fn examples() -> String {
+    std::fs::canonicalize(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/jobs")).unwrap().display().to_string()
+}
+
+fn whoami() -> String {
+    let out = std::process::Command::new("id").arg("-un").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 async fn stop(child: &mut tokio::process::Child) {
@@ -71,6 +83,7 @@ async fn the_dashboard_in_chromium_is_live_acts_only_with_the_token_and_survives
     let prefix = costmesh_testkit::unique_prefix("dash");
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
+    let work = tempfile::tempdir().unwrap();
     let mut mesh = up(&nats.url(), &prefix, port);
     let http = reqwest::Client::new();
     // Up once it has heard from the scheduler and the cost-watcher.
@@ -103,7 +116,6 @@ async fn the_dashboard_in_chromium_is_live_acts_only_with_the_token_and_survives
     }
     println!("dashboard: page weight {weight} B (all assets, uncompressed)");
 
-    let work = tempfile::tempdir().unwrap();
     let chromium = std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
@@ -174,18 +186,36 @@ async fn the_dashboard_in_chromium_is_live_acts_only_with_the_token_and_survives
     // A submitted job in the job list.
     let r = bus
         .request(&subjects.api("scheduler", "submit"), Default::default(), bytes::Bytes::from(json!({
-            "name": "dash-job", "command": "/bin/true", "gpus": 1, "estimatedDurationS": "60", "class": "JOB_CLASS_TRAINING",
+            "name": "dash-job", "command": format!("{}/train.sh", examples()), "gpus": 1, "estimatedDurationS": "60",
+            "class": "JOB_CLASS_TRAINING", "env": {"STEPS": "20", "STEP_SECONDS": "0.05"},
+            "checkpointDir": work.path().join("ckpt").display().to_string(),
         }).to_string()), Duration::from_secs(5))
         .await
         .unwrap();
     let job: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
     let id = job["job"]["id"].as_str().unwrap_or_else(|| panic!("{job}")).to_string();
     until(&page, "the job in the list", &format!("!!document.querySelector('#job-rows tr[data-job=\"{id}\"]')")).await;
+    // It runs about a second: a finished bar on the timeline, over the bands.
+    until(
+        &page,
+        "the job's run on the timeline",
+        &format!("Object.values(state.runs).some(r => r.job === '{id}' && r.end && r.how === 'exited')"),
+    )
+    .await;
+    until(
+        &page,
+        "the timeline drawn with the tariff",
+        "!!document.querySelector('#timeline-chart canvas') && !!state.policy && state.policy.bands.length > 0",
+    )
+    .await;
     // Its detail, with the cancel button disabled and saying why.
     page.evaluate(format!("document.querySelector('#job-rows tr[data-job=\"{id}\"]').click()")).await.unwrap();
     until(&page, "the job's detail", "document.querySelector('#job-detail button') !== null").await;
+    let detail = text(&page, "document.getElementById('job-detail').textContent").await;
+    assert!(detail.contains("succeeded"), "{detail}");
+    // Ended: nothing to cancel, and the button says so.
     assert!(
-        text(&page, "document.getElementById('job-detail').textContent").await.contains("read-only"),
+        text(&page, "document.querySelector('#job-detail button').title").await.contains("ended"),
         "the disabled button says why"
     );
 
@@ -211,6 +241,13 @@ async fn the_dashboard_in_chromium_is_live_acts_only_with_the_token_and_survives
         .unwrap();
     let waiting: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
     let waiting = waiting["job"]["id"].as_str().unwrap().to_string();
+    // On the read-only page its cancel button is disabled and says why.
+    let row = format!("document.querySelector('#job-rows tr[data-job=\"{waiting}\"]')");
+    until(&page, "the waiting job in the list", &format!("!!{row}")).await;
+    page.evaluate(format!("{row}.click()")).await.unwrap();
+    until(&page, "its detail", &format!("document.querySelector('#job-detail h3') && document.querySelector('#job-detail h3').textContent.startsWith('{waiting}')")).await;
+    let why = text(&page, "document.querySelector('#job-detail button').title").await;
+    assert!(why.contains("read-only"), "{why}");
     let cancel = format!("http://127.0.0.1:{admin_port}/api/jobs/{waiting}/cancel");
     costmesh_testkit::eventually(WAIT, "costmesh dashboard answering", || async {
         http.post(&cancel).send().await.is_ok_and(|r| r.status() == 401)

@@ -5,7 +5,7 @@
 
 const state = {
   connected: false, gpus: {}, budgets: {}, cache: {}, storage: null, summary: null, jobs: null,
-  actions: [], admin: { enabled: false, why: "" },
+  actions: [], admin: { enabled: false, why: "" }, runs: {}, marks: [], policy: null,
 };
 // Client-side history for the charts (since the page opened).
 const history = { cost: [], costKeys: [], power: {}, powerT: [] };
@@ -195,9 +195,10 @@ async function showJob(id) {
   ];
   const dl = el("table", {}, ...lines.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v }))));
   const cancel = el("button", { text: "cancel job" });
-  if (!state.admin.enabled || ["succeeded", "failed", "cancelled"].includes(j.state)) {
+  const ended = ["succeeded", "failed", "cancelled"].includes(j.state);
+  if (ended || !state.admin.enabled) {
     cancel.disabled = true;
-    cancel.title = state.admin.enabled ? "the job has ended" : state.admin.why;
+    cancel.title = ended ? "the job has ended" : state.admin.why;
   }
   cancel.addEventListener("click", async () => {
     const token = sessionStorage.getItem("costmesh-admin") || prompt("admin token");
@@ -210,6 +211,75 @@ async function showJob(id) {
   });
   const why = el("span", { class: "muted", text: cancel.disabled ? " " + cancel.title : "" });
   box.replaceChildren(el("h3", { text: id + " " + ((j.spec && j.spec.name) || "") }), dl, el("p", {}, cancel, why));
+}
+
+// ---- job timeline: attempts over the tariff bands and the off-peak window
+const secs = (t) => new Date(t).getTime() / 1000;
+
+function renderTimeline() {
+  const host = $("timeline-chart");
+  const runs = Object.values(state.runs).filter((r) => r.start).sort((a, b) => secs(a.start) - secs(b.start)).slice(-40);
+  if (!runs.length) {
+    host.replaceChildren(el("div", { class: "muted", text: "no job has run yet" }));
+    if (charts["timeline-chart"]) { charts["timeline-chart"].plot.destroy(); delete charts["timeline-chart"]; }
+    return;
+  }
+  const now = Date.now() / 1000;
+  const jobs = [...new Set(runs.map((r) => r.job))];
+  const row = new Map(jobs.map((j, i) => [j, i + 1]));
+  const nameOf = (id) => {
+    const j = ((state.jobs && state.jobs.jobs) || []).find((x) => x.id === id);
+    return (j && j.spec && j.spec.name) || id || "";
+  };
+  const marks = state.marks.filter((m) => row.has(m.job));
+  const xs = [...new Set(runs.flatMap((r) => [secs(r.start), r.end ? secs(r.end) : now]).concat(marks.map((m) => secs(m.time))))].sort((a, b) => a - b);
+  const at = new Map(xs.map((x, i) => [x, i]));
+  const empty = () => xs.map(() => null);
+  const data = [xs];
+  const series = [{}];
+  for (const r of runs) {
+    const d = empty();
+    d[at.get(secs(r.start))] = row.get(r.job);
+    d[at.get(r.end ? secs(r.end) : now)] = row.get(r.job);
+    data.push(d);
+    const color = !r.end ? "#3b6fd8" : r.how === "exited" ? "#1f8f4e" : "#c8322b";
+    series.push({ label: r.job + " #" + r.attempt, stroke: color, width: 8, spanGaps: true, points: { show: false } });
+  }
+  for (const [kind, color, shape] of [["checkpointed", "#1f8f4e", "circle"], ["interrupted", "#c8322b", "cross"], ["lost", "#c8322b", "cross"]]) {
+    const d = empty();
+    for (const m of marks.filter((m) => m.kind === kind)) d[at.get(secs(m.time))] = row.get(m.job);
+    data.push(d);
+    series.push({ label: kind, stroke: color, paths: () => null, points: { show: true, size: shape === "cross" ? 11 : 8, fill: shape === "cross" ? "#fff" : color, width: 2 } });
+  }
+  const policy = state.policy;
+  const shade = (u) => {
+    if (!policy) return;
+    const ctx = u.ctx, top = u.bbox.top, h = u.bbox.height;
+    const prices = (policy.bands || []).map((b) => b.price);
+    const lo = Math.min(...prices), hi = Math.max(...prices);
+    const band = (from, to, style) => {
+      const x0 = u.valToPos(secs(from), "x", true), x1 = u.valToPos(secs(to), "x", true);
+      const a = Math.max(x0, u.bbox.left), b = Math.min(x1, u.bbox.left + u.bbox.width);
+      if (b > a) { ctx.fillStyle = style; ctx.fillRect(a, top, b - a, h); }
+    };
+    ctx.save();
+    if (!policy.flat_tariff && hi > lo) for (const b of policy.bands) band(b.from, b.to, "rgba(201,138,0," + (0.05 + 0.25 * (b.price - lo) / (hi - lo)).toFixed(3) + ")");
+    for (const w of policy.off_peak_windows || []) band(w.from, w.to, "rgba(31,143,78,0.12)");
+    ctx.restore();
+  };
+  const sig = runs.map((r) => r.job + r.attempt).join("|") + "|" + jobs.length;
+  const c = charts["timeline-chart"];
+  const width = Math.max(240, host.clientWidth || 600), height = Math.max(140, 60 + 22 * jobs.length);
+  if (c && c.sig === sig) { c.plot.setData(data); if (Math.abs(c.plot.width - width) > 4) c.plot.setSize({ width, height }); return; }
+  if (c) c.plot.destroy();
+  host.replaceChildren();
+  const opts = {
+    width, height, legend: { show: false },
+    scales: { x: { time: true, range: (u, a, b) => [Math.min(a, now - 6 * 3600), Math.max(b, now + 600)] }, y: { range: [0, jobs.length + 1] } },
+    axes: [{}, { size: 120, splits: () => jobs.map((_, i) => i + 1), values: (u, vals) => vals.map((v) => String(nameOf(jobs[v - 1])).slice(0, 18)) }],
+    series, hooks: { drawClear: [shade] },
+  };
+  charts["timeline-chart"] = { sig, plot: new uPlot(opts, data, host) };
 }
 
 // ---- cache, storage, actions -------------------------------------------
@@ -247,7 +317,7 @@ function renderActions() {
 }
 
 function renderAll() {
-  renderOverview(); renderCost(); renderGpus(); renderJobs(); renderCache(); renderStorage(); renderActions();
+  renderOverview(); renderCost(); renderGpus(); renderJobs(); renderTimeline(); renderCache(); renderStorage(); renderActions();
 }
 
 // ---- the stream -------------------------------------------------------
@@ -258,7 +328,7 @@ function connect() {
   const es = new EventSource("/api/events");
   const on = (name, f) => es.addEventListener(name, (m) => { try { f(JSON.parse(m.data)); } catch (e) { console.warn("bad " + name + " event", e); } later(); });
   on("snapshot", (s) => {
-    Object.assign(state, { gpus: {}, budgets: s.budgets || {}, cache: s.cache || {}, storage: s.storage, summary: s.summary, jobs: s.jobs, actions: s.actions || [], admin: s.admin || state.admin });
+    Object.assign(state, { gpus: {}, budgets: s.budgets || {}, cache: s.cache || {}, storage: s.storage, summary: s.summary, jobs: s.jobs, actions: s.actions || [], admin: s.admin || state.admin, runs: s.runs || {}, marks: s.marks || [], policy: s.policy });
     for (const g of Object.values(s.gpus || {})) onGpu(g);
     state.connected = s.connected;
     $("prefix").textContent = s.prefix || "";
@@ -272,6 +342,11 @@ function connect() {
   on("summary", (s) => { state.summary = s; costSeries(); });
   on("jobs", (j) => { state.jobs = j; });
   on("job", () => {});
+  on("run", (r) => {
+    if (r.run) state.runs[r.run.job + "#" + r.run.attempt] = r.run;
+    if (r.mark) { state.marks.unshift(r.mark); state.marks.length = Math.min(state.marks.length, 500); }
+  });
+  on("policy", (p) => { state.policy = p; });
   on("cache", (c) => { state.cache[c.instance] = c; });
   on("storage", (s) => { state.storage = s; });
   es.onopen = () => setStatus(state.connected, "the server does not hear the mesh");

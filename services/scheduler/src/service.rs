@@ -35,7 +35,7 @@ use crate::plan::{plan_pass, Decision, Node, Placement, Planner, PriceTable};
 use crate::Config;
 
 /// The request-reply verbs under `<prefix>.api.scheduler.<verb>`.
-pub const VERBS: &[&str] = &["submit", "list", "show", "cancel", "nodes"];
+pub const VERBS: &[&str] = &["submit", "list", "show", "cancel", "nodes", "policy"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
@@ -327,7 +327,7 @@ fn planner(cfg: &Config, ctx: &ServiceContext) -> Planner {
 }
 
 /// API verbs that only read: no decision pass after them.
-const READ_ONLY_VERBS: &[&str] = &["list", "show", "nodes"];
+const READ_ONLY_VERBS: &[&str] = &["list", "show", "nodes", "policy"];
 
 /// Job events agents report (the rest are the scheduler's own decisions).
 /// Interrupted comes from an agent that stopped the job as it shut down;
@@ -1214,6 +1214,59 @@ impl Sched {
                     })
                     .collect();
                 json!({"nodes": nodes})
+            }
+            "policy" => {
+                // What starts are planned against, for pictures of it: the
+                // off-peak window and the tariff's bands from two days back
+                // to one ahead (runs of 15-minute slots at one price).
+                let now = self.now();
+                let (from, to) = (now - chrono::Duration::days(2), now + chrono::Duration::days(1));
+                let p = &self.planner;
+                let step = chrono::Duration::minutes(15);
+                let mut bands: Vec<Value> = Vec::new();
+                let mut t = from - chrono::Duration::seconds(from.timestamp() % 900);
+                let mut run: Option<(DateTime<Utc>, f64)> = None;
+                while t < to {
+                    let price = p.tariff.price_at(t, p.tz, 1.0);
+                    match run {
+                        Some((_, q)) if q == price => {}
+                        Some((start, q)) => {
+                            bands.push(json!({"from": start, "to": t, "price": q}));
+                            run = Some((t, price));
+                        }
+                        None => run = Some((t, price)),
+                    }
+                    t += step;
+                }
+                if let Some((start, q)) = run {
+                    bands.push(json!({"from": start, "to": t, "price": q}));
+                }
+                // The off-peak window on each day of that span.
+                let mut windows = Vec::new();
+                let (first, last) = (from.with_timezone(&p.tz).date_naive(), to.with_timezone(&p.tz).date_naive());
+                let mut day = first - chrono::Duration::days(1);
+                while day <= last {
+                    let end_day =
+                        if p.off_peak_end <= p.off_peak_start { day + chrono::Duration::days(1) } else { day };
+                    let local = |d: chrono::NaiveDate, t: chrono::NaiveTime| {
+                        use chrono::TimeZone;
+                        p.tz.from_local_datetime(&d.and_time(t)).earliest().map(|x| x.with_timezone(&Utc))
+                    };
+                    if let (Some(a), Some(b)) = (local(day, p.off_peak_start), local(end_day, p.off_peak_end)) {
+                        if b > from && a < to {
+                            windows.push(json!({"from": a, "to": b}));
+                        }
+                    }
+                    day += chrono::Duration::days(1);
+                }
+                json!({
+                    "now": now,
+                    "tz": p.tz.name(),
+                    "off_peak_windows": windows,
+                    "off_peak": {"start": p.off_peak_start.format("%H:%M").to_string(), "end": p.off_peak_end.format("%H:%M").to_string()},
+                    "flat_tariff": p.tariff.is_flat(),
+                    "bands": bands,
+                })
             }
             other => json!({"error": format!("unknown verb {other:?}")}),
         }
