@@ -38,6 +38,8 @@ pub const POLL: Duration = Duration::from_secs(2);
 const ACTIONS: usize = 200;
 /// Jobs asked of the scheduler (the newest first page).
 const JOBS: usize = 200;
+/// Bytes of a job's log shown in its detail.
+const LOG_TAIL: u64 = 4096;
 /// Attempts (and marks) kept for the timeline.
 const RUNS: usize = 500;
 
@@ -289,10 +291,13 @@ impl Board {
     }
 
     async fn ask(&self, service: &str, verb: &str, body: Value) -> Result<Value, String> {
-        let subject = self.subjects.api(service, verb);
+        self.ask_on(&self.subjects.api(service, verb), service, body).await
+    }
+
+    async fn ask_on(&self, subject: &str, service: &str, body: Value) -> Result<Value, String> {
         let r = self
             .bus
-            .request(&subject, Default::default(), Bytes::from(body.to_string()), Duration::from_secs(2))
+            .request(subject, Default::default(), Bytes::from(body.to_string()), Duration::from_secs(2))
             .await
             .map_err(|e| format!("no answer from the {service} ({e})"))?;
         serde_json::from_slice(&r.payload).map_err(|e| format!("the {service}'s answer: {e}"))
@@ -429,7 +434,25 @@ async fn job(State(b): State<Arc<Board>>, Path(id): Path<String>) -> Response {
         Err(r) => return *r,
     };
     match b.ask("scheduler", "show", json!({"id": id})).await {
-        Ok(v) if v.get("job").is_some() => Json(v).into_response(),
+        Ok(mut v) if v.get("job").is_some() => {
+            // What it cost so far (all attempts), and the tail of its log
+            // from the node it ran on; each left out when not answered.
+            if let Ok(c) = b.ask("cost-watcher", "attribution", json!({"by": "job"})).await {
+                let row = c["rows"].as_array().into_iter().flatten().find(|r| r["job"] == id).cloned();
+                v["cost"] = row.unwrap_or(Value::Null);
+                v["currency"] = c["currency"].clone();
+            }
+            if let Some(node) =
+                v["job"]["node"].as_str().filter(|n| costmesh_contracts::subjects::validate_token(n).is_ok())
+            {
+                let attempt = v["job"]["attempt"].as_u64().unwrap_or(1);
+                let ask = json!({"job_id": id, "attempt": attempt, "tail_bytes": LOG_TAIL});
+                if let Ok(l) = b.ask_on(&b.subjects.node_logs(node), "gpu-agent", ask).await {
+                    v["log_tail"] = l["log"].clone();
+                }
+            }
+            Json(v).into_response()
+        }
         Ok(v) => refuse(StatusCode::NOT_FOUND, v["error"].as_str().unwrap_or("unknown job")),
         Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, e),
     }

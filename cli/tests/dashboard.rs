@@ -213,6 +213,9 @@ async fn the_dashboard_in_chromium_is_live_acts_only_with_the_token_and_survives
     until(&page, "the job's detail", "document.querySelector('#job-detail button') !== null").await;
     let detail = text(&page, "document.getElementById('job-detail').textContent").await;
     assert!(detail.contains("succeeded"), "{detail}");
+    // Its log's tail from the node, and what it cost.
+    assert!(detail.contains("finished 20 steps"), "{detail}");
+    assert!(detail.contains("kWh"), "{detail}");
     // Ended: nothing to cancel, and the button says so.
     assert!(
         text(&page, "document.querySelector('#job-detail button').title").await.contains("ended"),

@@ -193,6 +193,9 @@ async function showJob(id) {
     ["state", j.state + (j.reason ? " — " + j.reason : "")], ["attempt", String(j.attempt)], ["node", (j.node || "–") + " GPUs " + JSON.stringify(j.gpus || [])],
     ["team", (j.spec && j.spec.team) || "–"], ["submitted", j.submitted_at || ""], ["started", j.started_at || "–"], ["last checkpoint", j.last_checkpoint || "–"],
   ];
+  const c = body.cost;
+  const cur = (state.summary && state.summary.currency) || "";
+  lines.push(["cost so far", c ? num(c.cost) + " " + cur + " · " + num(c.energy_kwh, 3) + " kWh · " + num(c.gpu_hours, 2) + " GPU-h · " + num(c.carbon_kg, 3) + " kg CO2e" : "–"]);
   const dl = el("table", {}, ...lines.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v }))));
   const cancel = el("button", { text: "cancel job" });
   const ended = ["succeeded", "failed", "cancelled"].includes(j.state);
@@ -210,7 +213,8 @@ async function showJob(id) {
     showJob(id);
   });
   const why = el("span", { class: "muted", text: cancel.disabled ? " " + cancel.title : "" });
-  box.replaceChildren(el("h3", { text: id + " " + ((j.spec && j.spec.name) || "") }), dl, el("p", {}, cancel, why));
+  const log = el("pre", { class: "log", text: body.log_tail || "(no log)" });
+  box.replaceChildren(el("h3", { text: id + " " + ((j.spec && j.spec.name) || "") }), dl, el("p", {}, cancel, why), el("div", { class: "l", text: "log tail" }), log);
 }
 
 // ---- job timeline: attempts over the tariff bands and the off-peak window
