@@ -392,6 +392,7 @@ async fn every_job_team_and_idle_row_matches_the_hand_computed_figures() {
                 ..Default::default()
             },
         ],
+        backends: Vec::new(),
     };
     let (h, p) = costmesh_contracts::encode(
         &stats,

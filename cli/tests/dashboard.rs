@@ -34,6 +34,7 @@ fn up(nats: &str, prefix: &str, dashboard: u16) -> tokio::process::Child {
         .env("COSTMESH__MESH__SUBJECT_PREFIX", prefix)
         .env("COSTMESH__CACHE_GATEWAY__LISTEN", "127.0.0.1:0")
         .env("COSTMESH__GPU_AGENT__SAMPLE_INTERVAL", "500ms")
+        .env("COSTMESH__CACHE_GATEWAY__STATS_INTERVAL", "1s")
         // The example job may run, as whoever runs the test.
         .env("COSTMESH__GPU_AGENT__JOBS__ALLOWED_COMMANDS", format!("[{:?}]", examples()))
         .env("COSTMESH__GPU_AGENT__JOBS__RUN_AS_USER", whoami())
@@ -162,6 +163,13 @@ async fn the_dashboard_in_chromium_is_live_acts_only_with_the_token_and_survives
     until(&page, "the GPU panel shows data", "document.querySelectorAll('#gpu-rows tr').length > 0").await;
     until(&page, "the power chart drawn", "!!document.querySelector('#power-chart canvas')").await;
     until(&page, "the month's tiles", "document.querySelectorAll('#tiles .tile').length >= 6").await;
+    // The demo model behind the gateway, healthy.
+    until(
+        &page,
+        "the gateway's backends",
+        "[...document.querySelectorAll('#backend-rows tr')].some(r => r.dataset.state === 'ok')",
+    )
+    .await;
 
     // A budget event on the bus: in the actions log, and the tile red.
     let bus = Bus::Nats(NatsBus::connect(&nats.url(), &Default::default()).await.unwrap());

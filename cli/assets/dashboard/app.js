@@ -303,6 +303,19 @@ function renderCache() {
   }));
 }
 
+function renderBackends() {
+  // The newest report of each gateway; a backend seen by several, once per gateway.
+  const rows = [];
+  for (const c of Object.values(state.cache)) for (const b of c.backends || []) rows.push(b);
+  rows.sort((a, b) => (a.route + a.url < b.route + b.url ? -1 : 1));
+  $("backend-rows").replaceChildren(...rows.map((b) => {
+    const st = b.state || "ok";
+    const until = b.drainedUntil ? " until " + time(b.drainedUntil) : "";
+    return el("tr", { "data-state": st }, el("td", { text: b.route }), el("td", { text: b.url }), el("td", { text: b.pool || "" }),
+      el("td", { text: b.node || "" }), el("td", { class: st === "ok" ? "" : "hot", text: st + until }));
+  }));
+}
+
 function renderStorage() {
   const s = state.storage;
   if (!s) return;
@@ -321,7 +334,7 @@ function renderActions() {
 }
 
 function renderAll() {
-  renderOverview(); renderCost(); renderGpus(); renderJobs(); renderTimeline(); renderCache(); renderStorage(); renderActions();
+  renderOverview(); renderCost(); renderGpus(); renderJobs(); renderTimeline(); renderCache(); renderBackends(); renderStorage(); renderActions();
 }
 
 // ---- the stream -------------------------------------------------------

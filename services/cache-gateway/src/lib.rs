@@ -515,6 +515,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
         let hit_rate = hit_rate.clone();
         let (ctx2, stats, routes) =
             (ctx.clone(), gw_stats.clone(), cfg.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>());
+        let backends = gw_routes.clone();
         let instance = format!("cache-gateway/{}", uuid::Uuid::new_v4().simple());
         let started = costmesh_contracts::timestamp(ctx.clock.now());
         let mut ticker = ctx.clock.ticker(cfg.stats_interval);
@@ -530,6 +531,7 @@ pub async fn run(cfg: Config, ctx: ServiceContext) -> anyhow::Result<()> {
                     time: Some(costmesh_contracts::timestamp(now)),
                     // One entry per route and tenant; they sum to the route's totals.
                     routes: routes.iter().flat_map(|r| stats.tenant_stats(r)).collect(),
+                    backends: backends.health(now),
                 };
                 for route in &routes {
                     let r = stats.route_stats(route);

@@ -172,6 +172,18 @@ impl Stats {
     }
 }
 
+/// `url` with any `user:password@` taken out (it goes on the bus).
+fn without_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
 /// One backend of a route.
 pub struct Backend {
     pub url: String,
@@ -325,6 +337,43 @@ impl Route {
 pub struct Routes(pub Arc<HashMap<String, Route>>);
 
 impl Routes {
+    /// Every backend of every route as it stands at `now`, by route and URL.
+    pub fn health(&self, now: chrono::DateTime<chrono::Utc>) -> Vec<costmesh_contracts::v1::BackendHealth> {
+        let now_ms = now.timestamp_millis();
+        let mut out: Vec<_> = self
+            .0
+            .iter()
+            .flat_map(|(name, r)| {
+                r.backends.iter().map(move |b| {
+                    let drained = *b.drained_until.lock().expect("backend lock");
+                    let state = if drained.is_some() {
+                        "drained"
+                    } else if b.failed.load(Ordering::Relaxed) {
+                        "failed"
+                    } else if b.ejected_until_ms.load(Ordering::Relaxed) > now_ms {
+                        "ejected"
+                    } else {
+                        "ok"
+                    };
+                    costmesh_contracts::v1::BackendHealth {
+                        route: name.clone(),
+                        url: without_userinfo(&b.url),
+                        pool: match b.pool {
+                            crate::Pool::Regular => "regular",
+                            crate::Pool::Preemptible => "preemptible",
+                        }
+                        .into(),
+                        node: b.node.clone().unwrap_or_default(),
+                        state: state.into(),
+                        drained_until: drained.map(costmesh_contracts::timestamp),
+                    }
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.route, &a.url).cmp(&(&b.route, &b.url)));
+        out
+    }
+
     /// Drains every backend on `node` until at least `until` (on the
     /// gateway's clock); returns how many.
     pub fn drain_node(&self, node: &str, until: chrono::DateTime<chrono::Utc>) -> usize {
@@ -1161,5 +1210,15 @@ fn note_failure(gw: &Gateway, route: &Route, i: usize, route_name: &str) {
         tracing::warn!(backend = %url, route = %route_name, failures = gw.outlier.consecutive_failures,
             ejected_for = ?gw.outlier.ejection_time, "backend ejected as an outlier");
         gw.stats.ejections.get_or_create(&BackendLabels { route: route_name.to_string(), backend: url.clone() }).inc();
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    #[test]
+    fn backend_urls_on_the_bus_carry_no_user_information() {
+        assert_eq!(super::without_userinfo("http://u:secret@h:8000/api/v1"), "http://h:8000/api/v1");
+        assert_eq!(super::without_userinfo("https://h:8000"), "https://h:8000");
+        assert_eq!(super::without_userinfo("http://a@b@h/x@y"), "http://h/x@y");
     }
 }

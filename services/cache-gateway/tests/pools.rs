@@ -55,9 +55,11 @@ async fn preemption_drains_the_spot_backend_without_failing_a_request() {
             ..Default::default()
         }],
         health_interval: Duration::from_millis(100),
+        stats_interval: Duration::from_millis(200),
         ..Default::default()
     };
     let common::Running { bus, subjects, shutdown } = common::start(&nats, "pools", cfg).await;
+    let mut stats = bus.subscribe(&subjects.cache_stats()).await.unwrap();
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/llm/v1/generate");
     let send = || {
@@ -115,6 +117,28 @@ async fn preemption_drains_the_spot_backend_without_failing_a_request() {
     let drained_after = drained_after.unwrap();
     eprintln!("spot backend drained {drained_after:?} after the notice");
     assert!(drained_after < Duration::from_secs(1), "drained after {drained_after:?}");
+    // The gateway's statistics say so, backend by backend (what the dashboard shows).
+    let states = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let m = stats.next().await.expect("stats");
+            let (_, s) =
+                costmesh_contracts::decode::<costmesh_contracts::v1::CacheStats>(&m.headers, &m.payload).unwrap();
+            let mut states: Vec<(String, String, String)> =
+                s.backends.iter().map(|b| (b.node.clone(), b.pool.clone(), b.state.clone())).collect();
+            states.sort();
+            if states.iter().any(|(_, _, st)| st == "drained") {
+                assert!(s.backends.iter().any(|b| b.state == "drained" && b.drained_until.is_some()));
+                return states;
+            }
+        }
+    })
+    .await
+    .expect("a report with the drained backend");
+    assert_eq!(
+        states,
+        [("gpu-1".into(), "regular".into(), "ok".into()), ("spot-1".into(), "preemptible".into(), "drained".into())]
+            .to_vec()
+    );
 
     // The VM goes away: still no failed request.
     spot_stop.cancel();
