@@ -323,7 +323,17 @@ function renderStorage() {
   const t = el("table", {}, el("tr", {}, el("th", { text: "root" }), el("th", { text: "tier" }), el("th", { text: "bytes" }), el("th", { text: "monthly cost" })),
     ...usage.map((u) => el("tr", {}, el("td", { text: u.root }), el("td", { text: String(u.tier || "local").replace("STORAGE_TIER_", "").toLowerCase() }),
       el("td", { text: String(u.bytes || 0) }), el("td", { text: u.monthlyCost ? num(Number(u.monthlyCost.micros || 0) / 1e6) + " " + (u.monthlyCost.currencyCode || "") : "–" }))));
-  const last = el("p", { class: "muted", text: "last pass " + time(s.time) + ": " + (s.actions || []).length + " action(s), " + (s.bytesFreed || 0) + " B freed" });
+  // What the pass saves a month: each freed byte at its root's price per byte.
+  let saved = 0, cur = "";
+  for (const a of s.actions || []) {
+    const root = usage.filter((u) => a.path && a.path.startsWith(u.root)).sort((x, y) => y.root.length - x.root.length)[0];
+    if (root && root.monthlyCost && Number(root.bytes) > 0) {
+      saved += Number(a.bytesFreed || 0) * (Number(root.monthlyCost.micros || 0) / 1e6) / Number(root.bytes);
+      cur = root.monthlyCost.currencyCode || cur;
+    }
+  }
+  const dry = (s.actions || []).some((a) => a.dryRun) ? " (dry run: would free)" : "";
+  const last = el("p", { class: "muted", text: "last pass " + time(s.time) + ": " + (s.actions || []).length + " action(s), " + (s.bytesFreed || 0) + " B freed" + dry + (cur ? ", about " + num(saved) + " " + cur + " a month" : "") });
   $("storage-body").replaceChildren(t, last);
 }
 
