@@ -264,8 +264,9 @@ impl Lease {
             } else {
                 match self.read().await {
                     Ok(None) => {
-                        let create = self.kv.create_once(&self.key, self.value(&self.instance, 1));
-                        if let Ok(Ok(rev)) = tokio::time::timeout(self.timing.attempt(), create).await {
+                        if let Ok(rev) =
+                            self.bounded(self.kv.create_once(&self.key, self.value(&self.instance, 1))).await
+                        {
                             revision = rev;
                             self.activate(1, Instant::now());
                             continue;
@@ -283,9 +284,7 @@ impl Lease {
                         if free || since.elapsed() >= self.timing.ttl {
                             let sent = Instant::now();
                             let take = self.kv.update_once(&self.key, self.value(&self.instance, v.term + 1), rev);
-                            match tokio::time::timeout(self.timing.attempt(), take).await.unwrap_or_else(|_| {
-                                Err(costmesh_bus::BusError::new(BusErrorKind::TimedOut, "no answer"))
-                            }) {
+                            match self.bounded(take).await {
                                 Ok(new) => {
                                     revision = new;
                                     if !free {
@@ -312,11 +311,7 @@ impl Lease {
         let role = self.role.borrow().clone();
         if let Role::Active { term } = role {
             self.held.lock().expect("lease lock").until = None;
-            let release = self.kv.update_once(&self.key, self.value("", term), revision);
-            match tokio::time::timeout(self.timing.attempt(), release)
-                .await
-                .unwrap_or_else(|_| Err(costmesh_bus::BusError::new(BusErrorKind::TimedOut, "no answer")))
-            {
+            match self.bounded(self.kv.update_once(&self.key, self.value("", term), revision)).await {
                 Ok(_) => tracing::info!(lease = %self.key, term, "lease released"),
                 Err(e) => {
                     tracing::warn!(lease = %self.key, error = %e, "lease not released; a standby takes over when it expires")
@@ -371,16 +366,26 @@ impl Lease {
         }
     }
 
+    /// One KV call of the lease, given up after [`Timing::attempt`].
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, costmesh_bus::BusError>>,
+    ) -> Result<T, costmesh_bus::BusError> {
+        tokio::time::timeout(self.timing.attempt(), call)
+            .await
+            .unwrap_or_else(|_| Err(costmesh_bus::BusError::new(BusErrorKind::TimedOut, "no answer")))
+    }
+
     async fn read(&self) -> Result<Option<(LeaseValue, u64)>, costmesh_bus::BusError> {
-        let get = tokio::time::timeout(self.timing.attempt(), self.kv.get_once(&self.key));
-        let got = get.await.map_err(|_| costmesh_bus::BusError::new(BusErrorKind::TimedOut, "no answer"))??;
-        Ok(got.map(|e| match serde_json::from_slice::<LeaseValue>(&e.value) {
-            Ok(v) => (v, e.revision),
-            Err(err) => {
-                // Not ours to interpret: treat it as held (a person may be
-                // looking at it); it is taken over once it stops changing.
-                tracing::warn!(error = %err, "lease value unreadable");
-                (LeaseValue { holder: "<unreadable>".into(), ..Default::default() }, e.revision)
+        Ok(self.bounded(self.kv.get_once(&self.key)).await?.map(|e| {
+            match serde_json::from_slice::<LeaseValue>(&e.value) {
+                Ok(v) => (v, e.revision),
+                Err(err) => {
+                    // Not ours to interpret: treat it as held (a person may be
+                    // looking at it); it is taken over once it stops changing.
+                    tracing::warn!(error = %err, "lease value unreadable");
+                    (LeaseValue { holder: "<unreadable>".into(), ..Default::default() }, e.revision)
+                }
             }
         }))
     }
