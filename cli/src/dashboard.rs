@@ -214,7 +214,7 @@ impl Board {
                 let dry = r.actions.iter().any(|a| a.dry_run);
                 self.action(json!({
                     "time": time, "kind": "janitor",
-                    "text": format!("pass: {} action(s), {} freed{}", r.actions.len(), bytes(r.bytes_freed), if dry { " (dry run)" } else { "" }),
+                    "text": format!("pass: {} action(s), {} freed{}", r.actions.len(), crate::janitor::human_bytes(r.bytes_freed), if dry { " (dry run)" } else { "" }),
                     "reason": r.actions.first().map(|a| format!("{}: {} {}", a.rule, a.action, a.path)).unwrap_or_default(),
                 }));
             }
@@ -342,16 +342,6 @@ impl Board {
     }
 }
 
-fn bytes(n: u64) -> String {
-    let (v, u) = match n {
-        n if n >= 1 << 30 => (n as f64 / (1u64 << 30) as f64, "GiB"),
-        n if n >= 1 << 20 => (n as f64 / (1u64 << 20) as f64, "MiB"),
-        n if n >= 1 << 10 => (n as f64 / 1024.0, "KiB"),
-        n => (n as f64, "B"),
-    };
-    format!("{v:.1} {u}")
-}
-
 /// A 4xx (or 5xx) with the reason, as JSON.
 fn refuse(status: StatusCode, why: impl Into<String>) -> Response {
     (status, Json(json!({"error": why.into()}))).into_response()
@@ -417,15 +407,12 @@ async fn events(State(b): State<Arc<Board>>) -> Sse<impl futures::Stream<Item = 
     Sse::new(start.chain(rest).take_until(stop)).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
 }
 
-/// A job id from a path: what the scheduler makes (`j-` and hex) or what a
-/// request id made; anything else is refused before it becomes a request.
+/// A job id from a path, checked as every name that becomes a subject
+/// token is, before it becomes a request.
 fn job_id(id: &str) -> Result<&str, Box<Response>> {
-    let ok = (1..=64).contains(&id.len()) && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
-    if ok {
-        Ok(id)
-    } else {
-        Err(Box::new(refuse(StatusCode::BAD_REQUEST, "job id: 1 to 64 of A-Z a-z 0-9 - _ expected")))
-    }
+    costmesh_contracts::subjects::validate_name(id)
+        .map(|()| id)
+        .map_err(|e| Box::new(refuse(StatusCode::BAD_REQUEST, format!("job id: {e}"))))
 }
 
 async fn job(State(b): State<Arc<Board>>, Path(id): Path<String>) -> Response {
