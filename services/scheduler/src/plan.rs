@@ -159,6 +159,45 @@ impl Planner {
         t
     }
 
+    /// The off-peak window on each local day, as far as it overlaps
+    /// `from .. to`.
+    pub fn off_peak_windows(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+        let at = |d: chrono::NaiveDate, t: NaiveTime| {
+            self.tz.from_local_datetime(&d.and_time(t)).earliest().map(|x| x.with_timezone(&Utc))
+        };
+        let wraps = self.off_peak_end <= self.off_peak_start;
+        let mut day = from.with_timezone(&self.tz).date_naive() - Duration::days(1);
+        let last = to.with_timezone(&self.tz).date_naive();
+        let mut out = Vec::new();
+        while day <= last {
+            let end_day = if wraps { day + Duration::days(1) } else { day };
+            if let (Some(a), Some(b)) = (at(day, self.off_peak_start), at(end_day, self.off_peak_end)) {
+                if b > from && a < to {
+                    out.push((a, b));
+                }
+            }
+            day += Duration::days(1);
+        }
+        out
+    }
+
+    /// The tariff over `from .. to` as runs of [`SLOT_MIN`]-minute slots at
+    /// one price: (start, end, price per kWh).
+    pub fn tariff_bands(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<(DateTime<Utc>, DateTime<Utc>, f64)> {
+        let mut out: Vec<(DateTime<Utc>, DateTime<Utc>, f64)> = Vec::new();
+        let mut t = floor_slot(from);
+        while t < to {
+            let next = t + Duration::minutes(SLOT_MIN);
+            let price = self.tariff.price_at(t, self.tz, 1.0);
+            match out.last_mut() {
+                Some(last) if last.2 == price => last.1 = next,
+                _ => out.push((t, next, price)),
+            }
+            t = next;
+        }
+        out
+    }
+
     fn is_large(&self, job: &Job) -> bool {
         JobClass::try_from(job.spec.class) == Ok(JobClass::Training) && job.duration() >= self.large_job
     }
@@ -358,6 +397,22 @@ mod tests {
             node_timeout: Duration::minutes(1),
             cannot_wait: Duration::hours(1),
         }
+    }
+
+    #[test]
+    fn off_peak_windows_and_tariff_bands_over_a_day() {
+        let p = planner(Tariff::taipower_example());
+        let (from, to) = (t("2026-07-01T00:00:00Z"), t("2026-07-02T00:00:00Z")); // 08:00 to 08:00 in Taipei
+        // 23:00-07:00 Taipei is 15:00-23:00 UTC: the one that starts this day.
+        assert_eq!(p.off_peak_windows(from, to), vec![(t("2026-07-01T15:00:00Z"), t("2026-07-01T23:00:00Z"))]);
+        let bands = p.tariff_bands(from, to);
+        assert!(bands.len() > 1, "{bands:?}");
+        assert_eq!((bands[0].0, bands.last().unwrap().1), (from, to));
+        for w in bands.windows(2) {
+            assert_eq!(w[0].1, w[1].0, "contiguous");
+            assert_ne!(w[0].2, w[1].2, "merged runs of one price");
+        }
+        assert_eq!(planner(Tariff::default()).tariff_bands(from, to), vec![(from, to, 1.0)]);
     }
 
     fn job(hours: i64, deadline: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Job {

@@ -1216,49 +1216,18 @@ impl Sched {
                 json!({"nodes": nodes})
             }
             "policy" => {
-                // What starts are planned against, for pictures of it: the
-                // off-peak window and the tariff's bands from two days back
-                // to one ahead (runs of 15-minute slots at one price).
+                // What starts are planned against, for pictures of it: from
+                // two days back to one ahead.
                 let now = self.now();
                 let (from, to) = (now - chrono::Duration::days(2), now + chrono::Duration::days(1));
                 let p = &self.planner;
-                let step = chrono::Duration::minutes(15);
-                let mut bands: Vec<Value> = Vec::new();
-                let mut t = from - chrono::Duration::seconds(from.timestamp() % 900);
-                let mut run: Option<(DateTime<Utc>, f64)> = None;
-                while t < to {
-                    let price = p.tariff.price_at(t, p.tz, 1.0);
-                    match run {
-                        Some((_, q)) if q == price => {}
-                        Some((start, q)) => {
-                            bands.push(json!({"from": start, "to": t, "price": q}));
-                            run = Some((t, price));
-                        }
-                        None => run = Some((t, price)),
-                    }
-                    t += step;
-                }
-                if let Some((start, q)) = run {
-                    bands.push(json!({"from": start, "to": t, "price": q}));
-                }
-                // The off-peak window on each day of that span.
-                let mut windows = Vec::new();
-                let (first, last) = (from.with_timezone(&p.tz).date_naive(), to.with_timezone(&p.tz).date_naive());
-                let mut day = first - chrono::Duration::days(1);
-                while day <= last {
-                    let end_day =
-                        if p.off_peak_end <= p.off_peak_start { day + chrono::Duration::days(1) } else { day };
-                    let local = |d: chrono::NaiveDate, t: chrono::NaiveTime| {
-                        use chrono::TimeZone;
-                        p.tz.from_local_datetime(&d.and_time(t)).earliest().map(|x| x.with_timezone(&Utc))
-                    };
-                    if let (Some(a), Some(b)) = (local(day, p.off_peak_start), local(end_day, p.off_peak_end)) {
-                        if b > from && a < to {
-                            windows.push(json!({"from": a, "to": b}));
-                        }
-                    }
-                    day += chrono::Duration::days(1);
-                }
+                let bands: Vec<Value> = p
+                    .tariff_bands(from, to)
+                    .into_iter()
+                    .map(|(a, b, price)| json!({"from": a, "to": b, "price": price}))
+                    .collect();
+                let windows: Vec<Value> =
+                    p.off_peak_windows(from, to).into_iter().map(|(a, b)| json!({"from": a, "to": b})).collect();
                 json!({
                     "now": now,
                     "tz": p.tz.name(),
